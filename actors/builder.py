@@ -1,0 +1,267 @@
+"""ImageBuilder actor: content-addressed worker images per (agent, capabilities, stub).
+
+Answers "which image for this worker?" over its mailbox. The tag is
+``corral/worker-<agent>:<12 hex>``, a sha256 over every real input; the same inputs reuse the
+image, and concurrent requests for one missing tag share one build. Builds run in the actor's
+nursery, never in its receive loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import msgspec
+import structlog
+import trio
+
+from runtime.agents import CAPABILITIES, get_agent, normalise_capabilities
+from runtime.errors import ImageBuildError, ImageNotFound
+from runtime.messages import ImageRequest, ask, drain_mailbox, reply_error, reply_value
+
+SCHEMA_VERSION = 1
+WORKER_USER = "worker"
+WRAPPER_DIR = Path(__file__).resolve().parent.parent / "runtime" / "wrapper"
+WRAPPER_FILES = ("wrapper.py", "stub_agent.py")
+STUB_CLIS = {"claude": "claude", "factory": "droid", "codex": "codex"}
+
+log = structlog.get_logger("corral.builder")
+_canonical = msgspec.json.Encoder(order="sorted").encode
+
+
+class ImageInfo(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    image_id: str
+    agent: str
+    capabilities: list[str]
+    stub_agent: bool
+    built: bool = False
+    """True when this request ran the build (False: reused)"""
+
+
+@dataclass
+class BuilderStats:
+    requests: int = 0
+    builds: int = 0
+    reused: int = 0
+    failures: int = 0
+
+
+def wrapper_sources() -> dict[str, bytes]:
+    return {name: (WRAPPER_DIR / name).read_bytes() for name in WRAPPER_FILES}
+
+
+def image_inputs(*, agent: str, capabilities: list[str], stub_agent: bool, base_image_id: str,
+                 sources: dict[str, bytes] | None = None) -> dict:
+    """Every real input of a worker image, canonically ordered."""
+    adef = get_agent(agent)
+    caps = normalise_capabilities(capabilities)
+    if stub_agent and not adef.stubbable:
+        stub_agent = False  # the shell agent is its own stub: same image either way
+    sources = sources if sources is not None else wrapper_sources()
+    return {
+        "schema": SCHEMA_VERSION,
+        "base_image_id": base_image_id,
+        "agent": msgspec.to_builtins(adef),
+        "capabilities": [msgspec.to_builtins(CAPABILITIES[c]) for c in caps],
+        "wrapper": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(sources.items())},
+        "stub_agent": stub_agent,
+        "user": WORKER_USER,
+    }
+
+
+def image_tag(inputs: dict) -> tuple[str, str]:
+    digest = hashlib.sha256(_canonical(inputs)).hexdigest()
+    return f"corral/worker-{inputs['agent']['name']}:{digest[:12]}", digest
+
+
+def dockerfile(inputs: dict, *, base_ref: str) -> str:
+    agent = inputs["agent"]
+    base_id = inputs["base_image_id"]
+    lines = [f"FROM {base_id}", "USER root"]
+    check = (f"id -u {WORKER_USER} >/dev/null 2>&1 || {{ echo \"corral: the base image {base_ref} "
+             f"({base_id[:19]}) has no user '{WORKER_USER}': workers run as user {WORKER_USER} "
+             f"(uid 1000); rebuild the base with 'corral base-image'\" >&2; exit 1; }}")
+    setup = [check, "chmod 0755 /opt/corral/wrapper.py /opt/corral/stub_agent.py"]
+    if inputs["stub_agent"]:
+        setup.append(f"ln -sf /opt/corral/stub_agent.py /usr/local/bin/{STUB_CLIS[agent['name']]}")
+    lines.append("COPY corral/ /opt/corral/")
+    lines.append("RUN " + " && ".join(setup))
+    for cap in inputs["capabilities"]:
+        for step in cap["install"]:
+            lines.append(f"RUN {step}")
+    if not inputs["stub_agent"]:
+        for step in agent["install"]:
+            lines.append(f"RUN {step}")
+    lines += [f"USER {WORKER_USER}", "WORKDIR /workspace", f"ENV CORRAL_AGENT={agent['name']}",
+              'ENTRYPOINT ["python3", "/opt/corral/wrapper.py"]', "CMD []"]
+    return "\n".join(lines) + "\n"
+
+
+def build_context(dockerfile_text: str, sources: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        def add(name: str, data: bytes, mode: int = 0o644) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), mode, 0
+            tar.addfile(ti, io.BytesIO(data))
+        add("Dockerfile", dockerfile_text.encode())
+        for name, data in sorted(sources.items()):
+            add(f"corral/{name}", data, 0o755)
+    return buf.getvalue()
+
+
+def network_steps(inputs: dict) -> list[str]:
+    """What needs network at build time, described for the error message."""
+    needs = [f"capability {c['name']!r}" for c in inputs["capabilities"] if c["needs_network"]]
+    if not inputs["stub_agent"] and inputs["agent"]["install_needs_network"]:
+        needs.append(f"agent {inputs['agent']['name']!r} (its CLI installs from a package registry)")
+    return needs
+
+
+class ImageBuilderHandle:
+    def __init__(self, mailbox: trio.MemorySendChannel, actor: "ImageBuilder") -> None:
+        self._mailbox = mailbox
+        self._actor = actor
+
+    async def image_for(self, agent: str, capabilities: list[str] = (), stub_agent: bool = False) -> ImageInfo:
+        return await ask(self._mailbox, lambda r: ImageRequest(
+            agent=agent, capabilities=list(capabilities), stub_agent=stub_agent, reply=r),
+            gone="the image builder has stopped")
+
+    def statistics(self) -> BuilderStats:
+        return BuilderStats(**vars(self._actor.stats))
+
+
+class ImageBuilder:
+    def __init__(self, engine, *, base_image: str = "corral/worker-base:latest",
+                 build_network: bool = False, mailbox_size: int = 256) -> None:
+        self.engine = engine
+        self.base_image = base_image
+        self.build_network = build_network
+        self.stats = BuilderStats()
+        self._known: dict[str, str] = {}            # tag -> image id, seen on the engine
+        self._inflight: dict[str, trio.Event] = {}  # tag -> set when its build ends
+        self._failed: dict[str, BaseException] = {}
+        self._send, self._recv = trio.open_memory_channel[ImageRequest](mailbox_size)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        structlog.contextvars.bind_contextvars(actor="builder")
+        async with trio.open_nursery() as nursery:
+            task_status.started(ImageBuilderHandle(self._send, self))
+            try:
+                async for req in self._recv:
+                    nursery.start_soon(self._serve, req)
+            finally:
+                drain_mailbox(self._recv, "the image builder has stopped")
+
+    async def _serve(self, req: ImageRequest) -> None:
+        try:
+            reply_value(req.reply, await self.image_for(req.agent, req.capabilities, req.stub_agent))
+        except Exception as exc:  # every failure goes back to the asker
+            reply_error(req.reply, exc)
+
+    async def _base_id(self) -> str:
+        try:
+            return (await self.engine.image_inspect(self.base_image))["Id"]
+        except ImageNotFound:
+            raise ImageBuildError(f"base image {self.base_image} is missing: build it with "
+                                  "'corral base-image' (or scripts/setup)") from None
+
+    async def image_for(self, agent: str, capabilities: list[str], stub_agent: bool) -> ImageInfo:
+        self.stats.requests += 1
+        get_agent(agent)
+        caps = normalise_capabilities(capabilities)
+        inputs = image_inputs(agent=agent, capabilities=caps, stub_agent=stub_agent,
+                              base_image_id=await self._base_id())
+        tag, digest = image_tag(inputs)
+        info = dict(tag=tag, agent=agent, capabilities=caps, stub_agent=inputs["stub_agent"])
+        while True:
+            if tag in self._known:
+                self.stats.reused += 1
+                return ImageInfo(image_id=self._known[tag], **info)
+            if tag in self._inflight:
+                await self._inflight[tag].wait()
+                if tag in self._failed:
+                    raise self._failed[tag]
+                continue
+            try:
+                self._known[tag] = (await self.engine.image_inspect(tag))["Id"]
+                continue
+            except ImageNotFound:
+                pass
+            if tag in self._inflight:   # another request started it while we looked
+                continue
+            done = self._inflight[tag] = trio.Event()
+            self._failed.pop(tag, None)
+            try:
+                image_id = await self._build(tag, digest, inputs)
+                self._known[tag] = image_id
+                return ImageInfo(image_id=image_id, built=True, **info)
+            except BaseException as exc:
+                self._failed[tag] = exc
+                raise
+            finally:
+                del self._inflight[tag]
+                done.set()
+
+    async def _build(self, tag: str, digest: str, inputs: dict) -> str:
+        needs = network_steps(inputs)
+        if needs and not self.build_network:
+            self.stats.failures += 1
+            raise ImageBuildError(
+                f"cannot build {tag}: {', '.join(needs)} needs network at build time, but builds run "
+                "without network (NetworkMode none). Bake it into the base image, or enable build "
+                "network with build_network = true in the supervisor config.")
+        labels = {
+            "corral.image": "1", "corral.agent": inputs["agent"]["name"],
+            "corral.capabilities": ",".join(c["name"] for c in inputs["capabilities"]),
+            "corral.spec": digest, "corral.base": inputs["base_image_id"],
+            "corral.stub": "1" if inputs["stub_agent"] else "0", "corral.schema": str(SCHEMA_VERSION),
+        }
+        sources = wrapper_sources()
+        ctx = build_context(dockerfile(inputs, base_ref=self.base_image), sources)
+        self.stats.builds += 1
+        t0 = time.monotonic()
+        log.info("image_build_started", tag=tag, agent=labels["corral.agent"],
+                 capabilities=labels["corral.capabilities"])
+
+        def progress(line: str) -> None:
+            log.debug("image_build_progress", tag=tag, line=line)
+        try:
+            image_id = await self.engine.image_build(
+                ctx, tag=tag, labels=labels, network_mode="host" if self.build_network else "none",
+                on_progress=progress)
+        except ImageBuildError as exc:
+            self.stats.failures += 1
+            log.error("image_build_failed", tag=tag, step=exc.step, error=str(exc).splitlines()[0])
+            raise
+        log.info("image_built", tag=tag, image_id=image_id, seconds=round(time.monotonic() - t0, 2))
+        return image_id
+
+
+@asynccontextmanager
+async def open_image_builder(engine, **kwargs) -> AsyncIterator[ImageBuilderHandle]:
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(ImageBuilder(engine, **kwargs).run)
+        try:
+            yield handle
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def describe_dockerfile(agent: str, capabilities: list[str], stub_agent: bool, base_image_id: str) -> str:
+    """The Dockerfile corral would build (for `corral build --dry-run` and docs)."""
+    inputs = image_inputs(agent=agent, capabilities=capabilities, stub_agent=stub_agent,
+                          base_image_id=base_image_id)
+    return dockerfile(inputs, base_ref=base_image_id)
+
+
+__all__ = ["ImageBuilder", "ImageBuilderHandle", "ImageInfo", "open_image_builder", "image_inputs",
+           "image_tag"]

@@ -1,0 +1,1 @@
+"""corral: supervise AI-agent workers in Docker containers. The public API."""

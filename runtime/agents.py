@@ -1,0 +1,83 @@
+"""Registries of agents and capabilities: what goes into a worker image, and how.
+
+Every field here is an input of the image tag, so changing a recipe changes the image.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct, field
+
+from .errors import ConfigError
+
+
+class AgentDef(Struct, frozen=True, kw_only=True):
+    name: str
+    cli: str
+    """the CLI's name on PATH (the stub is installed under this name)"""
+    command: list[str]
+    """the real command line; {prompt} is replaced (documented; the wrapper builds it)"""
+    install: list[str] = field(default_factory=list)
+    """Dockerfile RUN steps for the real CLI"""
+    install_needs_network: bool = False
+    stubbable: bool = True
+
+
+class CapabilityDef(Struct, frozen=True, kw_only=True):
+    name: str
+    provided_by_base: bool = False
+    install: list[str] = field(default_factory=list)
+    needs_network: bool = False
+    probe: list[str] = field(default_factory=list)
+
+
+AGENTS: dict[str, AgentDef] = {
+    a.name: a for a in [
+        AgentDef(name="claude", cli="claude",
+                 command=["claude", "-p", "{prompt}", "--output-format", "json"],
+                 install=["apt-get update && apt-get install -y --no-install-recommends nodejs npm "
+                          "&& npm install -g @anthropic-ai/claude-code && apt-get clean"],
+                 install_needs_network=True),
+        AgentDef(name="factory", cli="droid", command=["droid", "exec", "-o", "json", "{prompt}"],
+                 # droid has no offline package: bake it into the base image; the build checks it.
+                 install=["command -v droid >/dev/null || { echo 'droid is not in the base image: "
+                          "install the Factory CLI into your base image (corral base-image builds "
+                          "only Debian packages)' >&2; exit 1; }"]),
+        AgentDef(name="codex", cli="codex", command=["codex", "exec", "--json", "{prompt}"],
+                 install=["apt-get update && apt-get install -y --no-install-recommends nodejs npm "
+                          "&& npm install -g @openai/codex && apt-get clean"],
+                 install_needs_network=True),
+        AgentDef(name="shell", cli="sh", command=["/bin/sh", "-c", "{prompt}"], stubbable=False),
+    ]
+}
+
+CAPABILITIES: dict[str, CapabilityDef] = {
+    c.name: c for c in [
+        CapabilityDef(name="git", provided_by_base=True, probe=["git", "--version"]),
+        CapabilityDef(name="curl", provided_by_base=True, probe=["curl", "--version"]),
+        CapabilityDef(name="python", provided_by_base=True, probe=["python3", "--version"]),
+        CapabilityDef(name="node", install=["apt-get update && apt-get install -y --no-install-recommends "
+                                            "nodejs && apt-get clean && rm -rf /var/lib/apt/lists/*"],
+                      needs_network=True, probe=["node", "--version"]),
+        CapabilityDef(name="jq", install=["apt-get update && apt-get install -y --no-install-recommends "
+                                          "jq && apt-get clean && rm -rf /var/lib/apt/lists/*"],
+                      needs_network=True, probe=["jq", "--version"]),
+        CapabilityDef(name="workspace-tools", install=["mkdir -p /opt/corral/bin && ln -sf /bin/true "
+                                                       "/opt/corral/bin/noop"], probe=["/opt/corral/bin/noop"]),
+    ]
+}
+
+
+def get_agent(name: str) -> AgentDef:
+    try:
+        return AGENTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown agent {name!r}; known agents: {', '.join(sorted(AGENTS))}") from None
+
+
+def normalise_capabilities(caps: list[str] | tuple[str, ...]) -> list[str]:
+    """Sorted, de-duplicated; unknown names raise ConfigError naming the known ones."""
+    unknown = sorted({c for c in caps if c not in CAPABILITIES})
+    if unknown:
+        raise ConfigError(f"unknown capabilit{'y' if len(unknown) == 1 else 'ies'} "
+                          f"{', '.join(map(repr, unknown))}; known capabilities: {', '.join(sorted(CAPABILITIES))}")
+    return sorted(set(caps))

@@ -1,0 +1,371 @@
+"""The real engine: Docker through aiodocker, bridged into trio with trio-asyncio.
+
+This is the ONLY module that imports asyncio, aiodocker or trio_asyncio. Everything here is
+trio-flavoured to its callers; every aiodocker/aiohttp error becomes a corral exception that keeps
+the engine's own message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import aiodocker
+import aiohttp
+import trio
+import trio_asyncio
+from aiodocker.stream import Stream
+from trio_asyncio import aio_as_trio
+from yarl import URL
+
+from .engine_api import STDERR, STDOUT, label_filters
+from .errors import (
+    ContainerNotFound,
+    EngineError,
+    EngineUnavailable,
+    ImageBuildError,
+    ImageNotFound,
+    NameConflict,
+)
+
+DEFAULT_URL = "unix:///var/run/docker.sock"
+_STEP_RE = re.compile(r"^Step \d+/\d+ : (.*)$")
+
+
+def resolve_url(url: str | None = None) -> str:
+    return url or os.environ.get("DOCKER_HOST") or DEFAULT_URL
+
+
+class _Attachment:
+    def __init__(self, engine: "DockerEngine", stream: Stream) -> None:
+        self._engine = engine
+        self._stream = stream
+        send, self.output = trio.open_memory_channel[tuple[int, bytes]](256)
+        self._send_out = send
+
+    async def _pump(self) -> None:
+        async with self._send_out:
+            while True:
+                try:
+                    msg = await self._engine._aio(self._stream.read_out)()
+                except (aiohttp.ClientError, OSError, asyncio.CancelledError):
+                    return
+                if msg is None:
+                    return
+                stream = STDERR if msg.stream == 2 else STDOUT
+                await self._send_out.send((stream, bytes(msg.data)))
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._engine._aio(self._stream.write_in)(data)
+        except (RuntimeError, aiohttp.ClientError, OSError, ConnectionError) as exc:
+            raise EngineError(f"attach stdin closed: {exc}") from None
+
+    async def close_stdin(self) -> None:
+        await self._engine._aio(self._stream.close)()
+
+
+class _EventStream:
+    def __init__(self) -> None:
+        send, self.receive = trio.open_memory_channel[dict[str, Any]](1024)
+        self._send = send
+        self.ended: str | None = None
+
+
+class DockerEngine:
+    """Trio-native client of a Docker engine. Make one with `open_engine()`."""
+
+    def __init__(self, docker: aiodocker.Docker, loop: Any, url: str) -> None:
+        self._docker = docker
+        self._loop = loop
+        self.url = url
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _aio(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return aio_as_trio(fn, loop=self._loop)
+
+    def _map(self, exc: BaseException, *, what: str = "", kind: str = "") -> EngineError:
+        if isinstance(exc, aiodocker.DockerError):
+            status, msg = exc.status, exc.message
+        else:
+            status, msg = 900, f"{type(exc).__name__}: {exc}"
+        if status == 900 or isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+            return EngineUnavailable(f"cannot reach the Docker engine at {self.url}: {msg}", status=None)
+        if status == 404:
+            if kind == "image" or "No such image" in msg:
+                return ImageNotFound(f"{what}: {msg}" if what else msg, status=404)
+            if kind == "container" or "No such container" in msg:
+                return ContainerNotFound(f"{what}: {msg}" if what else msg, status=404)
+        if status == 409 and "already in use" in msg:
+            return NameConflict(msg, status=409)
+        return EngineError(f"{what}: {msg}" if what else msg, status=status)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, what: str = "", kind: str = "",
+                    **kwargs: Any) -> Any:
+        try:
+            return await self._aio(fn)(*args, **kwargs)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            raise self._map(exc, what=what, kind=kind) from None
+
+    async def _json(self, path: str | URL, method: str = "GET", *, what: str = "", kind: str = "",
+                    **kwargs: Any) -> Any:
+        return await self._call(self._docker._query_json, path, method, what=what, kind=kind, **kwargs)
+
+    # -- system ----------------------------------------------------------------------------
+    async def ping(self) -> None:
+        await self.version()
+
+    async def version(self) -> dict[str, Any]:
+        return await self._call(self._docker.version)
+
+    # -- images ----------------------------------------------------------------------------
+    async def image_inspect(self, ref: str) -> dict[str, Any]:
+        return await self._json(f"images/{ref}/json", what=f"image {ref}", kind="image")
+
+    async def image_list(self, *, labels: dict[str, str] | list[str] | None = None) -> list[dict[str, Any]]:
+        params = {}
+        if labels:
+            params["filters"] = json.dumps({"label": label_filters(labels)})
+        return await self._json("images/json", params=params)
+
+    async def image_remove(self, ref: str, *, force: bool = False) -> None:
+        await self._json(f"images/{ref}", "DELETE", params={"force": force}, what=f"image {ref}",
+                         kind="image")
+
+    async def image_tag(self, ref: str, repo: str, tag: str) -> None:
+        await self._json(f"images/{ref}/tag", "POST", params={"repo": repo, "tag": tag},
+                         what=f"image {ref}", kind="image")
+
+    async def _stream_json(self, path: str | URL, *, params: Any = None, data: Any = None,
+                           headers: Any = None, on_line: Callable[[dict[str, Any]], None]) -> None:
+        async def run() -> None:
+            async with self._docker._query(path, "POST", params=params, data=data, headers=headers,
+                                           timeout=None, chunked=None) as resp:
+                async for raw in resp.content:
+                    raw = raw.strip()
+                    if raw:
+                        try:
+                            on_line(json.loads(raw))
+                        except json.JSONDecodeError:
+                            on_line({"stream": raw.decode(errors="replace")})
+        try:
+            await self._aio(run)()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            raise self._map(exc) from None
+
+    async def image_build(self, context_tar: bytes, *, tag: str, labels: dict[str, str],
+                          network_mode: str = "none",
+                          on_progress: Callable[[str], None] | None = None) -> str:
+        """Build from a tar context holding a Dockerfile. Returns the image id.
+        A failing step raises ImageBuildError with that step and the tail of its output."""
+        output: list[str] = []
+        state: dict[str, Any] = {"step": None, "id": None, "error": None}
+
+        def on_line(obj: dict[str, Any]) -> None:
+            if "stream" in obj:
+                for line in str(obj["stream"]).splitlines():
+                    m = _STEP_RE.match(line)
+                    if m:
+                        state["step"] = m.group(1)
+                        output.clear()
+                    output.append(line)
+                    if on_progress and line.strip():
+                        on_progress(line)
+            if "aux" in obj and isinstance(obj["aux"], dict) and "ID" in obj["aux"]:
+                state["id"] = obj["aux"]["ID"]
+            if "error" in obj:
+                state["error"] = obj.get("error") or str(obj.get("errorDetail"))
+        params = {"t": tag, "labels": json.dumps(labels), "networkmode": network_mode,
+                  "rm": "1", "forcerm": "1"}
+        try:
+            await self._stream_json("build", params=params, data=context_tar,
+                                    headers={"Content-Type": "application/x-tar"}, on_line=on_line)
+        except EngineError as exc:
+            if isinstance(exc, EngineUnavailable):
+                raise
+            raise ImageBuildError(f"building {tag} failed: {exc}", step=state["step"],
+                                  output_tail="\n".join(output)) from None
+        if state["error"]:
+            raise ImageBuildError(f"building {tag} failed: {state['error']}", step=state["step"],
+                                  output_tail="\n".join(output))
+        info = await self.image_inspect(tag)
+        return info["Id"]
+
+    async def image_import(self, tar_path: str, *, repo: str, tag: str,
+                           changes: list[str] = (), message: str = "") -> str:
+        """`docker import`: make an image from a root filesystem tarball. Returns the image id."""
+        query = [("fromSrc", "-"), ("repo", repo), ("tag", tag)]
+        query += [("changes", c) for c in changes]
+        if message:
+            query.append(("message", message))
+        url = URL("images/create").with_query(query)
+        errors: list[str] = []
+
+        def on_line(obj: dict[str, Any]) -> None:
+            if "error" in obj:
+                errors.append(str(obj["error"]))
+
+        with open(tar_path, "rb") as f:
+            await self._stream_json(url, data=f, headers={"Content-Type": "application/x-tar"},
+                                    on_line=on_line)
+        if errors:
+            raise EngineError(f"docker import failed: {errors[-1]}")
+        return (await self.image_inspect(f"{repo}:{tag}"))["Id"]
+
+    # -- containers ------------------------------------------------------------------------
+    async def container_create(self, config: dict[str, Any], *, name: str | None = None) -> str:
+        params = {"name": name} if name else None
+        data = await self._json("containers/create", "POST", data=config, params=params,
+                                what=f"create {name or ''}".strip(), kind="image")
+        return data["Id"]
+
+    async def container_start(self, cid: str) -> None:
+        await self._json(f"containers/{cid}/start", "POST", what=f"start {cid[:12]}",
+                         kind="container")
+
+    async def container_inspect(self, cid: str) -> dict[str, Any]:
+        return await self._json(f"containers/{cid}/json", what=f"container {cid[:12]}",
+                                kind="container")
+
+    async def container_wait(self, cid: str) -> int:
+        data = await self._json(f"containers/{cid}/wait", "POST", timeout=None,
+                                what=f"wait {cid[:12]}", kind="container")
+        return int(data.get("StatusCode", -1))
+
+    async def container_kill(self, cid: str, signal: str = "SIGKILL") -> None:
+        await self._json(f"containers/{cid}/kill", "POST", params={"signal": signal},
+                         what=f"kill {cid[:12]}", kind="container")
+
+    async def container_remove(self, cid: str, *, force: bool = True) -> None:
+        await self._json(f"containers/{cid}", "DELETE", params={"force": force, "v": True},
+                         what=f"remove {cid[:12]}", kind="container")
+
+    async def container_list(self, *, labels: dict[str, str] | list[str] | None = None,
+                             all: bool = True) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"all": all}
+        if labels:
+            params["filters"] = json.dumps({"label": label_filters(labels)})
+        return await self._json("containers/json", params=params)
+
+    async def container_logs(self, cid: str, *, tail_bytes: int = 4096) -> str:
+        async def run() -> list[str]:
+            c = self._docker.containers.container(cid)
+            return await c.log(stdout=True, stderr=True, tail=200)
+        lines = await self._call(run, what=f"logs {cid[:12]}", kind="container")
+        return "".join(lines)[-tail_bytes:]
+
+    async def container_exec(self, cid: str, cmd: list[str], *, user: str = "") -> tuple[int, str]:
+        """Run ``cmd`` in the container; returns (exit code, stdout+stderr)."""
+        async def run() -> tuple[int, str]:
+            c = self._docker.containers.container(cid)
+            ex = await c.exec(cmd, user=user, stdout=True, stderr=True)
+            chunks: list[bytes] = []
+            async with ex.start(detach=False) as stream:
+                while (msg := await stream.read_out()) is not None:
+                    chunks.append(msg.data)
+            info = await ex.inspect()
+            return int(info.get("ExitCode") or 0), b"".join(chunks).decode(errors="replace")
+        return await self._call(run, what=f"exec in {cid[:12]}", kind="container")
+
+    @asynccontextmanager
+    async def attach(self, cid: str) -> AsyncIterator[_Attachment]:
+        """Attach stdin/stdout/stderr (non-TTY, demultiplexed). Attach before start to see
+        everything the container writes; ``output`` closes when the container's output ends."""
+        async def setup() -> tuple[URL, None, bool]:
+            q = [("stdin", 1), ("stdout", 1), ("stderr", 1), ("stream", 1), ("logs", 0)]
+            return URL(f"containers/{cid}/attach").with_query(q), None, False
+        stream = Stream(self._docker, setup, None)
+        await self._call(stream._init, what=f"attach {cid[:12]}", kind="container")
+        att = _Attachment(self, stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(att._pump)
+                try:
+                    yield att
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(2):
+                    try:
+                        await self._aio(stream.close)()
+                    except Exception:
+                        pass
+
+    @asynccontextmanager
+    async def events(self, *, filters: dict[str, list[str]] | None = None,
+                     since: float | None = None) -> AsyncIterator[_EventStream]:
+        """Subscribe to engine events. ``receive`` closes when the stream ends (``ended`` says why)."""
+        params: dict[str, Any] = {}
+        if filters:
+            params["filters"] = json.dumps(filters)
+        if since is not None:
+            params["since"] = f"{since:.9f}"
+        es = _EventStream()
+        opened = trio.Event()
+        state: dict[str, Any] = {}
+
+        async def reader() -> None:
+            async def run() -> None:
+                async with self._docker._query("events", "GET", params=params, timeout=None) as resp:
+                    state["resp"] = resp
+                    opened.set()
+                    while True:
+                        raw = await resp.content.readline()
+                        if not raw:
+                            return
+                        if raw.strip():
+                            es._send.send_nowait(json.loads(raw))
+            async with es._send:
+                try:
+                    await self._aio(run)()
+                    es.ended = "the engine closed the events stream"
+                except trio.Cancelled:
+                    es.ended = "unsubscribed"
+                    raise
+                except (aiodocker.DockerError, aiohttp.ClientError, OSError, asyncio.CancelledError,
+                        trio.WouldBlock) as exc:
+                    es.ended = f"events stream failed: {self._map(exc) if not isinstance(exc, trio.WouldBlock) else 'subscriber fell behind (1024 events)'}"
+                finally:
+                    opened.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await opened.wait()
+            if es.ended and "resp" not in state:
+                raise EngineUnavailable(f"cannot subscribe to events at {self.url}: {es.ended}")
+            try:
+                yield es
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_engine(url: str | None = None) -> AsyncIterator[DockerEngine]:
+    """Open a trio-native Docker engine client. ``url``: None means DOCKER_HOST, else
+    unix:///var/run/docker.sock. Raises EngineUnavailable (naming the URL) within 5 s if the
+    engine does not answer."""
+    url = resolve_url(url)
+    async with trio_asyncio.open_loop() as loop:
+        async def make() -> aiodocker.Docker:
+            return aiodocker.Docker(url=url)
+        try:
+            docker = await aio_as_trio(make, loop=loop)()
+        except ValueError as exc:
+            raise EngineUnavailable(f"bad engine URL {url!r}: {exc}") from None
+        engine = DockerEngine(docker, loop, url)
+        try:
+            try:
+                with trio.fail_after(5):
+                    await engine.ping()
+            except trio.TooSlowError:
+                raise EngineUnavailable(f"the Docker engine at {url} did not answer within 5 s") from None
+            yield engine
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    await aio_as_trio(docker.close, loop=loop)()

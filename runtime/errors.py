@@ -1,0 +1,84 @@
+"""corral's exceptions. Every error a user can see is a CorralError."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .records import DeathCertificate
+
+
+class CorralError(Exception):
+    """Base of every corral error."""
+
+
+class ConfigError(CorralError):
+    """A configuration or spec is invalid; the message says which field and why."""
+
+
+class EngineError(CorralError):
+    """The container engine answered with an error. ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EngineUnavailable(EngineError):
+    """The container engine cannot be reached."""
+
+
+class ImageNotFound(EngineError):
+    """The engine has no such image."""
+
+
+class ContainerNotFound(EngineError):
+    """The engine has no such container (it may have been removed out of band)."""
+
+
+class NameConflict(EngineError):
+    """A container with that name exists already (HTTP 409)."""
+
+
+class ImageBuildError(CorralError):
+    """An image could not be built. ``step`` is the failing step, ``output_tail`` its last output."""
+
+    def __init__(self, message: str, *, step: str | None = None, output_tail: str = "") -> None:
+        text = message
+        if step:
+            text += f"\n  failing step: {step}"
+        if output_tail:
+            text += "\n  output tail:\n    " + "\n    ".join(output_tail.rstrip().splitlines()[-20:])
+        super().__init__(text)
+        self.step = step
+        self.output_tail = output_tail
+
+
+class WorkerStartupError(CorralError):
+    """A worker did not become READY. ``certificate`` says why."""
+
+    def __init__(self, message: str, certificate: "DeathCertificate | None" = None) -> None:
+        super().__init__(message)
+        self.certificate = certificate
+
+
+class WorkerGone(CorralError):
+    """The worker was stopped or has failed for good; it takes no more requests."""
+
+
+class ProtocolError(CorralError):
+    """A worker-wrapper sent a frame that is malformed, oversized or unknown."""
+
+
+class SupervisorEscalation(CorralError):
+    """A supervisor exceeded its restart intensity (or saw a shared cause of death) and gave up.
+
+    ``certificates`` are the DeathCertificates that caused it, oldest first.
+    """
+
+    def __init__(self, message: str, certificates: "Sequence[DeathCertificate]" = (), *,
+                 supervisor: str = "", reason: str = "intensity") -> None:
+        super().__init__(message)
+        self.certificates = list(certificates)
+        self.supervisor = supervisor
+        self.reason = reason

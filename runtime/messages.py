@@ -1,0 +1,155 @@
+"""Actor-to-actor messages: frozen, kw_only, tagged msgspec Structs sharing one base.
+
+A request carries ``reply``: a one-shot trio channel the asker waits on. It is a plain Python
+object, never encoded: these messages never cross the wire (wire frames live in protocol.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import outcome
+import trio
+from msgspec import Struct
+
+from .errors import WorkerGone
+from .records import DeathCertificate
+from .specs import PoolSpec, SupervisorConfig, Task, WorkerSpec
+
+
+class Msg(Struct, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+Reply = trio.MemorySendChannel  # carries an outcome.Outcome
+
+
+# -- ImageBuilder ------------------------------------------------------------------------------
+class ImageRequest(Msg):
+    agent: str
+    capabilities: list[str]
+    stub_agent: bool
+    reply: Any
+
+
+# -- Worker ------------------------------------------------------------------------------------
+class RunTaskRequest(Msg):
+    task: Task
+    reply: Any
+
+
+class CancelTaskRequest(Msg):
+    task_id: str
+
+
+class InfoRequest(Msg):
+    reply: Any
+
+
+class SnapshotRequest(Msg):
+    reply: Any
+
+
+class RestartRequest(Msg):
+    reply: Any | None = None
+    reason: str = "requested"
+
+
+class StopRequest(Msg):
+    reply: Any | None = None
+    grace_s: float | None = None
+
+
+WorkerMsg = Union[RunTaskRequest, CancelTaskRequest, InfoRequest, SnapshotRequest, RestartRequest,
+                  StopRequest]
+
+
+# -- Supervisor --------------------------------------------------------------------------------
+class SpawnRequest(Msg):
+    spec: WorkerSpec
+    reply: Any
+
+
+class StartPoolRequest(Msg):
+    spec: PoolSpec
+    reply: Any
+
+
+class StartSupervisorRequest(Msg):
+    config: SupervisorConfig
+    reply: Any
+
+
+class StopChildRequest(Msg):
+    child_id: str
+    reply: Any
+
+
+class ChildDied(Msg):
+    """A worker's container died; ``restarting`` says whether the worker brings it back itself."""
+    child_id: str
+    certificate: DeathCertificate
+    restarting: bool
+
+
+class ChildFailed(Msg):
+    """A child gave up for good (its restart budget is spent, or it escalated)."""
+    child_id: str
+    certificates: list[DeathCertificate]
+    reason: str
+
+
+class ChildExited(Msg):
+    """A child ended normally (stopped, or a transient/temporary worker that exited)."""
+    child_id: str
+
+
+SupervisorMsg = Union[SpawnRequest, StartPoolRequest, StartSupervisorRequest, StopChildRequest,
+                      SnapshotRequest, ChildDied, ChildFailed, ChildExited, StopRequest]
+
+
+# -- request/reply helpers ---------------------------------------------------------------------
+def reply_value(reply: Any, value: Any) -> None:
+    if reply is not None:
+        try:
+            reply.send_nowait(outcome.Value(value))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def reply_error(reply: Any, exc: BaseException) -> None:
+    if reply is not None:
+        try:
+            reply.send_nowait(outcome.Error(exc))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def reply_to(msg: Msg) -> Any:
+    return getattr(msg, "reply", None)
+
+
+async def ask(mailbox: trio.MemorySendChannel, make: Any, *, gone: str = "the actor has stopped") -> Any:
+    """Send ``make(reply)`` to ``mailbox`` and wait for the answer (value or raised error)."""
+    send, recv = trio.open_memory_channel[outcome.Outcome](1)
+    try:
+        await mailbox.send(make(send))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise WorkerGone(gone) from None
+    with recv:
+        try:
+            result = await recv.receive()
+        except trio.EndOfChannel:
+            raise WorkerGone(gone) from None
+    return result.unwrap()
+
+
+def drain_mailbox(recv: trio.MemoryReceiveChannel, why: str) -> None:
+    """An actor that ends answers everything still queued with WorkerGone, then closes."""
+    while True:
+        try:
+            msg = recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
+            break
+        reply_error(reply_to(msg), WorkerGone(why))
+    recv.close()

@@ -1,0 +1,92 @@
+"""What corral reports: death certificates, task results, worker info, snapshots."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from msgspec import Struct, field
+
+Cause = Literal["config_error", "startup_timeout", "early_exit", "oom_killed", "killed", "crashed",
+                "exited", "hung", "removed", "engine_error", "protocol_error"]
+CAUSES: tuple[str, ...] = Cause.__args__  # type: ignore[attr-defined]
+
+WorkerState = Literal["pending", "building", "creating", "starting", "ready", "busy", "backoff",
+                      "stopping", "stopped", "failed"]
+TaskStatus = Literal["ok", "error", "timeout", "cancelled", "worker_died"]
+
+
+class _Record(Struct, frozen=True, kw_only=True):
+    pass
+
+
+class DeathCertificate(_Record):
+    """Why one container of a worker ended."""
+    worker_id: str
+    container_id: str | None
+    generation: int
+    cause: Cause
+    reason: str = ""
+    """human-readable detail: the wrapper's fatal reason, the engine error, ..."""
+    exit_code: int | None = None
+    oom_killed: bool = False
+    ready: bool = False
+    """did it die after READY?"""
+    uptime_s: float = 0.0
+    logs_tail: str = ""
+    """last 4 KiB of the container's output"""
+    at: float = 0.0
+    """wall-clock time (epoch seconds)"""
+    restart_in_s: float | None = None
+    """delay before the next container; None when the worker gives up and escalates"""
+
+
+class TaskResult(_Record):
+    task_id: str
+    status: TaskStatus
+    output: str = ""
+    exit_code: int | None = None
+    error: str = ""
+    duration_s: float = 0.0
+    attempts: int = 1
+    worker_id: str | None = None
+    death: DeathCertificate | None = None
+
+
+class WorkerInfo(_Record):
+    id: str
+    state: WorkerState
+    agent: str
+    container_id: str | None = None
+    container_name: str | None = None
+    image_id: str | None = None
+    image_tag: str | None = None
+    generation: int = 0
+    restarts: int = 0
+    pool: str | None = None
+    last_death: DeathCertificate | None = None
+
+
+class WorkerSnapshot(_Record, tag="worker"):
+    info: WorkerInfo
+    current_backoff_s: float = 0.0
+    next_backoff_s: float = 0.0
+    deaths: list[DeathCertificate] = field(default_factory=list)
+    """the most recent deaths, oldest first (at most 10)"""
+
+
+class PoolSnapshot(_Record, tag="pool"):
+    name: str
+    replicas: int
+    queued: int
+    workers: list[WorkerSnapshot] = field(default_factory=list)
+
+
+class SupervisorSnapshot(_Record, tag="supervisor"):
+    name: str
+    strategy: str
+    state: str
+    restarts_in_window: int = 0
+    children: list[Union[WorkerSnapshot, PoolSnapshot, "SupervisorSnapshot"]] = field(default_factory=list)
+
+
+ChildSnapshot = Union[WorkerSnapshot, PoolSnapshot, SupervisorSnapshot]
