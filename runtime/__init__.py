@@ -1,1 +1,27 @@
 """corral: supervise AI-agent workers in Docker containers. The public API."""
+
+from .api import open_supervisor as open_supervisor
+from .errors import ConfigError as ConfigError
+from .errors import ContainerNotFound as ContainerNotFound
+from .errors import CorralError as CorralError
+from .errors import EngineError as EngineError
+from .errors import EngineUnavailable as EngineUnavailable
+from .errors import ImageBuildError as ImageBuildError
+from .errors import ImageNotFound as ImageNotFound
+from .errors import NameConflict as NameConflict
+from .errors import ProtocolError as ProtocolError
+from .errors import SupervisorEscalation as SupervisorEscalation
+from .errors import WorkerGone as WorkerGone
+from .errors import WorkerStartupError as WorkerStartupError
+from .records import DeathCertificate as DeathCertificate
+from .records import PoolSnapshot as PoolSnapshot
+from .records import SupervisorSnapshot as SupervisorSnapshot
+from .records import TaskResult as TaskResult
+from .records import WorkerInfo as WorkerInfo
+from .records import WorkerSnapshot as WorkerSnapshot
+from .specs import Backoff as Backoff
+from .specs import PoolSpec as PoolSpec
+from .specs import RestartPolicy as RestartPolicy
+from .specs import SupervisorConfig as SupervisorConfig
+from .specs import Task as Task
+from .specs import WorkerSpec as WorkerSpec

@@ -1,0 +1,369 @@
+"""Supervisor actor: OTP-style strategies and intensity over Worker actors, pools and nested
+supervisors, with Kubernetes-style backoff (in the workers) and one clear escalation upward.
+
+- A worker restarts its own container (backoff, budget) and reports every death here.
+- Here: strategy (one_for_one / one_for_all / rest_for_one), the intensity window
+  (max_restarts within_s, on trio's clock), shared-cause detection, and escalation.
+- Past the intensity, or when a child gives up for good, the supervisor stops its children in
+  reverse start order (each with its grace period) and raises SupervisorEscalation carrying the
+  DeathCertificates that caused it.
+Nothing slow runs in the receive loop: spawns, builds and container starts happen in children.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any, Deque
+
+import structlog
+import trio
+
+from runtime.errors import CorralError, SupervisorEscalation, WorkerGone
+from runtime.messages import (
+    ChildDied,
+    ChildExited,
+    ChildFailed,
+    RestartRequest,
+    SnapshotRequest,
+    SpawnRequest,
+    StartPoolRequest,
+    StartSupervisorRequest,
+    StopChildRequest,
+    StopRequest,
+    ask,
+    drain_mailbox,
+    reply_error,
+    reply_to,
+    reply_value,
+)
+from runtime.records import DeathCertificate, SupervisorSnapshot
+from runtime.specs import PoolSpec, SupervisorConfig, WorkerSpec
+from runtime.util import unwrap_single
+
+from .pool import Pool, PoolHandle
+from .worker import Worker, WorkerHandle
+
+log = structlog.get_logger("corral.supervisor")
+
+SHARED_CAUSES = frozenset({"engine_error"})
+
+
+@dataclass
+class _Child:
+    id: str
+    kind: str                     # worker | pool | supervisor
+    actor: Any
+    order: int
+    handle: Any = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class SupervisorHandle:
+    """What `open_supervisor()` yields; also the handle of a nested supervisor."""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        self._sup = sup
+        self.name = sup.config.name
+
+    @property
+    def builder(self):
+        return self._sup.builder
+
+    @property
+    def engine(self):
+        return self._sup.engine
+
+    async def spawn(self, spec: WorkerSpec | None = None, **kwargs) -> WorkerHandle:
+        """Start a worker; returns once it is READY. Raises WorkerStartupError (with the
+        DeathCertificate), ConfigError or ImageBuildError; never hangs past the startup deadline."""
+        spec = spec or WorkerSpec(**kwargs)
+        return await ask(self._sup.mailbox, lambda r: SpawnRequest(spec=spec, reply=r),
+                         gone=f"supervisor {self.name} has stopped")
+
+    async def start_pool(self, spec: PoolSpec) -> PoolHandle:
+        return await ask(self._sup.mailbox, lambda r: StartPoolRequest(spec=spec, reply=r),
+                         gone=f"supervisor {self.name} has stopped")
+
+    async def start_supervisor(self, config: SupervisorConfig) -> "SupervisorHandle":
+        return await ask(self._sup.mailbox, lambda r: StartSupervisorRequest(config=config, reply=r),
+                         gone=f"supervisor {self.name} has stopped")
+
+    async def stop_child(self, child_id: str) -> None:
+        await ask(self._sup.mailbox, lambda r: StopChildRequest(child_id=child_id, reply=r),
+                  gone=f"supervisor {self.name} has stopped")
+
+    async def snapshot(self) -> SupervisorSnapshot:
+        return self._sup.snapshot()
+
+    def worker(self, worker_id: str) -> WorkerHandle:
+        w = self._sup.find_worker(worker_id)
+        if w is None:
+            raise WorkerGone(f"no worker {worker_id!r} under supervisor {self.name}")
+        return WorkerHandle(w)
+
+    def workers(self) -> list[WorkerHandle]:
+        return [WorkerHandle(w) for w in self._sup.all_workers()]
+
+    async def shutdown(self) -> None:
+        """Stop every child (reverse start order) and the supervisor itself."""
+        if self._sup.finished.is_set():
+            return
+        try:
+            await ask(self._sup.mailbox, lambda r: StopRequest(reply=r),
+                      gone=f"supervisor {self.name} has stopped")
+        except (WorkerGone, SupervisorEscalation):
+            pass
+        await self._sup.finished.wait()
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig, *, engine, builder, watcher=None,
+                 start_limiter: trio.CapacityLimiter | None = None,
+                 parent: trio.MemorySendChannel | None = None, rng: random.Random | None = None,
+                 root: str | None = None, mailbox_size: int = 4096) -> None:
+        self.config = config
+        self.root = root or config.name
+        """the top-level supervisor's name: the corral.supervisor label of every container"""
+        self.engine = engine
+        self.builder = builder
+        self.watcher = watcher
+        self.start_limiter = start_limiter or trio.CapacityLimiter(config.max_concurrent_starts)
+        self.parent = parent
+        self.rng = rng or random.Random()
+        self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
+        self.children: dict[str, _Child] = {}
+        self._order = itertools.count()
+        self._restarts: Deque[float] = collections.deque()
+        self._recent: Deque[tuple[float, DeathCertificate]] = collections.deque(maxlen=1000)
+        self._certs: Deque[DeathCertificate] = collections.deque(maxlen=50)
+        self._nursery: trio.Nursery | None = None
+        self.state = "starting"
+        self.finished = trio.Event()
+        self._stop_reply: Any = None
+
+    # -- views -------------------------------------------------------------------------------
+    def snapshot(self) -> SupervisorSnapshot:
+        kids = []
+        for c in sorted(self.children.values(), key=lambda c: c.order):
+            if c.kind == "worker":
+                kids.append(c.actor.snapshot())
+            elif c.kind == "pool":
+                kids.append(c.actor.snapshot())
+            else:
+                kids.append(c.actor.snapshot())
+        now = trio.current_time()
+        return SupervisorSnapshot(name=self.config.name, strategy=self.config.strategy, state=self.state,
+                                  restarts_in_window=sum(1 for t in self._restarts
+                                                         if now - t <= self.config.within_s),
+                                  children=kids)
+
+    def all_workers(self) -> list[Worker]:
+        out: list[Worker] = []
+        for c in sorted(self.children.values(), key=lambda c: c.order):
+            if c.kind == "worker":
+                out.append(c.actor)
+            elif c.kind == "pool":
+                out.extend(m.worker for m in c.actor.members)
+            else:
+                out.extend(c.actor.all_workers())
+        return out
+
+    def find_worker(self, worker_id: str) -> Worker | None:
+        return next((w for w in self.all_workers() if w.id == worker_id), None)
+
+    # -- the actor -----------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        structlog.contextvars.bind_contextvars(actor="supervisor", supervisor=self.config.name)
+        escalation: SupervisorEscalation | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.state = "running"
+                task_status.started(SupervisorHandle(self))
+                for spec in self.config.workers:
+                    nursery.start_soon(self._start_worker, spec, None)
+                for pspec in self.config.pools:
+                    nursery.start_soon(self._start_pool, pspec, None)
+                escalation = await self._loop()
+                self.state = "stopping"
+                await self._stop_children()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.state = "escalated" if escalation else "stopped"
+            drain_mailbox(self._recv, f"supervisor {self.config.name} has stopped")
+            self.finished.set()
+            if self._stop_reply is not None:
+                reply_value(self._stop_reply, None)
+        if escalation is not None:
+            log.error("supervisor_escalated", reason=escalation.reason, error=str(escalation),
+                      certificates=len(escalation.certificates))
+            raise escalation
+
+    async def _loop(self) -> SupervisorEscalation | None:
+        assert self._nursery is not None
+        async for msg in self._recv:
+            match msg:
+                case SpawnRequest(spec=spec, reply=reply):
+                    self._nursery.start_soon(self._start_worker, spec, reply)
+                case StartPoolRequest(spec=spec, reply=reply):
+                    self._nursery.start_soon(self._start_pool, spec, reply)
+                case StartSupervisorRequest(config=config, reply=reply):
+                    self._nursery.start_soon(self._start_supervisor, config, reply)
+                case StopChildRequest(child_id=cid, reply=reply):
+                    self._nursery.start_soon(self._stop_child, cid, reply)
+                case SnapshotRequest(reply=reply):
+                    reply_value(reply, self.snapshot())
+                case ChildDied():
+                    esc = self._on_death(msg)
+                    if esc is not None:
+                        return esc
+                case ChildFailed(child_id=cid, certificates=certs, reason=reason):
+                    self._certs.extend(c for c in certs if c not in self._certs)
+                    return SupervisorEscalation(
+                        f"supervisor {self.config.name}: child {cid} gave up ({reason})"
+                        + (f"; last death: {certs[-1].cause}: {certs[-1].reason}" if certs else ""),
+                        list(certs) or list(self._certs), supervisor=self.config.name,
+                        reason="child_failed")
+                case ChildExited():
+                    pass
+                case StopRequest(reply=reply):
+                    self._stop_reply = reply
+                    return None
+                case _:
+                    reply_error(reply_to(msg), CorralError(f"supervisor cannot handle {type(msg).__name__}"))
+        return None
+
+    def _on_death(self, msg: ChildDied) -> SupervisorEscalation | None:
+        cert = msg.certificate
+        now = trio.current_time()
+        self._certs.append(cert)
+        self._recent.append((now, cert))
+        cfg = self.config
+        # shared cause: many workers dying of the same environmental cause at once
+        if cert.cause in SHARED_CAUSES:
+            same = {c.worker_id for t, c in self._recent
+                    if c.cause == cert.cause and now - t <= cfg.shared_cause_window_s}
+            if len(same) >= cfg.shared_cause_threshold:
+                certs = [c for t, c in self._recent if c.cause == cert.cause and now - t <= cfg.shared_cause_window_s]
+                return SupervisorEscalation(
+                    f"supervisor {cfg.name}: {len(same)} workers died of {cert.cause} within "
+                    f"{cfg.shared_cause_window_s} s (shared cause): {cert.reason}",
+                    certs, supervisor=cfg.name, reason="shared_cause")
+        if not msg.restarting:
+            return None
+        while self._restarts and now - self._restarts[0] > cfg.within_s:
+            self._restarts.popleft()
+        self._restarts.append(now)
+        if len(self._restarts) > cfg.max_restarts:
+            window = [c for t, c in self._recent if now - t <= cfg.within_s]
+            return SupervisorEscalation(
+                f"supervisor {cfg.name}: {len(self._restarts)} restarts within {cfg.within_s} s "
+                f"exceed max_restarts={cfg.max_restarts}; last death: {cert.worker_id} {cert.cause}"
+                + (f": {cert.reason}" if cert.reason else ""),
+                window, supervisor=cfg.name, reason="intensity")
+        log.info("child_restarting", child=msg.child_id, cause=cert.cause,
+                 restarts_in_window=len(self._restarts))
+        child = self.children.get(msg.child_id)
+        if child is not None and cfg.strategy != "one_for_one":
+            siblings = [c for c in self.children.values() if c is not child and c.kind == "worker"
+                        and (cfg.strategy == "one_for_all" or c.order > child.order)]
+            for s in sorted(siblings, key=lambda c: c.order):
+                log.info("sibling_restart", child=s.id, strategy=cfg.strategy, because=msg.child_id)
+                try:
+                    s.actor.mailbox.send_nowait(RestartRequest(reason=f"{cfg.strategy}: {msg.child_id} died"))
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        return None
+
+    async def _stop_children(self) -> None:
+        for child in sorted(self.children.values(), key=lambda c: c.order, reverse=True):
+            await self._stop_one(child)
+
+    async def _stop_one(self, child: _Child) -> None:
+        grace = self._grace(child)
+        with trio.move_on_after(grace + 10):
+            try:
+                if child.kind == "worker" and child.handle is not None:
+                    await child.handle.stop()
+                elif child.kind == "pool" and child.handle is not None:
+                    await child.handle.stop()
+                    await child.done.wait()
+                elif child.kind == "supervisor" and child.handle is not None:
+                    await child.handle.shutdown()
+            except (WorkerGone, SupervisorEscalation):
+                pass
+        child.scope.cancel()
+        with trio.move_on_after(15):
+            await child.done.wait()
+
+    def _grace(self, child: _Child) -> float:
+        if child.kind == "worker":
+            return child.actor.spec.stop_grace_s
+        if child.kind == "pool":
+            return child.actor.spec.worker.stop_grace_s
+        return 30.0
+
+    async def _stop_child(self, cid: str, reply: Any) -> None:
+        child = self.children.get(cid)
+        if child is None:
+            reply_error(reply, WorkerGone(f"no child {cid!r} under supervisor {self.config.name}"))
+            return
+        await self._stop_one(child)
+        reply_value(reply, None)
+
+    # -- children ------------------------------------------------------------------------------
+    def _make_worker(self, spec: WorkerSpec, pool: str | None = None) -> Worker:
+        return Worker(spec, engine=self.engine, builder=self.builder, supervisor=self.root,
+                      watcher=self.watcher, start_limiter=self.start_limiter, parent=self.mailbox,
+                      pool=pool, rng=self.rng)
+
+    async def _run_child(self, child: _Child, reply: Any, fn) -> None:
+        """Start ``fn`` as a child; reply with its handle once started, or with its start error.
+        After that, nothing it raises escapes: it becomes a ChildFailed message here."""
+        if child.id in self.children:
+            reply_error(reply, CorralError(f"a child named {child.id!r} exists already under "
+                                           f"supervisor {self.config.name}"))
+            return
+        self.children[child.id] = child
+        started = False
+        try:
+            with child.scope:
+                async with trio.open_nursery() as n:
+                    child.handle = await n.start(fn)
+                    started = True
+                    reply_value(reply, child.handle)
+        except Exception as exc:
+            exc = unwrap_single(exc)
+            if not started:
+                log.warning("child_start_failed", child=child.id, error=str(exc).splitlines()[0])
+                reply_error(reply, exc)
+            else:
+                certs = list(getattr(exc, "certificates", []))
+                log.error("child_crashed", child=child.id, error=repr(exc))
+                try:
+                    self.mailbox.send_nowait(ChildFailed(child_id=child.id, certificates=certs,
+                                                         reason=f"{type(exc).__name__}: {exc}"))
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        finally:
+            self.children.pop(child.id, None)
+            child.done.set()
+
+    async def _start_worker(self, spec: WorkerSpec, reply: Any) -> None:
+        worker = self._make_worker(spec)
+        await self._run_child(_Child(worker.id, "worker", worker, next(self._order)), reply, worker.run)
+
+    async def _start_pool(self, spec: PoolSpec, reply: Any) -> None:
+        pool = Pool(spec, make_worker=self._make_worker)
+        await self._run_child(_Child(f"pool:{spec.name}", "pool", pool, next(self._order)), reply, pool.run)
+
+    async def _start_supervisor(self, config: SupervisorConfig, reply: Any) -> None:
+        sup = Supervisor(config, engine=self.engine, builder=self.builder, watcher=self.watcher,
+                         start_limiter=self.start_limiter, parent=self.mailbox, rng=self.rng,
+                         root=self.root)
+        await self._run_child(_Child(f"sup:{config.name}", "supervisor", sup, next(self._order)),
+                              reply, sup.run)

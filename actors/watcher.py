@@ -1,0 +1,108 @@
+"""Watcher actor: ONE engine events subscription per supervisor tree, routed by container id.
+
+Workers register the containers they create; the watcher records what the engine says happened to
+each (kill signals, oom, die with exit code, destroy). The worker's classification uses it to tell
+a `docker kill` from a crash and to catch OOM kills. If the stream ends, the watcher resubscribes
+from the last event it saw, so nothing in between is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from runtime.errors import EngineError
+
+log = structlog.get_logger("corral.watcher")
+
+
+@dataclass
+class ContainerWatch:
+    container_id: str
+    kills: list[str] = field(default_factory=list)
+    """signals sent through the engine API (docker kill / stop), in order"""
+    oom: bool = False
+    exit_code: int | None = None
+    died: trio.Event = field(default_factory=trio.Event)
+    destroyed: trio.Event = field(default_factory=trio.Event)
+
+
+class Watcher:
+    def __init__(self, engine, *, supervisor: str) -> None:
+        self.engine = engine
+        self.supervisor = supervisor
+        self._watches: dict[str, ContainerWatch] = {}
+        self.alive = False
+        self.events_seen = 0
+        self._last_time: float | None = None
+
+    def watch(self, container_id: str) -> ContainerWatch:
+        w = self._watches.get(container_id)
+        if w is None:
+            w = self._watches[container_id] = ContainerWatch(container_id)
+        return w
+
+    def forget(self, container_id: str) -> None:
+        self._watches.pop(container_id, None)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        structlog.contextvars.bind_contextvars(actor="watcher")
+        filters = {"type": ["container"], "label": [f"corral.supervisor={self.supervisor}"],
+                   "event": ["kill", "die", "oom", "destroy"]}
+        started = False
+        delay = 0.1
+        while True:
+            since = self._last_time
+            try:
+                async with self.engine.events(filters=filters, since=since) as stream:
+                    self.alive = True
+                    delay = 0.1
+                    if not started:
+                        task_status.started(self)
+                        started = True
+                    async for ev in stream.receive:
+                        self._route(ev)
+                    log.warning("events_stream_ended", why=stream.ended)
+            except EngineError as exc:
+                log.warning("events_subscribe_failed", error=str(exc))
+                if not started:
+                    task_status.started(self)
+                    started = True
+            finally:
+                self.alive = False
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _route(self, ev: dict) -> None:
+        self.events_seen += 1
+        if "timeNano" in ev:
+            self._last_time = ev["timeNano"] / 1e9
+        elif "time" in ev:
+            self._last_time = float(ev["time"])
+        actor = ev.get("Actor") or {}
+        cid = actor.get("ID") or ev.get("id")
+        w = self._watches.get(cid)
+        if w is None:
+            return
+        action = ev.get("Action") or ev.get("status") or ""
+        attrs = actor.get("Attributes") or {}
+        if action == "kill":
+            w.kills.append(str(attrs.get("signal", "")))
+        elif action == "oom":
+            w.oom = True
+        elif action == "die":
+            try:
+                w.exit_code = int(attrs.get("exitCode"))
+            except (TypeError, ValueError):
+                pass
+            w.died.set()
+        elif action == "destroy":
+            w.destroyed.set()
+            w.died.set()
+
+
+def wall_time() -> float:
+    return time.time()

@@ -1,0 +1,793 @@
+"""Worker actor: owns ONE container at a time, knows when its wrapper dies, says why, and
+restarts it (with backoff) or escalates to its supervisor with a DeathCertificate.
+
+States: pending -> building -> creating -> starting -> ready <-> busy -> backoff -> ...
+-> stopping -> stopped | failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import random
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Deque
+
+import msgspec
+import outcome
+import structlog
+import trio
+
+from runtime.engine_api import STDOUT
+from runtime.errors import (
+    ContainerNotFound,
+    CorralError,
+    EngineError,
+    EngineUnavailable,
+    NameConflict,
+    ProtocolError,
+    WorkerGone,
+    WorkerStartupError,
+)
+from runtime.messages import (
+    CancelTaskRequest,
+    ChildDied,
+    ChildExited,
+    ChildFailed,
+    InfoRequest,
+    RestartRequest,
+    RunTaskRequest,
+    SnapshotRequest,
+    StopRequest,
+    drain_mailbox,
+    reply_error,
+    reply_to,
+    reply_value,
+)
+from runtime.protocol import (
+    CancelTask,
+    Fatal,
+    Heartbeat,
+    LineSplitter,
+    Ready,
+    RunTask,
+    Shutdown,
+    TaskDone,
+    TaskOutput,
+    TaskStarted,
+    decode_wrapper_frame,
+    encode_frame,
+)
+from runtime.records import DeathCertificate, TaskResult, WorkerInfo, WorkerSnapshot
+from runtime.specs import Task, WorkerSpec, new_worker_id
+
+log = structlog.get_logger("corral.worker")
+
+LOG_TAIL = 4096
+EX_CONFIG = 78
+_spec_json = msgspec.json.Encoder(order="sorted").encode
+
+
+def container_name(supervisor: str, worker_id: str, generation: int) -> str:
+    return f"corral-{supervisor}-{worker_id}-{generation}"
+
+
+def backoff_delay(backoff, consecutive: int, rng: random.Random) -> float:
+    """Delay before the restart that follows the ``consecutive``-th failure in a row."""
+    if consecutive <= 1:
+        return 0.0
+    cap = min(backoff.max_s, backoff.initial_s * backoff.factor ** (consecutive - 2))
+    return rng.uniform(0, cap) if backoff.jitter == "full" else cap
+
+
+@dataclass
+class _Pending:
+    task: Task
+    reply: Any
+    attempts: int = 0
+    started_at: float = 0.0
+
+
+@dataclass
+class _Life:
+    """One container of this worker, from create to removal."""
+    container_id: str
+    name: str
+    generation: int
+    out: trio.MemorySendChannel
+    out_recv: trio.MemoryReceiveChannel
+    created_at: float
+    ready_at: float | None = None
+    ready: bool = False
+    settled: trio.Event = field(default_factory=trio.Event)   # ready, or ended before it
+    ended: trio.Event = field(default_factory=trio.Event)
+    end_kind: str | None = None        # died | hung | protocol | restart | stop | startup_timeout
+    end_reason: str = ""
+    fatal_reason: str | None = None
+    tail: bytearray = field(default_factory=bytearray)
+    last_frame: float = 0.0
+    heartbeat_scope: trio.CancelScope | None = None
+    kill_sent: bool = False
+
+    def end(self, kind: str, reason: str = "") -> None:
+        if self.end_kind is None:
+            self.end_kind, self.end_reason = kind, reason
+        self.settled.set()
+        self.ended.set()
+
+    def add_tail(self, data: bytes) -> None:
+        self.tail += data
+        if len(self.tail) > LOG_TAIL:
+            del self.tail[:-LOG_TAIL]
+
+
+class WorkerHandle:
+    """What `sup.spawn()` returns. ``id`` is the worker id, never a container id."""
+
+    def __init__(self, actor: "Worker") -> None:
+        self._actor = actor
+        self.id = actor.id
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle {self.id} {self._actor.state}>"
+
+    @property
+    def state(self) -> str:
+        return self._actor.state
+
+    async def info(self) -> WorkerInfo:
+        return self._actor.info()
+
+    def info_nowait(self) -> WorkerInfo:
+        return self._actor.info()
+
+    def snapshot_nowait(self) -> WorkerSnapshot:
+        return self._actor.snapshot()
+
+    async def run(self, task: Task | str) -> TaskResult:
+        """Run a task on this worker and wait for its result. Tasks queue while the worker is
+        busy or restarting. Cancelling the caller cancels the task in the container."""
+        if isinstance(task, str):
+            task = Task(prompt=task)
+        send, recv = trio.open_memory_channel[outcome.Outcome](1)
+        try:
+            await self._actor.mailbox.send(RunTaskRequest(task=task, reply=send))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise WorkerGone(f"worker {self.id} has stopped ({self._actor.state})") from None
+        try:
+            with recv:
+                res = await recv.receive()
+        except trio.EndOfChannel:
+            raise WorkerGone(f"worker {self.id} has stopped") from None
+        except trio.Cancelled:
+            try:
+                self._actor.mailbox.send_nowait(CancelTaskRequest(task_id=task.task_id))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            raise
+        return res.unwrap()
+
+    async def restart(self) -> None:
+        """Replace the container (graceful: shutdown within stop_grace_s, then kill)."""
+        await self._ask(lambda r: RestartRequest(reply=r))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop the worker and remove its container. Returns when it is gone."""
+        if self._actor.finished.is_set():
+            return
+        try:
+            await self._ask(lambda r: StopRequest(reply=r, grace_s=grace_s))
+        except WorkerGone:
+            pass
+        await self._actor.finished.wait()
+
+    async def wait_ready(self) -> None:
+        await self._actor.wait_ready()
+
+    async def wait_until(self, predicate) -> WorkerInfo:
+        return await self._actor.wait_until(predicate)
+
+    async def wait_finished(self) -> None:
+        await self._actor.finished.wait()
+
+    async def _ask(self, make) -> Any:
+        send, recv = trio.open_memory_channel[outcome.Outcome](1)
+        try:
+            await self._actor.mailbox.send(make(send))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise WorkerGone(f"worker {self.id} has stopped") from None
+        with recv:
+            try:
+                return (await recv.receive()).unwrap()
+            except trio.EndOfChannel:
+                raise WorkerGone(f"worker {self.id} has stopped") from None
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, *, engine, builder, supervisor: str = "corral",
+                 watcher=None, start_limiter: trio.CapacityLimiter | None = None,
+                 parent: trio.MemorySendChannel | None = None, pool: str | None = None,
+                 rng: random.Random | None = None, mailbox_size: int = 1024) -> None:
+        self.spec = spec
+        self.id = spec.id or new_worker_id()
+        self.engine = engine
+        self.builder = builder
+        self.supervisor = supervisor
+        self.watcher = watcher
+        self.start_limiter = start_limiter or trio.CapacityLimiter(16)
+        self.parent = parent
+        self.pool = pool
+        self.rng = rng or random.Random()
+        self.state = "pending"
+        self.generation = 0
+        self.restarts = 0
+        self.image_id: str | None = None
+        self.image_tag: str | None = None
+        self.deaths: Deque[DeathCertificate] = collections.deque(maxlen=10)
+        self.current_backoff_s = 0.0
+        self.next_backoff_s = 0.0
+        self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
+        self.finished = trio.Event()
+        self._life: _Life | None = None
+        self._pending: Deque[_Pending] = collections.deque()
+        self._current: _Pending | None = None
+        self._ready_event = trio.Event()
+        self._changed = trio.Event()
+        self._restart_times: Deque[float] = collections.deque()
+        self._consecutive = 0
+        self._stop: StopRequest | None = None
+        self._stop_event = trio.Event()
+        self._life_was_ready = False
+        self._restart_waiters: list[Any] = []
+        self._spec_hash = hashlib.sha256(_spec_json(spec)).hexdigest()[:16]
+
+    # -- views -------------------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        life = self._life
+        return WorkerInfo(id=self.id, state=self.state, agent=self.spec.agent,
+                          container_id=life.container_id if life else None,
+                          container_name=life.name if life else None, image_id=self.image_id,
+                          image_tag=self.image_tag, generation=self.generation, restarts=self.restarts,
+                          pool=self.pool, last_death=self.deaths[-1] if self.deaths else None)
+
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(info=self.info(), current_backoff_s=self.current_backoff_s,
+                              next_backoff_s=self.next_backoff_s, deaths=list(self.deaths))
+
+    async def wait_ready(self) -> None:
+        while self.state not in ("ready", "busy"):
+            if self.finished.is_set():
+                raise WorkerGone(f"worker {self.id} has stopped")
+            await self._ready_event.wait()
+
+    async def wait_until(self, predicate) -> WorkerInfo:
+        """Wait until ``predicate(self.info())`` holds (checked at every state change)."""
+        while True:
+            info = self.info()
+            if predicate(info):
+                return info
+            if self.finished.is_set():
+                raise WorkerGone(f"worker {self.id} ended ({self.state}) before the condition held")
+            await self._changed.wait()
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        old, self.state = self.state, state
+        log.info("worker_state", state=state, previous=old)
+        self._changed.set()
+        self._changed = trio.Event()
+        if state in ("ready", "busy"):
+            self._ready_event.set()
+        elif old in ("ready", "busy"):
+            self._ready_event = trio.Event()
+        if state in ("stopped", "failed"):
+            self._ready_event.set()
+
+    # -- the actor -----------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Runs the worker; ``task_status.started(handle)`` once its first container is READY.
+        Raises WorkerStartupError (with the certificate) if that first container never is."""
+        structlog.contextvars.bind_contextvars(actor="worker", worker_id=self.id)
+        handle = WorkerHandle(self)
+        outcome_kind = "stopped"
+        certs: list[DeathCertificate] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._mailbox_loop)
+                try:
+                    outcome_kind, certs = await self._lifecycle(task_status, handle)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseException:
+            outcome_kind = "failed" if outcome_kind != "stopped" else outcome_kind
+            raise
+        finally:
+            self._finish(outcome_kind, certs)
+            with trio.CancelScope(shield=True):
+                await self._notify_parent(outcome_kind, certs)
+
+    def _finish(self, kind: str, certs: list[DeathCertificate]) -> None:
+        self._set_state("failed" if kind == "failed" else "stopped")
+        why = f"worker {self.id} has {'failed' if kind == 'failed' else 'stopped'}"
+        cert = certs[-1] if certs else None
+        for p in ([self._current] if self._current else []) + list(self._pending):
+            if kind == "failed" and cert is not None:
+                reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
+                                                error=why, attempts=p.attempts, worker_id=self.id,
+                                                death=cert))
+            else:
+                reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="cancelled",
+                                                error=why, attempts=p.attempts, worker_id=self.id))
+        self._current = None
+        self._pending.clear()
+        for r in self._restart_waiters:
+            reply_error(r, WorkerGone(why))
+        if self._stop is not None:
+            reply_value(self._stop.reply, None)
+        drain_mailbox(self._recv, why)
+        self.finished.set()
+        self._changed.set()
+
+    async def _notify_parent(self, kind: str, certs: list[DeathCertificate]) -> None:
+        if self.parent is None:
+            return
+        with trio.move_on_after(5):
+            try:
+                if kind == "failed":
+                    await self.parent.send(ChildFailed(child_id=self.id, certificates=certs,
+                                                       reason="restart budget spent"))
+                elif kind != "startup_failed":
+                    await self.parent.send(ChildExited(child_id=self.id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _mailbox_loop(self) -> None:
+        async for msg in self._recv:
+            match msg:
+                case RunTaskRequest(task=task, reply=reply):
+                    self._pending.append(_Pending(task, reply))
+                    self._dispatch()
+                case CancelTaskRequest(task_id=tid):
+                    self._cancel(tid)
+                case InfoRequest(reply=reply):
+                    reply_value(reply, self.info())
+                case SnapshotRequest(reply=reply):
+                    reply_value(reply, self.snapshot())
+                case RestartRequest(reply=reply, reason=reason):
+                    if reply is not None:
+                        self._restart_waiters.append(reply)
+                    if self._life is not None and not self._life.ended.is_set():
+                        self._life.end("restart", reason)
+                    else:   # between containers already: the next one is the restart
+                        self._restart_waiters.remove(reply) if reply is not None else None
+                        reply_value(reply, None)
+                case StopRequest():
+                    if self._stop is None:
+                        self._stop = msg
+                    else:
+                        reply_value(reply_to(msg), None)
+                    self._stop_event.set()
+                    if self._life is not None:
+                        self._life.end("stop", "stop requested")
+                case _:
+                    reply_error(reply_to(msg), CorralError(f"worker cannot handle {type(msg).__name__}"))
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        life = self._life
+        if self._current is not None or not self._pending or life is None or not life.ready \
+                or life.ended.is_set() or self.state != "ready":
+            return
+        p = self._pending.popleft()
+        p.attempts += 1
+        p.started_at = trio.current_time()
+        self._current = p
+        self._set_state("busy")
+        try:
+            life.out.send_nowait(encode_frame(RunTask(task_id=p.task.task_id, prompt=p.task.prompt,
+                                                      args=p.task.args, timeout_s=p.task.timeout_s)))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            life.end("protocol", "cannot write to the wrapper's stdin")
+
+    def _cancel(self, task_id: str) -> None:
+        for p in list(self._pending):
+            if p.task.task_id == task_id:
+                self._pending.remove(p)
+                reply_value(p.reply, TaskResult(task_id=task_id, status="cancelled", error="cancelled",
+                                                attempts=p.attempts, worker_id=self.id))
+                return
+        if self._current and self._current.task.task_id == task_id and self._life:
+            try:
+                self._life.out.send_nowait(encode_frame(CancelTask(task_id=task_id)))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    def _task_done(self, frame: TaskDone) -> None:
+        p = self._current
+        if p is None or p.task.task_id != frame.task_id:
+            log.warning("task_done_unknown", task_id=frame.task_id)
+            return
+        self._current = None
+        status = frame.status if frame.status in ("ok", "error", "timeout", "cancelled") else "error"
+        reply_value(p.reply, TaskResult(task_id=frame.task_id, status=status, output=frame.output,
+                                        exit_code=frame.exit_code, error=frame.error,
+                                        duration_s=frame.duration_s, attempts=p.attempts,
+                                        worker_id=self.id))
+        log.debug("task_done", task_id=frame.task_id, status=status)
+        if self.state == "busy":
+            self._set_state("ready")
+        self._dispatch()
+
+    def _on_death(self, cert: DeathCertificate) -> None:
+        """The in-flight task: redelivered after the restart if it has attempts left, else it
+        ends 'worker_died' with the certificate (at-most-once by default)."""
+        p, self._current = self._current, None
+        if p is None:
+            return
+        if p.attempts < p.task.max_attempts and cert.restart_in_s is not None:
+            self._pending.appendleft(p)
+        else:
+            reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
+                                            error=f"worker died: {cert.cause}", attempts=p.attempts,
+                                            worker_id=self.id, death=cert,
+                                            duration_s=trio.current_time() - p.started_at))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def _lifecycle(self, task_status, handle) -> tuple[str, list[DeathCertificate]]:
+        first = True
+        while True:
+            if self._stop_event.is_set():
+                return "stopped", []
+            self.generation += 1
+            structlog.contextvars.bind_contextvars(generation=self.generation)
+            end_kind, cert = await self._one_life(task_status if first else None, handle, first)
+            was_first, first = first, False
+            if end_kind == "stop":
+                return "stopped", []
+            if end_kind == "restart":
+                waiters, self._restart_waiters = self._restart_waiters, []
+                self.restarts += 1
+                for r in waiters:
+                    reply_value(r, None)
+                continue
+            assert cert is not None
+            if was_first and not self._life_was_ready:
+                raise WorkerStartupError(
+                    f"worker {self.id} did not become ready: {cert.cause}"
+                    + (f": {cert.reason}" if cert.reason else ""), cert)
+            decision, delay = self._decide(cert)
+            cert = msgspec.structs.replace(cert, restart_in_s=delay if decision == "restart" else None)
+            self.deaths.append(cert)
+            self._on_death(cert)
+            log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
+                        ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
+                        restart_in_s=cert.restart_in_s)
+            if self.parent is not None:
+                with trio.move_on_after(5):
+                    try:
+                        await self.parent.send(ChildDied(child_id=self.id, certificate=cert,
+                                                         restarting=decision == "restart"))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            if decision == "give_up":
+                return "failed", list(self.deaths)
+            if decision == "done":
+                return "stopped", []
+            self.restarts += 1
+            if delay > 0:
+                self._set_state("backoff")
+                self.current_backoff_s = delay
+                log.info("restart_scheduled", delay_s=round(delay, 3), consecutive=self._consecutive)
+                with trio.move_on_after(delay):
+                    await self._stop_event.wait()
+                self.current_backoff_s = 0.0
+            else:
+                log.info("restart_scheduled", delay_s=0.0, consecutive=self._consecutive)
+
+    def _decide(self, cert: DeathCertificate) -> tuple[str, float]:
+        policy = self.spec.restart
+        if self._stop_event.is_set():
+            return "done", 0.0
+        if policy.restart == "temporary":
+            return "done", 0.0
+        if policy.restart == "transient" and cert.cause == "exited":
+            return "done", 0.0
+        if cert.cause == "config_error":
+            return "give_up", 0.0       # not retried in a loop: the same config fails the same way
+        now = trio.current_time()
+        while self._restart_times and now - self._restart_times[0] > policy.within_s:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= policy.max_restarts:
+            return "give_up", 0.0
+        self._restart_times.append(now)
+        stable = cert.ready and cert.uptime_s >= policy.backoff.stable_s
+        self._consecutive = 1 if stable else self._consecutive + 1
+        delay = backoff_delay(policy.backoff, self._consecutive, self.rng)
+        # the upper bound of the delay after one more failure in a row
+        b = policy.backoff
+        self.next_backoff_s = min(b.max_s, b.initial_s * b.factor ** max(0, self._consecutive - 1))
+        return "restart", delay
+
+    def container_config(self, image_id: str, generation: int) -> dict[str, Any]:
+        spec = self.spec
+        env = {**spec.env, "CORRAL_WORKER_ID": self.id, "CORRAL_AGENT": spec.agent,
+               "CORRAL_HEARTBEAT_S": str(spec.heartbeat_s), "CORRAL_WORKSPACE": "/workspace"}
+        if spec.required_env:
+            env["CORRAL_REQUIRED_ENV"] = ",".join(spec.required_env)
+        labels = {"corral.supervisor": self.supervisor, "corral.worker": self.id,
+                  "corral.generation": str(generation), "corral.spec": self._spec_hash,
+                  "corral.agent": spec.agent}
+        if self.pool:
+            labels["corral.pool"] = self.pool
+        host: dict[str, Any] = {
+            "NetworkMode": "none", "CapDrop": ["ALL"], "SecurityOpt": ["no-new-privileges"],
+            "Init": True, "PidsLimit": spec.pids_limit, "AutoRemove": False,
+            "RestartPolicy": {"Name": "no"},
+        }
+        if spec.memory:
+            host["Memory"] = spec.memory
+            host["MemorySwap"] = spec.memory
+        if spec.cpus:
+            host["NanoCpus"] = int(spec.cpus * 1e9)
+        if spec.read_only_rootfs:
+            host["ReadonlyRootfs"] = True
+            host["Tmpfs"] = {"/workspace": "uid=1000,gid=1000,mode=0755", "/tmp": "mode=1777"}
+        return {
+            "Image": image_id, "User": "worker", "WorkingDir": "/workspace",
+            "Env": [f"{k}={v}" for k, v in env.items()], "Labels": labels,
+            "AttachStdin": True, "AttachStdout": True, "AttachStderr": True,
+            "OpenStdin": True, "StdinOnce": True, "Tty": False, "HostConfig": host,
+        }
+
+    async def _create(self, config: dict[str, Any], name: str) -> str:
+        try:
+            return await self.engine.container_create(config, name=name)
+        except NameConflict:
+            # A leftover of ours (same supervisor, worker and generation: a crashed earlier run).
+            # Remove it only if it carries our labels; never touch anyone else's container.
+            existing = await self.engine.container_list(labels={"corral.supervisor": self.supervisor,
+                                                                "corral.worker": self.id})
+            for c in existing:
+                if f"/{name}" in (c.get("Names") or []):
+                    log.warning("stale_container_removed", name=name, container_id=c["Id"][:12])
+                    await self.engine.container_remove(c["Id"], force=True)
+                    return await self.engine.container_create(config, name=name)
+            raise
+
+    async def _one_life(self, task_status, handle, first: bool) -> tuple[str, DeathCertificate | None]:
+        self._life_was_ready = False
+        if self.image_id is None or first:
+            self._set_state("building")
+            img = await self.builder.image_for(self.spec.agent, self.spec.capabilities, self.spec.stub_agent)
+            self.image_id, self.image_tag = img.image_id, img.tag
+        self._set_state("creating")
+        gen = self.generation
+        name = container_name(self.supervisor, self.id, gen)
+        t_create = trio.current_time()
+        wall_create = time.time()
+        async with AsyncExitStack() as stack:
+            await self.start_limiter.acquire()
+            try:
+                try:
+                    cid = await self._create(self.container_config(self.image_id, gen), name)
+                except EngineError as exc:
+                    return "died", self._engine_cert(None, gen, exc, t_create, wall_create)
+                out_send, out_recv = trio.open_memory_channel[bytes](256)
+                life = _Life(container_id=cid, name=name, generation=gen, out=out_send,
+                             out_recv=out_recv, created_at=t_create, last_frame=t_create)
+                self._life = life
+                structlog.contextvars.bind_contextvars(container_id=cid[:12])
+                stack.push_async_callback(self._remove_container, cid)
+                watch = self.watcher.watch(cid) if self.watcher is not None else None
+                if self.watcher is not None:
+                    stack.callback(self.watcher.forget, cid)
+                try:
+                    att = await stack.enter_async_context(self.engine.attach(cid))
+                except EngineError as exc:
+                    return "died", await self._certify(life, watch, exc, wall_create)
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                stack.callback(nursery.cancel_scope.cancel)
+                nursery.start_soon(self._reader, life, att)
+                nursery.start_soon(self._writer, life, att)
+                self._set_state("starting")
+                try:
+                    await self.engine.container_start(cid)
+                except EngineError as exc:
+                    life.end("died", str(exc))
+                    return "died", await self._certify(life, watch, exc, wall_create)
+                log.debug("container_started", name=name)
+                with trio.move_on_after(self.spec.startup_timeout_s):
+                    await life.settled.wait()
+                if not life.settled.is_set():
+                    life.end("startup_timeout", f"not READY within {self.spec.startup_timeout_s} s")
+                    await self._kill(cid)
+            finally:
+                self.start_limiter.release()
+            if life.ready and not life.ended.is_set():
+                self._life_was_ready = True
+                self._set_state("ready")
+                log.info("worker_ready", name=name, startup_s=round(trio.current_time() - t_create, 3))
+                if task_status is not None:
+                    task_status.started(handle)
+                nursery.start_soon(self._watchdog, life)
+                self._dispatch()
+                await life.ended.wait()
+            kind = life.end_kind
+            if kind in ("restart", "stop"):
+                self._set_state("stopping")
+                await self._graceful_end(life)
+                if self._current is not None and kind == "restart":
+                    cert = await self._certify(life, watch, None, wall_create)
+                    self._on_death(msgspec.structs.replace(cert, restart_in_s=0.0))
+                return kind, None
+            if kind == "hung":
+                await self._kill(cid)
+            cert = await self._certify(life, watch, None, wall_create)
+            return "died", cert
+
+    async def _graceful_end(self, life: _Life) -> None:
+        grace = self._stop.grace_s if (self._stop and self._stop.grace_s is not None) else self.spec.stop_grace_s
+        try:
+            life.out.send_nowait(encode_frame(Shutdown(grace_s=grace)))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        with trio.move_on_after(grace + 1.0) as cs:
+            try:
+                await self.engine.container_wait(life.container_id)
+            except EngineError:
+                pass
+        if cs.cancelled_caught:
+            await self._kill(life.container_id)
+
+    async def _kill(self, cid: str) -> None:
+        if self._life is not None:
+            self._life.kill_sent = True
+        with trio.move_on_after(10):
+            try:
+                await self.engine.container_kill(cid, "SIGKILL")
+            except EngineError:
+                pass
+
+    async def _remove_container(self, cid: str) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(15):
+                try:
+                    await self.engine.container_remove(cid, force=True)
+                    log.debug("container_removed", container_id=cid[:12])
+                except ContainerNotFound:
+                    pass
+                except EngineError as exc:
+                    log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
+
+    async def _writer(self, life: _Life, att) -> None:
+        async with life.out_recv:
+            async for data in life.out_recv:
+                try:
+                    await att.send(data)
+                except EngineError as exc:
+                    log.debug("stdin_write_failed", error=str(exc))
+                    return
+
+    async def _reader(self, life: _Life, att) -> None:
+        splitter = LineSplitter()
+        try:
+            async for stream, data in att.output:
+                if stream != STDOUT:
+                    life.add_tail(data)
+                    continue
+                for line in splitter.feed(data):
+                    frame = decode_wrapper_frame(line)
+                    life.last_frame = trio.current_time()
+                    if life.heartbeat_scope is not None:
+                        life.heartbeat_scope.deadline = life.last_frame + self.spec.heartbeat_timeout_s
+                    if not isinstance(frame, Heartbeat):
+                        life.add_tail(line + b"\n")
+                    self._on_frame(life, frame)
+        except ProtocolError as exc:
+            log.error("protocol_error", error=str(exc))
+            life.end("protocol", str(exc))
+            await self._kill(life.container_id)
+            return
+        life.end("died", "output closed")
+
+    def _on_frame(self, life: _Life, frame) -> None:
+        match frame:
+            case Heartbeat():
+                pass
+            case Ready(worker_id=wid):
+                if wid != self.id:
+                    raise ProtocolError(f"ready from worker {wid!r}, expected {self.id!r}")
+                life.ready = True
+                life.ready_at = trio.current_time()
+                life.settled.set()
+            case TaskDone():
+                self._task_done(frame)
+            case TaskStarted() | TaskOutput():
+                pass
+            case Fatal(reason=reason):
+                life.fatal_reason = reason
+            case _:
+                raise ProtocolError(f"unexpected frame {type(frame).__name__}")
+
+    async def _watchdog(self, life: _Life) -> None:
+        with trio.CancelScope(deadline=life.last_frame + self.spec.heartbeat_timeout_s) as cs:
+            life.heartbeat_scope = cs
+            await life.ended.wait()
+            return
+        if not life.ended.is_set():
+            log.error("heartbeat_missed", timeout_s=self.spec.heartbeat_timeout_s)
+            life.end("hung", f"no heartbeat for {self.spec.heartbeat_timeout_s} s")
+
+    def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float, wall: float
+                     ) -> DeathCertificate:
+        return DeathCertificate(worker_id=self.id, container_id=cid, generation=gen,
+                                cause="engine_error", reason=str(exc), at=time.time(),
+                                uptime_s=trio.current_time() - t0)
+
+    async def _certify(self, life: _Life, watch, exc: BaseException | None, wall_create: float
+                       ) -> DeathCertificate:
+        """Classify how this container ended."""
+        cid = life.container_id
+        exit_code: int | None = None
+        oom = False
+        engine_problem: BaseException | None = exc
+        removed = False
+        if exc is None and life.end_kind not in ("protocol",):
+            try:
+                with trio.fail_after(10):
+                    exit_code = await self.engine.container_wait(cid)
+                state = (await self.engine.container_inspect(cid)).get("State", {})
+                oom = bool(state.get("OOMKilled"))
+                exit_code = state.get("ExitCode", exit_code)
+            except ContainerNotFound:
+                removed = True
+            except (EngineError, trio.TooSlowError) as e:
+                engine_problem = e
+            if watch is not None and self.watcher.alive and not removed:
+                with trio.move_on_after(0.5):
+                    await watch.died.wait()
+        if watch is not None:
+            oom = oom or watch.oom
+            removed = removed or watch.destroyed.is_set()
+            if exit_code is None:
+                exit_code = watch.exit_code
+        external_kill = bool(watch and watch.kills) and not life.kill_sent
+        fatal = life.fatal_reason or ""
+        ready = life.ready
+        uptime = trio.current_time() - (life.ready_at or life.created_at)
+        kind = life.end_kind
+        reason = fatal or life.end_reason
+        if kind == "hung":
+            cause = "hung"
+        elif kind == "protocol":
+            cause = "protocol_error"
+        elif removed:
+            cause, reason = "removed", "the container was removed out of band"
+        elif isinstance(engine_problem, EngineUnavailable) or (engine_problem and exit_code is None):
+            cause, reason = "engine_error", str(engine_problem)
+        elif kind == "startup_timeout":
+            cause = "startup_timeout"
+        elif fatal.startswith("oom_killed") or oom:
+            cause, oom = "oom_killed", True
+            reason = reason or "killed by the kernel OOM killer"
+        elif exit_code == EX_CONFIG or (fatal and not ready):
+            cause = "config_error"
+        elif external_kill and exit_code in (137, -9):
+            cause, reason = "killed", f"killed from outside (signal {watch.kills[-1]})"
+        elif not ready:
+            cause = "early_exit"
+            reason = reason if reason != "output closed" else f"exited with {exit_code} before READY"
+        elif exit_code == 0:
+            cause, reason = "exited", "exited with 0 while serving"
+        elif exit_code == 137 and watch is None:
+            cause, reason = "killed", "exit 137 (SIGKILL)"
+        else:
+            cause = "crashed"
+            reason = reason if reason and reason != "output closed" else f"exited with {exit_code} after READY"
+        return DeathCertificate(worker_id=self.id, container_id=cid, generation=life.generation,
+                                cause=cause, reason=reason, exit_code=exit_code, oom_killed=oom,
+                                ready=ready, uptime_s=round(uptime, 6),
+                                logs_tail=life.tail.decode(errors="replace"), at=time.time())

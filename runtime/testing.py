@@ -1,0 +1,563 @@
+"""Helpers for testing corral, and for users testing their own code against it.
+
+`FakeEngine` is a trio-native, in-memory engine with the same interface as the real one
+(runtime.engine.DockerEngine). Each "container" runs a fake worker-wrapper that speaks the real
+wire protocol, so the real Worker/Supervisor code runs unchanged - with trio's autojump clock,
+thousands of restarts take milliseconds and every time is exact.
+
+Controls: kill(), crash(), hang(), remove(), fail_next_starts(), fail_next_creates(),
+set_start_delay(), remove_image(), go_down()/come_up(), oom(). The fake wrapper honours the stub
+agents' prompt directives (!exit N, !sleep S, !crash-wrapper, !oom) and CORRAL_STUB_FAIL_PROBE=1,
+plus ``!hang`` (stops heartbeating and answering).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import trio
+
+from .engine_api import STDERR, STDOUT, label_filters, labels_match
+from .errors import (
+    ContainerNotFound,
+    EngineError,
+    EngineUnavailable,
+    ImageBuildError,
+    ImageNotFound,
+    NameConflict,
+)
+from .protocol import CancelTask, RunTask, Shutdown, decode_actor_frame
+from .util import unwrap_single
+
+BASE = "corral/worker-base:latest"
+
+
+def _frame(kind: str, **fields: Any) -> bytes:
+    fields["kind"] = kind
+    return json.dumps(fields).encode() + b"\n"
+
+
+@dataclass
+class FakeContainer:
+    id: str
+    name: str
+    config: dict[str, Any]
+    status: str = "created"           # created | running | exited
+    exit_code: int | None = None
+    oom: bool = False
+    started_at: float | None = None
+    exited: trio.Event = field(default_factory=trio.Event)
+    out_send: trio.MemorySendChannel | None = None
+    stdin: trio.MemorySendChannel | None = None
+    hung: bool = False
+    scope: trio.CancelScope | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(e.split("=", 1) for e in self.config.get("Env", []))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.config.get("Labels") or {}
+
+
+class _FakeAttachment:
+    def __init__(self, c: FakeContainer, output: trio.MemoryReceiveChannel) -> None:
+        self._c = c
+        self.output = output
+
+    async def send(self, data: bytes) -> None:
+        if self._c.stdin is None or self._c.status == "exited":
+            raise EngineError("attach stdin closed: container exited")
+        try:
+            self._c.stdin.send_nowait(data)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise EngineError("attach stdin closed") from None
+
+    async def close_stdin(self) -> None:
+        if self._c.stdin is not None:
+            self._c.stdin.close()
+
+
+class _FakeEvents:
+    def __init__(self, recv: trio.MemoryReceiveChannel) -> None:
+        self.receive = recv
+        self.ended: str | None = None
+
+
+class FakeEngine:
+    """In-memory engine. ``nursery``-free: containers run in the engine's own nursery, which
+    `open_fake_engine()` (or ``async with FakeEngine() as e``) provides."""
+
+    url = "fake://"
+
+    def __init__(self, *, start_delay: float = 0.0, ready_delay: float = 0.0, build_delay: float = 0.0,
+                 op_delay: float = 0.0) -> None:
+        self.start_delay = start_delay
+        self.ready_delay = ready_delay
+        self.build_delay = build_delay
+        self.op_delay = op_delay
+        self.images: dict[str, dict[str, Any]] = {}
+        self.containers: dict[str, FakeContainer] = {}
+        self.names: dict[str, str] = {}
+        self.down = False
+        self._ids = itertools.count(1)
+        self._fail_starts: list[BaseException] = []
+        self._fail_creates: list[BaseException] = []
+        self._subscribers: list[tuple[trio.MemorySendChannel, list[str], list[str], _FakeEvents]] = []
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"creates": 0, "starts": 0, "builds": 0, "starting_now": 0, "max_starting": 0,
+                      "kills": 0, "removes": 0}
+        self.add_image(BASE, labels={"corral.base": "1"})
+
+    async def __aenter__(self) -> "FakeEngine":
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_cm.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            leaf = unwrap_single(group)
+            if leaf is group:
+                raise
+            raise leaf from None
+
+    # -- controls ----------------------------------------------------------------------------
+    def add_image(self, ref: str, *, labels: dict[str, str] | None = None, has_worker_user: bool = True) -> str:
+        iid = "sha256:" + hashlib.sha256(f"{ref}{next(self._ids)}".encode()).hexdigest()
+        info = {"Id": iid, "RepoTags": [ref], "Config": {"Labels": labels or {}},
+                "Created": time.time(), "Size": 1, "worker_user": has_worker_user}
+        self.images[ref] = info
+        self.images[iid] = info
+        return iid
+
+    def remove_image(self, ref: str) -> None:
+        info = self.images.get(ref)
+        if info:
+            for k in [k for k, v in self.images.items() if v is info]:
+                del self.images[k]
+
+    def fail_next_starts(self, n: int = 1, exc: BaseException | None = None) -> None:
+        self._fail_starts += [exc or EngineError("fake: start failed", status=500)] * n
+
+    def fail_next_creates(self, n: int = 1, exc: BaseException | None = None) -> None:
+        self._fail_creates += [exc or EngineError("fake: create failed", status=500)] * n
+
+    def set_start_delay(self, seconds: float) -> None:
+        self.start_delay = seconds
+
+    def go_down(self) -> None:
+        """The engine disappears: every call fails, running containers' streams end."""
+        self.down = True
+        for c in self.containers.values():
+            if c.status == "running":
+                self._exit(c, 137, emit=False)
+
+    def come_up(self) -> None:
+        self.down = False
+
+    def running(self, *, labels: dict[str, str] | None = None) -> list[FakeContainer]:
+        want = label_filters(labels)
+        return [c for c in self.containers.values() if c.status == "running" and labels_match(c.labels, want)]
+
+    def container_of(self, worker_id: str) -> FakeContainer | None:
+        for c in self.containers.values():
+            if c.labels.get("corral.worker") == worker_id and c.status == "running":
+                return c
+        return None
+
+    def kill(self, cid: str, signal: str = "9") -> None:
+        """Like `docker kill`: a kill event, then the container dies with 137."""
+        c = self._get(cid)
+        if c.status != "running":
+            return
+        self.stats["kills"] += 1
+        self._emit(c, "kill", signal=signal)
+        self._exit(c, 137)
+
+    def crash(self, cid: str, exit_code: int = 1) -> None:
+        """The wrapper exits on its own with ``exit_code``."""
+        c = self._get(cid)
+        if c.status == "running":
+            self._exit(c, exit_code)
+
+    def oom(self, cid: str) -> None:
+        c = self._get(cid)
+        if c.status == "running":
+            c.oom = True
+            self._emit(c, "oom")
+            self._exit(c, 137)
+
+    def hang(self, cid: str) -> None:
+        self._get(cid).hung = True
+
+    def remove(self, cid: str) -> None:
+        """Removed out of band (`docker rm -f`)."""
+        c = self._get(cid)
+        if c.status == "running":
+            self._emit(c, "kill", signal="9")
+            self._exit(c, 137)
+        self._destroy(c)
+
+    # -- internals -----------------------------------------------------------------------------
+    async def _op(self) -> None:
+        if self.down:
+            raise EngineUnavailable(f"cannot reach the Docker engine at {self.url}: fake engine is down")
+        if self.op_delay:
+            await trio.sleep(self.op_delay)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _get(self, cid: str) -> FakeContainer:
+        c = self.containers.get(cid) or self.containers.get(self.names.get(cid.lstrip("/"), ""))
+        if c is None:
+            for k, v in self.containers.items():
+                if k.startswith(cid):
+                    return v
+            raise ContainerNotFound(f"No such container: {cid}", status=404)
+        return c
+
+    def _emit(self, c: FakeContainer, action: str, **attrs: Any) -> None:
+        now = time.time()
+        ev = {"Type": "container", "Action": action, "status": action, "id": c.id,
+              "Actor": {"ID": c.id, "Attributes": {**c.labels, "name": c.name, **{k: str(v) for k, v in attrs.items()}}},
+              "time": int(now), "timeNano": int(now * 1e9)}
+        for send, labels, actions, _ in list(self._subscribers):
+            if labels_match(c.labels, labels) and (not actions or action in actions):
+                try:
+                    send.send_nowait(ev)
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    def _exit(self, c: FakeContainer, code: int, *, emit: bool = True) -> None:
+        if c.status == "exited":
+            return
+        c.status, c.exit_code = "exited", code
+        if c.scope is not None:
+            c.scope.cancel()
+        if c.out_send is not None:
+            c.out_send.close()
+        if emit:
+            self._emit(c, "die", exitCode=code)
+        c.exited.set()
+
+    def _destroy(self, c: FakeContainer) -> None:
+        if self.containers.pop(c.id, None) is not None:
+            self.names.pop(c.name, None)
+            self.stats["removes"] += 1
+            self._emit(c, "destroy")
+
+    # -- engine interface: system / images -------------------------------------------------------
+    async def ping(self) -> None:
+        await self._op()
+
+    async def version(self) -> dict[str, Any]:
+        await self._op()
+        return {"Version": "fake", "ApiVersion": "1.41"}
+
+    async def image_inspect(self, ref: str) -> dict[str, Any]:
+        await self._op()
+        if ref not in self.images:
+            raise ImageNotFound(f"image {ref}: No such image: {ref}", status=404)
+        return self.images[ref]
+
+    async def image_build(self, context_tar: bytes, *, tag: str, labels: dict[str, str],
+                          network_mode: str = "none", on_progress: Any = None) -> str:
+        await self._op()
+        self.stats["builds"] += 1
+        import io
+        import tarfile
+        with tarfile.open(fileobj=io.BytesIO(context_tar)) as tar:
+            dockerfile = tar.extractfile("Dockerfile").read().decode()
+        base = dockerfile.splitlines()[0].split()[1]
+        if base not in self.images:
+            raise ImageBuildError(f"building {tag} failed: No such image: {base}", step=f"FROM {base}")
+        if not self.images[base].get("worker_user", True):
+            raise ImageBuildError(f"building {tag} failed: The command returned a non-zero code: 1",
+                                  step="RUN id -u worker ...",
+                                  output_tail=f"corral: the base image has no user 'worker'")
+        if self.build_delay:
+            await trio.sleep(self.build_delay)
+        return self.add_image(tag, labels=labels)
+
+    async def image_list(self, *, labels: dict[str, str] | list[str] | None = None) -> list[dict[str, Any]]:
+        await self._op()
+        want = label_filters(labels)
+        seen: dict[str, dict[str, Any]] = {}
+        for info in self.images.values():
+            if labels_match(info["Config"]["Labels"], want):
+                seen[info["Id"]] = {"Id": info["Id"], "RepoTags": info["RepoTags"],
+                                    "Labels": info["Config"]["Labels"], "Created": int(info["Created"]),
+                                    "Size": info["Size"]}
+        return list(seen.values())
+
+    async def image_remove(self, ref: str, *, force: bool = False) -> None:
+        await self._op()
+        if ref not in self.images:
+            raise ImageNotFound(f"No such image: {ref}", status=404)
+        self.remove_image(ref)
+
+    async def image_tag(self, ref: str, repo: str, tag: str) -> None:
+        await self._op()
+        self.images[f"{repo}:{tag}"] = self.images[ref]
+
+    # -- engine interface: containers ------------------------------------------------------------
+    async def container_create(self, config: dict[str, Any], *, name: str | None = None) -> str:
+        await self._op()
+        if self._fail_creates:
+            raise self._fail_creates.pop(0)
+        if config["Image"] not in self.images:
+            raise ImageNotFound(f"create {name}: No such image: {config['Image']}", status=404)
+        name = name or f"fake_{next(self._ids)}"
+        if name in self.names:
+            raise NameConflict(f'Conflict. The container name "/{name}" is already in use by container '
+                               f'"{self.names[name]}"', status=409)
+        cid = hashlib.sha256(f"{name}{next(self._ids)}".encode()).hexdigest()
+        self.containers[cid] = FakeContainer(cid, name, config)
+        self.names[name] = cid
+        self.stats["creates"] += 1
+        return cid
+
+    async def container_start(self, cid: str) -> None:
+        await self._op()
+        c = self._get(cid)
+        if self._fail_starts:
+            raise self._fail_starts.pop(0)
+        self.stats["starting_now"] += 1
+        self.stats["max_starting"] = max(self.stats["max_starting"], self.stats["starting_now"])
+        try:
+            if self.start_delay:
+                await trio.sleep(self.start_delay)
+        finally:
+            self.stats["starting_now"] -= 1
+        self.stats["starts"] += 1
+        c.status, c.started_at = "running", trio.current_time()
+        self._emit(c, "start")
+        assert self._nursery is not None, "use `async with FakeEngine() as engine`"
+        self._nursery.start_soon(self._wrapper, c)
+
+    async def container_inspect(self, cid: str) -> dict[str, Any]:
+        await self._op()
+        c = self._get(cid)
+        return {"Id": c.id, "Name": "/" + c.name, "Config": {"Labels": c.labels, "Image": c.config["Image"]},
+                "State": {"Status": c.status, "Running": c.status == "running",
+                          "ExitCode": c.exit_code or 0, "OOMKilled": c.oom}}
+
+    async def container_wait(self, cid: str) -> int:
+        await self._op()
+        c = self._get(cid)
+        await c.exited.wait()
+        return c.exit_code if c.exit_code is not None else -1
+
+    async def container_kill(self, cid: str, signal: str = "SIGKILL") -> None:
+        await self._op()
+        c = self._get(cid)
+        if c.status != "running":
+            raise EngineError(f"Cannot kill container: {cid}: Container {cid} is not running", status=409)
+        self.kill(cid, "9" if signal in ("SIGKILL", "KILL", "9") else signal)
+
+    async def container_remove(self, cid: str, *, force: bool = True) -> None:
+        await self._op()
+        c = self._get(cid)
+        if c.status == "running":
+            if not force:
+                raise EngineError("You cannot remove a running container", status=409)
+            self._emit(c, "kill", signal="9")
+            self._exit(c, 137)
+        self._destroy(c)
+
+    async def container_list(self, *, labels: dict[str, str] | list[str] | None = None,
+                             all: bool = True) -> list[dict[str, Any]]:
+        await self._op()
+        want = label_filters(labels)
+        return [{"Id": c.id, "Names": ["/" + c.name], "Labels": c.labels, "State": c.status,
+                 "Image": c.config["Image"]}
+                for c in self.containers.values()
+                if labels_match(c.labels, want) and (all or c.status == "running")]
+
+    async def container_logs(self, cid: str, *, tail_bytes: int = 4096) -> str:
+        await self._op()
+        self._get(cid)
+        return ""
+
+    async def container_exec(self, cid: str, cmd: list[str], *, user: str = "") -> tuple[int, str]:
+        await self._op()
+        c = self._get(cid)
+        if c.status != "running":
+            raise EngineError(f"Container {cid} is not running", status=409)
+        return 0, f"fake exec: {' '.join(cmd)}\n"
+
+    @asynccontextmanager
+    async def attach(self, cid: str) -> AsyncIterator[_FakeAttachment]:
+        await self._op()
+        c = self._get(cid)
+        send, recv = trio.open_memory_channel[tuple[int, bytes]](1024)
+        stdin_send, stdin_recv = trio.open_memory_channel[bytes](1024)
+        c.out_send, c.stdin = send, stdin_send
+        c._stdin_recv = stdin_recv  # type: ignore[attr-defined]
+        if c.status == "exited":
+            send.close()
+        try:
+            yield _FakeAttachment(c, recv)
+        finally:
+            stdin_send.close()   # StdinOnce: the wrapper sees EOF when we detach
+            recv.close()
+
+    @asynccontextmanager
+    async def events(self, *, filters: dict[str, list[str]] | None = None,
+                     since: float | None = None) -> AsyncIterator[_FakeEvents]:
+        await self._op()
+        filters = filters or {}
+        send, recv = trio.open_memory_channel[dict[str, Any]](10_000)
+        es = _FakeEvents(recv)
+        entry = (send, list(filters.get("label", [])), list(filters.get("event", [])), es)
+        self._subscribers.append(entry)
+        try:
+            yield es
+        finally:
+            self._subscribers.remove(entry)
+            send.close()
+
+    # -- the fake worker-wrapper --------------------------------------------------------------------
+    async def _wrapper(self, c: FakeContainer) -> None:
+        out = c.out_send
+        env = c.env
+
+        def say(data: bytes, stream: int = STDOUT) -> None:
+            if out is not None and c.status == "running":
+                try:
+                    out.send_nowait((stream, data))
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+
+        with trio.CancelScope() as scope:
+            c.scope = scope
+            if env.get("CORRAL_STUB_FAIL_PROBE") == "1" or any(
+                    n and n not in env for n in env.get("CORRAL_REQUIRED_ENV", "").split(",")):
+                reason = ("agent CLI version probe failed (CORRAL_STUB_FAIL_PROBE=1)"
+                          if env.get("CORRAL_STUB_FAIL_PROBE") == "1" else "required environment variable(s) not set")
+                say(f"[wrapper] fatal: {reason}\n".encode(), STDERR)
+                say(_frame("fatal", reason=reason))
+                await trio.lowlevel.checkpoint()
+                self._exit(c, 78)
+                return
+            if self.ready_delay:
+                await trio.sleep(self.ready_delay)
+            say(_frame("ready", worker_id=env.get("CORRAL_WORKER_ID", ""), agent=env.get("CORRAL_AGENT", ""),
+                       agent_version="fake", wrapper_version="fake", pid=1))
+            async with trio.open_nursery() as n:
+                n.start_soon(self._heartbeats, c, say, float(env.get("CORRAL_HEARTBEAT_S", "1")))
+                code = await self._serve(c, say, n)
+                n.cancel_scope.cancel()
+            self._exit(c, code)
+
+    async def _heartbeats(self, c: FakeContainer, say, interval: float) -> None:
+        seq = 0
+        while True:
+            await trio.sleep(interval)
+            if not c.hung:
+                seq += 1
+                say(_frame("heartbeat", seq=seq))
+
+    async def _serve(self, c: FakeContainer, say, nursery: trio.Nursery) -> int:
+        recv = c._stdin_recv  # type: ignore[attr-defined]
+        running: dict[str, trio.CancelScope] = {}
+        buf = b""
+        async for data in recv:
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line.strip() or c.hung:
+                    continue
+                frame = decode_actor_frame(line)
+                if isinstance(frame, RunTask):
+                    if running:
+                        say(_frame("task_done", task_id=frame.task_id, status="error", exit_code=None,
+                                   output="", error="worker is busy", duration_s=0.0))
+                        continue
+                    nursery.start_soon(self._task, c, say, frame, running)
+                elif isinstance(frame, CancelTask):
+                    if frame.task_id in running:
+                        running[frame.task_id].cancel()
+                elif isinstance(frame, Shutdown):
+                    with trio.move_on_after(frame.grace_s):
+                        while running:
+                            await trio.sleep(0.01)
+                    return 0
+        return 0
+
+    async def _task(self, c: FakeContainer, say, frame: RunTask, running: dict) -> None:
+        t0 = trio.current_time()
+        say(_frame("task_started", task_id=frame.task_id))
+        agent = c.env.get("CORRAL_AGENT", "shell")
+        words = frame.prompt.split()
+        head = words[0] if words else ""
+        status, code, output, error = "ok", 0, f"stub-{agent}: {frame.prompt}", ""
+        with trio.CancelScope() as scope:
+            running[frame.task_id] = scope
+            try:
+                with trio.move_on_after(frame.timeout_s or float("inf")) as timeout:
+                    if head == "!sleep":
+                        await trio.sleep(float(words[1]) if len(words) > 1 else 1.0)
+                        output = f"stub-{agent}: {' '.join(words[2:]) or 'slept'}"
+                    elif head == "!exit":
+                        code = int(words[1]) if len(words) > 1 else 1
+                        status, output = "error", f"stub-{agent}: exiting with {code}"
+                        error = output
+                    elif head == "!crash-wrapper":
+                        self._exit(c, 137)
+                        return
+                    elif head == "!oom":
+                        say(_frame("fatal", reason="oom_killed: the agent was killed by the kernel OOM killer (memory limit)"))
+                        await trio.lowlevel.checkpoint()
+                        self.oom(c.id)
+                        return
+                    elif head == "!hang":
+                        c.hung = True
+                        await trio.sleep_forever()
+                    else:
+                        await trio.lowlevel.checkpoint()
+                if timeout.cancelled_caught:
+                    status, code, error = "timeout", -9, f"timed out after {frame.timeout_s}s"
+            finally:
+                running.pop(frame.task_id, None)
+        if scope.cancelled_caught and c.status == "running":
+            status, code, error = "cancelled", -9, "cancelled"
+        if c.status == "running":
+            say(_frame("task_done", task_id=frame.task_id, status=status, exit_code=code, output=output,
+                       error=error, duration_s=trio.current_time() - t0))
+
+
+@asynccontextmanager
+async def open_fake_engine(**kwargs: Any) -> AsyncIterator[FakeEngine]:
+    async with FakeEngine(**kwargs) as engine:
+        yield engine
+
+
+# -- helpers for tests against a real engine ------------------------------------------------------
+
+async def remove_containers(engine, supervisor: str) -> int:
+    """Remove every container labelled for ``supervisor`` (only those). Returns how many."""
+    n = 0
+    for c in await engine.container_list(labels={"corral.supervisor": supervisor}):
+        try:
+            await engine.container_remove(c["Id"], force=True)
+            n += 1
+        except ContainerNotFound:
+            pass
+    return n
+
+
+async def wait_for_generation(worker, generation: int) -> None:
+    """Wait until ``worker`` (a WorkerHandle) is READY at ``generation`` or later."""
+    await worker.wait_until(lambda i: i.generation >= generation and i.state in ("ready", "busy"))

@@ -1,0 +1,171 @@
+"""Worker actor semantics on FakeEngine with the autojump clock: exact virtual times."""
+
+import pytest
+import trio
+
+from runtime import (Backoff, RestartPolicy, SupervisorConfig, SupervisorEscalation, Task,
+                     WorkerSpec, WorkerStartupError)
+from runtime.testing import wait_for_generation
+
+from .helpers import fake_supervisor
+
+NOJITTER = Backoff(initial_s=0.5, factor=2.0, max_s=4.0, jitter="none", stable_s=10.0)
+
+
+async def test_spawn_returns_ready_worker_with_worker_id(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(agent="claude", capabilities=["git"], stub_agent=True))
+        info = await w.info()
+        assert w.id.startswith("w-") and info.id == w.id
+        assert info.container_id and info.container_id != w.id and not info.container_id.startswith(w.id)
+        assert info.state == "ready" and info.generation == 1
+        assert info.container_name == f"corral-t-{w.id}-1"
+        c = engine.container_of(w.id)
+        assert c.labels["corral.supervisor"] == "t" and c.labels["corral.worker"] == w.id
+        host = c.config["HostConfig"]
+        assert host["NetworkMode"] == "none" and host["CapDrop"] == ["ALL"] and host["Init"] is True
+        assert c.config["User"] == "worker"
+
+
+async def test_task_results(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
+        r = await w.run(Task(prompt="hello"))
+        assert (r.status, r.output, r.worker_id) == ("ok", "stub-claude: hello", w.id)
+        r = await w.run(Task(prompt="!exit 3"))
+        assert (r.status, r.exit_code) == ("error", 3)
+        r = await w.run(Task(prompt="!sleep 5", timeout_s=1))
+        assert r.status == "timeout"
+
+
+async def test_cancelling_the_caller_cancels_the_task(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec())
+        with trio.move_on_after(1):
+            await w.run(Task(prompt="!sleep 100"))
+        # the worker is free again at once: the next task does not wait 100 s
+        t0 = trio.current_time()
+        r = await w.run(Task(prompt="next"))
+        assert r.status == "ok" and trio.current_time() - t0 < 1
+
+
+async def test_killed_worker_restarts_immediately_with_new_generation(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(restart=RestartPolicy(backoff=NOJITTER)))
+        old = (await w.info()).container_id
+        t0 = trio.current_time()
+        engine.kill(old)
+        await wait_for_generation(w, 2)
+        assert trio.current_time() - t0 == 0
+        info = await w.info()
+        assert info.container_id != old and info.container_name.endswith("-2")
+        assert info.last_death.cause == "killed" and info.last_death.exit_code == 137
+        assert info.last_death.generation == 1 and info.last_death.ready
+        assert old not in engine.containers  # the old container is removed
+
+
+async def test_backoff_grows_then_resets_after_stable_period(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(restart=RestartPolicy(backoff=NOJITTER, max_restarts=100)))
+        delays = []
+        for gen in range(1, 7):
+            t0 = trio.current_time()
+            engine.crash(engine.container_of(w.id).id, 1)
+            await wait_for_generation(w, gen + 1)
+            delays.append(trio.current_time() - t0)
+        # first restart immediate, then 0.5, 1, 2, 4 (cap), 4
+        assert delays == [0, 0.5, 1.0, 2.0, 4.0, 4.0]
+        # READY and up for stable_s: the next death restarts immediately again
+        await trio.sleep(10)
+        t0 = trio.current_time()
+        engine.crash(engine.container_of(w.id).id, 1)
+        await wait_for_generation(w, 8)
+        assert trio.current_time() - t0 == 0
+        deaths = (await sup.snapshot()).children[0].deaths
+        assert [d.cause for d in deaths[-3:]] == ["crashed"] * 3
+
+
+async def test_config_error_is_reported_at_once_not_retried(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        t0 = trio.current_time()
+        with pytest.raises(WorkerStartupError) as ei:
+            await sup.spawn(WorkerSpec(agent="claude", stub_agent=True, env={"CORRAL_STUB_FAIL_PROBE": "1"}))
+        cert = ei.value.certificate
+        assert cert.cause == "config_error" and cert.exit_code == 78
+        assert "version probe failed" in cert.reason and "version probe failed" in cert.logs_tail
+        assert trio.current_time() - t0 < 1
+        assert engine.stats["creates"] == 1 and not engine.containers
+
+
+async def test_startup_timeout(autojump_clock):
+    async with fake_supervisor(ready_delay=100) as (sup, engine):
+        t0 = trio.current_time()
+        with pytest.raises(WorkerStartupError) as ei:
+            await sup.spawn(WorkerSpec(startup_timeout_s=3))
+        assert ei.value.certificate.cause == "startup_timeout"
+        assert trio.current_time() - t0 == 3
+        assert not engine.containers
+
+
+async def test_missed_heartbeats_mean_hung(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(heartbeat_s=1, heartbeat_timeout_s=5))
+        t0 = trio.current_time()
+        engine.hang(engine.container_of(w.id).id)
+        await wait_for_generation(w, 2)
+        assert (await w.info()).last_death.cause == "hung"
+        assert 4 <= trio.current_time() - t0 <= 5
+
+
+@pytest.mark.parametrize("control,cause", [("oom", "oom_killed"), ("remove", "removed"),
+                                           ("crash0", "exited"), ("crash", "crashed")])
+async def test_exit_classification(autojump_clock, control, cause):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec())
+        cid = engine.container_of(w.id).id
+        {"oom": lambda: engine.oom(cid), "remove": lambda: engine.remove(cid),
+         "crash0": lambda: engine.crash(cid, 0), "crash": lambda: engine.crash(cid, 2)}[control]()
+        await wait_for_generation(w, 2)
+        assert (await w.info()).last_death.cause == cause
+
+
+async def test_in_flight_task_is_at_most_once_unless_attempts(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec())
+        r = await w.run(Task(prompt="!crash-wrapper"))
+        assert r.status == "worker_died" and r.death.cause == "crashed" and r.attempts == 1
+        async with trio.open_nursery() as n:
+            results = []
+
+            async def go():
+                results.append(await w.run(Task(prompt="!sleep 2 done", max_attempts=2)))
+            n.start_soon(go)
+            await trio.sleep(1)
+            engine.kill(engine.container_of(w.id).id)
+        assert results[0].status == "ok" and results[0].attempts == 2
+
+
+async def test_worker_budget_spent_escalates_with_certificates(autojump_clock):
+    spec = WorkerSpec(restart=RestartPolicy(max_restarts=2, within_s=60, backoff=NOJITTER))
+    with pytest.raises(SupervisorEscalation) as ei:
+        async with fake_supervisor(SupervisorConfig(name="t", max_restarts=100)) as (sup, engine):
+            w = await sup.spawn(spec)
+            for gen in (1, 2, 3):
+                engine.kill(engine.container_of(w.id).id)
+                if gen < 3:
+                    await wait_for_generation(w, gen + 1)
+            await trio.sleep_forever()
+    esc = ei.value
+    assert esc.reason == "child_failed"
+    assert [c.cause for c in esc.certificates] == ["killed"] * 3
+    assert esc.certificates[-1].restart_in_s is None
+
+
+async def test_protocol_error_is_the_workers_not_the_supervisors(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec())
+        c = engine.container_of(w.id)
+        c.out_send.send_nowait((1, b'{"kind": "no_such_frame"}\n'))
+        await wait_for_generation(w, 2)
+        assert (await w.info()).last_death.cause == "protocol_error"
+        assert (await w.run(Task(prompt="still fine"))).status == "ok"
