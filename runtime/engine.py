@@ -23,6 +23,7 @@ from trio_asyncio import aio_as_trio
 from yarl import URL
 
 from .engine_api import STDERR, STDOUT, label_filters
+from .util import unwrap_single
 from .errors import (
     ContainerNotFound,
     EngineError,
@@ -163,11 +164,15 @@ class DockerEngine:
         """Build from a tar context holding a Dockerfile. Returns the image id.
         A failing step raises ImageBuildError with that step and the tail of its output."""
         output: list[str] = []
+        layers: list[str] = []
         state: dict[str, Any] = {"step": None, "id": None, "error": None}
 
         def on_line(obj: dict[str, Any]) -> None:
             if "stream" in obj:
                 for line in str(obj["stream"]).splitlines():
+                    if line.startswith(" ---> ") and not line.startswith(" ---> Running in") \
+                            and not line.startswith(" ---> Using cache"):
+                        layers.append(line[6:].strip())
                     m = _STEP_RE.match(line)
                     if m:
                         state["step"] = m.group(1)
@@ -190,10 +195,21 @@ class DockerEngine:
             raise ImageBuildError(f"building {tag} failed: {exc}", step=state["step"],
                                   output_tail="\n".join(output)) from None
         if state["error"]:
+            await self._remove_dangling(layers)
             raise ImageBuildError(f"building {tag} failed: {state['error']}", step=state["step"],
                                   output_tail="\n".join(output))
         info = await self.image_inspect(tag)
         return info["Id"]
+
+    async def _remove_dangling(self, layers: list[str]) -> None:
+        """A failed build leaves its intermediate images untagged: remove those it made."""
+        for layer in reversed(layers[1:]):   # layers[0] is the FROM image itself
+            try:
+                info = await self.image_inspect(layer)
+                if not info.get("RepoTags"):
+                    await self.image_remove(layer)
+            except EngineError:
+                pass
 
     async def image_import(self, tar_path: str, *, repo: str, tag: str,
                            changes: list[str] = (), message: str = "") -> str:
@@ -350,6 +366,18 @@ async def open_engine(url: str | None = None) -> AsyncIterator[DockerEngine]:
     unix:///var/run/docker.sock. Raises EngineUnavailable (naming the URL) within 5 s if the
     engine does not answer."""
     url = resolve_url(url)
+    try:
+        async with _open_engine(url) as engine:
+            yield engine
+    except BaseExceptionGroup as group:
+        leaf = unwrap_single(group)   # trio-asyncio's nurseries wrap single errors in groups
+        if leaf is group:
+            raise
+        raise leaf from None
+
+
+@asynccontextmanager
+async def _open_engine(url: str) -> AsyncIterator[DockerEngine]:
     async with trio_asyncio.open_loop() as loop:
         async def make() -> aiodocker.Docker:
             return aiodocker.Docker(url=url)

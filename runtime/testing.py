@@ -561,3 +561,20 @@ async def remove_containers(engine, supervisor: str) -> int:
 async def wait_for_generation(worker, generation: int) -> None:
     """Wait until ``worker`` (a WorkerHandle) is READY at ``generation`` or later."""
     await worker.wait_until(lambda i: i.generation >= generation and i.state in ("ready", "busy"))
+
+
+@__import__("contextlib").contextmanager
+def capture_logs():
+    """Like structlog.testing.capture_logs, but with the bound context (worker_id, generation,
+    container_id...) merged into each captured event, as the real log lines have it."""
+    import structlog
+    from structlog.testing import LogCapture
+
+    cap = LogCapture()
+    old = structlog.get_config()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, cap],
+                        wrapper_class=structlog.make_filtering_bound_logger(0))
+    try:
+        yield cap.entries
+    finally:
+        structlog.configure(**old)

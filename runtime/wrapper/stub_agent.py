@@ -83,6 +83,7 @@ def main():
     if head == "!crash-wrapper":
         sys.stderr.write("stub: killing the worker-wrapper (pid %d)\n" % os.getppid())
         sys.stderr.flush()
+        time.sleep(0.2)   # let the wrapper forward that line to the container's log first
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(5)
         return 1

@@ -202,7 +202,15 @@ class Runner(object):
 
     def _wait(self, task_id, proc, flags, t0, timeout_s):
         err_chunks = []
-        err_thread = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+
+        def pump_stderr():
+            # the agent's stderr goes to the container's log as it comes (so it survives a crash),
+            # and is kept for the task's error text
+            for line in iter(proc.stderr.readline, b""):
+                err_chunks.append(line)
+                sys.stderr.write("[agent] " + line.decode(errors="replace"))
+                sys.stderr.flush()
+        err_thread = threading.Thread(target=pump_stderr, daemon=True)
         err_thread.start()
         timer = None
         if timeout_s:

@@ -1,0 +1,154 @@
+"""Worker actor + worker-wrapper against the real engine (stub agents)."""
+
+import time
+
+import pytest
+import trio
+
+from runtime import (Backoff, RestartPolicy, SupervisorConfig, Task, WorkerSpec,
+                     WorkerStartupError, open_supervisor)
+from runtime.testing import wait_for_generation
+
+
+FREEZE_WRAPPER = """
+import os, signal
+for p in os.listdir('/proc'):
+    if p.isdigit() and int(p) != os.getpid() and b'wrapper.py' in open('/proc/%s/cmdline' % p, 'rb').read():
+        os.kill(int(p), signal.SIGSTOP)
+"""
+
+
+def cfg(name, **kw):
+    return SupervisorConfig(name=name, **kw)
+
+
+async def test_claude_worker_with_git(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="claude", capabilities=["git"], stub_agent=True))
+            info = await w.info()
+            assert w.id == info.id and w.id.startswith("w-")
+            assert info.container_id and not info.container_id.startswith(w.id)
+            state = (await engine.container_inspect(info.container_id))["State"]
+            assert state["Running"] is True
+            code, out = await engine.container_exec(info.container_id, ["sh", "-c", "id -un; git --version"])
+            assert code == 0 and out.splitlines()[0] == "worker" and "git version" in out
+            labels = (await engine.container_inspect(info.container_id))["Config"]["Labels"]
+            assert labels["corral.worker"] == w.id and labels["corral.supervisor"] == corral_name
+            host = (await engine.container_inspect(info.container_id))["HostConfig"]
+            assert host["NetworkMode"] == "none" and host["CapDrop"] == ["ALL"]
+            assert "no-new-privileges" in host["SecurityOpt"] and host["Init"] is True
+
+
+async def test_factory_worker_with_curl(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="factory", capabilities=["curl"], stub_agent=True))
+            cid = (await w.info()).container_id
+            assert (await engine.container_inspect(cid))["State"]["Running"]
+            code, out = await engine.container_exec(cid, ["curl", "--version"])
+            assert code == 0 and out.startswith("curl ")
+            r = await w.run(Task(prompt="hi"))
+            assert (r.status, r.output) == ("ok", "stub-factory: hi")
+
+
+async def test_claude_tasks_ok_and_error(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
+            r = await w.run(Task(prompt="hello"))
+            assert (r.status, r.output, r.exit_code) == ("ok", "stub-claude: hello", 0)
+            r = await w.run(Task(prompt="!exit 3"))
+            assert (r.status, r.exit_code) == ("error", 3)
+            c = await sup.spawn(WorkerSpec(agent="codex", stub_agent=True))
+            r = await c.run(Task(prompt="hello"))
+            assert (r.status, r.output) == ("ok", "stub-codex: hello")
+            r = await c.run(Task(prompt="!exit 2"))
+            assert (r.status, r.exit_code) == ("error", 2)
+            s = await sup.spawn(WorkerSpec(agent="shell"))
+            r = await s.run(Task(prompt="echo $((6*7)); whoami"))
+            assert (r.status, r.output) == ("ok", "42\nworker\n")
+            r = await s.run(Task(prompt="sleep 30", timeout_s=0.5))
+            assert r.status == "timeout"
+
+
+async def test_failing_probe_is_a_config_error_reported_at_once(engine, corral_name):
+    t0 = time.monotonic()
+    with trio.fail_after(60):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            with pytest.raises(WorkerStartupError) as ei:
+                await sup.spawn(WorkerSpec(agent="claude", stub_agent=True,
+                                           env={"CORRAL_STUB_FAIL_PROBE": "1"}))
+            assert time.monotonic() - t0 < 10
+            cert = ei.value.certificate
+            assert cert.cause == "config_error" and cert.exit_code == 78 and not cert.ready
+            assert "version probe" in cert.reason and "CORRAL_STUB_FAIL_PROBE" in cert.logs_tail
+            assert cert.generation == 1
+            # no restart loop: nothing of that worker runs, and nothing is left
+            assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
+
+
+async def test_docker_kill_brings_a_new_generation_back_fast(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
+            old = await w.info()
+            t0 = time.monotonic()
+            await engine.container_kill(old.container_id)     # what `docker kill` does
+            await wait_for_generation(w, 2)
+            r = await w.run(Task(prompt="again"))
+            elapsed = time.monotonic() - t0
+            new = await w.info()
+            assert r.status == "ok" and elapsed < 3, elapsed
+            assert new.generation == 2 and new.container_name != old.container_name
+            assert new.container_name.endswith("-2")
+            assert new.last_death.cause == "killed" and new.last_death.exit_code == 137
+            left = await engine.container_list(labels={"corral.worker": w.id})
+            assert [c["Id"] for c in left] == [new.container_id]
+
+
+async def test_crash_wrapper_during_task(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
+            r = await w.run(Task(prompt="!crash-wrapper"))
+            assert r.status == "worker_died" and r.death.cause == "crashed" and r.death.ready
+            assert "killing the worker-wrapper" in r.death.logs_tail
+            await wait_for_generation(w, 2)
+            assert (await w.run(Task(prompt="back"))).output == "stub-claude: back"
+            # opt-in redelivery: the same task runs again on the restarted container
+            r = await w.run(Task(prompt="!crash-wrapper", max_attempts=2))
+            assert r.status == "worker_died" and r.attempts == 2
+
+
+async def test_oom_with_memory_limit(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True, memory=64 * 1024 * 1024))
+            r = await w.run(Task(prompt="!oom"))
+            assert r.status == "worker_died"
+            assert r.death.cause == "oom_killed" and r.death.oom_killed
+            await wait_for_generation(w, 2)
+
+
+async def test_spawn_and_stop_the_same_worker_20_times(engine, corral_name):
+    with trio.fail_after(240):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            for i in range(20):
+                w = await sup.spawn(WorkerSpec(id="same", agent="shell"))
+                assert w.id == "same" and (await w.info()).container_name == f"corral-{corral_name}-same-1"
+                await w.stop()
+                assert w.state == "stopped"
+            assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
+
+
+async def test_hung_worker_is_killed_and_restarted(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="shell", heartbeat_s=0.2, heartbeat_timeout_s=1.5))
+            cid = (await w.info()).container_id
+            # freeze the wrapper: no heartbeats, no answers (the container itself keeps running)
+            code, out = await engine.container_exec(cid, ["python3", "-c", FREEZE_WRAPPER])
+            assert code == 0, out
+            await wait_for_generation(w, 2)
+            assert (await w.info()).last_death.cause == "hung"

@@ -1,0 +1,248 @@
+"""Supervisor semantics on FakeEngine with the autojump clock."""
+
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from runtime import (Backoff, PoolSpec, RestartPolicy, SupervisorConfig, SupervisorEscalation,
+                     Task, WorkerSpec)
+from runtime.testing import FakeEngine, capture_logs, wait_for_generation
+
+from .helpers import fake_supervisor
+
+FAST = RestartPolicy(max_restarts=1000, within_s=60,
+                     backoff=Backoff(initial_s=0.5, jitter="none", stable_s=10))
+
+
+def gens(workers):
+    return [w.info_nowait().generation for w in workers]
+
+
+async def spawn_three(sup):
+    return [await sup.spawn(WorkerSpec(id=f"w{i}", restart=FAST)) for i in range(3)]
+
+
+async def test_one_for_one_restarts_only_the_dead(autojump_clock):
+    async with fake_supervisor(SupervisorConfig(name="t", strategy="one_for_one")) as (sup, engine):
+        ws = await spawn_three(sup)
+        engine.kill(engine.container_of("w1").id)
+        await wait_for_generation(ws[1], 2)
+        await trio.sleep(1)
+        assert gens(ws) == [1, 2, 1]
+
+
+async def test_one_for_all_restarts_everyone(autojump_clock):
+    async with fake_supervisor(SupervisorConfig(name="t", strategy="one_for_all")) as (sup, engine):
+        ws = await spawn_three(sup)
+        old = {w.id: w.info_nowait().container_id for w in ws}
+        engine.kill(engine.container_of("w1").id)
+        for w in ws:
+            await wait_for_generation(w, 2)
+        await trio.sleep(1)
+        assert gens(ws) == [2, 2, 2]
+        assert all(w.info_nowait().container_id != old[w.id] for w in ws)
+        # siblings restarted on purpose are not deaths, and count once in the intensity window
+        assert (await sup.snapshot()).restarts_in_window == 1
+        assert [w.info_nowait().last_death is None for w in ws] == [True, False, True]
+
+
+async def test_rest_for_one_restarts_the_dead_and_those_started_after_it(autojump_clock):
+    async with fake_supervisor(SupervisorConfig(name="t", strategy="rest_for_one")) as (sup, engine):
+        ws = await spawn_three(sup)
+        engine.kill(engine.container_of("w1").id)
+        await wait_for_generation(ws[1], 2)
+        await wait_for_generation(ws[2], 2)
+        await trio.sleep(1)
+        assert gens(ws) == [1, 2, 2]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_intensity_window_boundary(autojump_clock, n):
+    """max_restarts=N: N restarts within the window are allowed, the N+1st escalates."""
+    cfg = SupervisorConfig(name="t", max_restarts=n, within_s=30)
+    with pytest.raises(SupervisorEscalation) as ei:
+        async with fake_supervisor(cfg) as (sup, engine):
+            ws = [await sup.spawn(WorkerSpec(id=f"w{i}", restart=FAST)) for i in range(n + 1)]
+            for i, w in enumerate(ws[:n]):
+                engine.kill(engine.container_of(w.id).id)
+                await wait_for_generation(w, 2)
+            # N restarts: still running
+            assert sup._sup.state == "running"
+            engine.kill(engine.container_of(ws[n].id).id)
+            await trio.sleep_forever()
+    assert ei.value.reason == "intensity"
+    assert len(ei.value.certificates) == n + 1
+    assert all(c.cause == "killed" for c in ei.value.certificates)
+
+
+async def test_intensity_window_slides(autojump_clock):
+    cfg = SupervisorConfig(name="t", max_restarts=2, within_s=10)
+    async with fake_supervisor(cfg) as (sup, engine):
+        w = await sup.spawn(WorkerSpec(restart=FAST))
+        for gen in range(1, 6):   # one death every 11 s never fills a 10 s window
+            await trio.sleep(11)
+            engine.kill(engine.container_of(w.id).id)
+            await wait_for_generation(w, gen + 1)
+        assert (await w.info()).restarts == 5
+
+
+async def test_transient_and_temporary_restart_types(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        tr = await sup.spawn(WorkerSpec(id="tr", restart=RestartPolicy(restart="transient")))
+        tm = await sup.spawn(WorkerSpec(id="tm", restart=RestartPolicy(restart="temporary")))
+        engine.crash(engine.container_of("tr").id, 3)       # abnormal: transient restarts
+        await wait_for_generation(tr, 2)
+        engine.crash(engine.container_of("tr").id, 0)       # normal exit: transient stays down
+        await tr.wait_finished()
+        assert tr.state == "stopped"
+        engine.crash(engine.container_of("tm").id, 3)       # temporary: never restarted
+        await tm.wait_finished()
+        assert tm.state == "stopped" and engine.stats["creates"] == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await sup.snapshot()).children == []
+
+
+async def test_nested_escalation_reaches_the_top(autojump_clock):
+    with pytest.raises(SupervisorEscalation) as ei:
+        async with fake_supervisor() as (sup, engine):
+            inner = await sup.start_supervisor(SupervisorConfig(name="inner", max_restarts=0))
+            w = await inner.spawn(WorkerSpec(id="deep", restart=FAST))
+            assert engine.container_of("deep").labels["corral.supervisor"] == "t"
+            engine.kill(engine.container_of("deep").id)
+            await trio.sleep_forever()
+    assert "inner" in str(ei.value) and ei.value.certificates[0].worker_id == "deep"
+    # nothing is left behind
+    assert not engine.containers
+
+
+async def test_shutdown_stops_children_in_reverse_start_order(autojump_clock):
+    with capture_logs() as logs:
+        async with fake_supervisor() as (sup, engine):
+            for i in range(4):
+                await sup.spawn(WorkerSpec(id=f"w{i}"))
+    stopped = [e["worker_id"] for e in logs if e["event"] == "worker_state" and e["state"] == "stopped"]
+    assert stopped == ["w3", "w2", "w1", "w0"]
+    assert not engine.containers
+
+
+async def test_leaving_by_exception_or_cancellation_removes_every_container(autojump_clock):
+    async with FakeEngine() as engine:
+        from runtime import open_supervisor
+        with pytest.raises(KeyError):
+            async with open_supervisor(SupervisorConfig(name="t"), engine=engine) as sup:
+                await sup.spawn(WorkerSpec())
+                raise KeyError("boom")
+        assert not engine.containers
+        with trio.move_on_after(5):
+            async with open_supervisor(SupervisorConfig(name="t"), engine=engine) as sup:
+                await sup.spawn(WorkerSpec())
+                await trio.sleep_forever()
+        assert not engine.containers
+
+
+async def test_global_cap_on_concurrent_starts(autojump_clock):
+    cfg = SupervisorConfig(name="t", max_concurrent_starts=2)
+    async with fake_supervisor(cfg, start_delay=1.0) as (sup, engine):
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(sup.spawn, WorkerSpec(id=f"w{i}"))
+        assert trio.current_time() - t0 == 3.0
+        assert engine.stats["max_starting"] == 2
+
+
+async def test_shared_cause_gives_one_escalation(autojump_clock):
+    cfg = SupervisorConfig(name="t", shared_cause_threshold=3, shared_cause_window_s=5)
+    with capture_logs() as logs, pytest.raises(SupervisorEscalation) as ei:
+        async with fake_supervisor(cfg) as (sup, engine):
+            for i in range(5):
+                await sup.spawn(WorkerSpec(id=f"w{i}", restart=FAST))
+            engine.go_down()
+            await trio.sleep_forever()
+    assert ei.value.reason == "shared_cause"
+    assert {c.cause for c in ei.value.certificates} == {"engine_error"}
+    assert len([e for e in logs if e["event"] == "supervisor_escalated"]) == 1
+
+
+async def test_restart_storm_of_10000(autojump_clock):
+    cfg = SupervisorConfig(name="t", max_restarts=100_000, within_s=1)
+    policy = RestartPolicy(max_restarts=100_000, within_s=1,
+                           backoff=Backoff(initial_s=0.001, max_s=0.01, jitter="full", stable_s=0.5))
+    t_real = time.perf_counter()
+    async with fake_supervisor(cfg) as (sup, engine):
+        ws = [await sup.spawn(WorkerSpec(id=f"w{i}", restart=policy)) for i in range(10)]
+        for round_ in range(1000):
+            for w in ws:
+                engine.kill(engine.container_of(w.id).id)
+            for w in ws:
+                await wait_for_generation(w, round_ + 2)
+        assert sum(w.info_nowait().restarts for w in ws) == 10_000
+    print(f"10,000 restarts in {time.perf_counter() - t_real:.1f} s real time")
+
+
+async def test_pool_dispatches_to_idle_workers_and_redelivers(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        pool = await sup.start_pool(PoolSpec(name="p", worker=WorkerSpec(restart=FAST), replicas=3))
+        results = {}
+
+        async def one(i):
+            results[i] = await pool.run(Task(prompt=f"!sleep 1 task-{i}", max_attempts=2))
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for i in range(30):
+                n.start_soon(one, i)
+            await trio.sleep(2.5)
+            engine.kill(engine.container_of("p-2").id)
+        assert sorted(results) == list(range(30))
+        assert all(r.status == "ok" for r in results.values())
+        assert sorted(r.output for r in results.values()) == sorted(f"stub-shell: task-{i}" for i in range(30))
+        assert sum(r.attempts for r in results.values()) == 31
+        assert trio.current_time() - t0 <= 11
+
+
+async def test_pool_backpressure_and_scale(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        pool = await sup.start_pool(PoolSpec(name="p", replicas=1, queue_size=2))
+        async with trio.open_nursery() as n:
+            for i in range(5):
+                n.start_soon(pool.run, Task(prompt="!sleep 10"))
+            await trio.sleep(1)
+            # one running, two queued, two callers held back by the bounded queue
+            assert pool.statistics().current_buffer_used == 2
+            assert pool.statistics().tasks_waiting_send == 2
+            await pool.scale(5)
+            assert len(pool.workers) == 5
+            t0 = trio.current_time()
+        assert trio.current_time() - t0 <= 10
+        await pool.scale(2)
+        assert len(pool.workers) == 2 and len(engine.running()) == 2
+
+
+async def test_snapshot_is_a_typed_tree(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(id="solo", restart=FAST))
+        await sup.start_pool(PoolSpec(name="p", replicas=2))
+        inner = await sup.start_supervisor(SupervisorConfig(name="inner"))
+        await inner.spawn(WorkerSpec(id="deep"))
+        engine.kill(engine.container_of("solo").id)
+        await wait_for_generation(w, 2)
+        snap = await sup.snapshot()
+        import msgspec
+        data = msgspec.json.decode(msgspec.json.encode(snap))
+        assert [c["type"] for c in data["children"]] == ["worker", "pool", "supervisor"]
+        solo = snap.children[0]
+        assert solo.info.generation == 2 and solo.info.restarts == 1
+        assert solo.deaths[0].cause == "killed"
+        assert [x.info.id for x in snap.children[1].workers] == ["p-1", "p-2"]
+        assert snap.children[2].children[0].info.id == "deep"
+
+
+async def test_state_changes_are_logged_with_context(autojump_clock):
+    with capture_logs() as logs:
+        async with fake_supervisor() as (sup, engine):
+            w = await sup.spawn(WorkerSpec(id="ctx"))
+    ready = [e for e in logs if e["event"] == "worker_state" and e["state"] == "ready"][0]
+    assert ready["worker_id"] == "ctx" and ready["generation"] == 1 and ready["container_id"]
