@@ -1,0 +1,99 @@
+"""Supervision against the real engine: strategies, escalation, pools under chaos."""
+
+import pytest
+import trio
+
+from runtime import (Backoff, PoolSpec, RestartPolicy, SupervisorConfig, SupervisorEscalation,
+                     Task, WorkerSpec, WorkerStartupError, open_supervisor)
+from runtime.testing import wait_for_generation
+
+pytestmark = pytest.mark.chaos
+
+
+async def test_one_for_all_group_of_three(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(SupervisorConfig(name=corral_name, strategy="one_for_all"),
+                                   engine=engine) as sup:
+            ws = [await sup.spawn(WorkerSpec(id=f"g{i}", agent="shell")) for i in range(3)]
+            before = {w.id: (await w.info()).container_id for w in ws}
+            await engine.container_kill(before["g1"])
+            for w in ws:
+                await wait_for_generation(w, 2)
+            for w in ws:
+                info = await w.info()
+                assert info.generation == 2 and info.container_id != before[w.id]
+                assert (await w.run(Task(prompt="echo ok"))).output == "ok\n"
+            running = await engine.container_list(labels={"corral.supervisor": corral_name}, all=False)
+            assert len(running) == 3
+
+
+async def test_wrapper_killed_after_every_ready_escalates_with_certificates(engine, corral_name):
+    policy = RestartPolicy(max_restarts=3, within_s=60, backoff=Backoff(initial_s=0.05, max_s=0.2))
+    kills = 0
+    with trio.fail_after(120):
+        with pytest.raises(SupervisorEscalation) as ei:
+            async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+                w = await sup.spawn(WorkerSpec(id="doomed", agent="claude", stub_agent=True, restart=policy))
+                gen = 1
+                while True:
+                    info = await w.wait_until(lambda i, g=gen: i.generation >= g and i.state == "ready")
+                    r = await w.run(Task(prompt="!crash-wrapper"))   # kills the wrapper from inside
+                    assert r.status == "worker_died"
+                    kills += 1
+                    gen = info.generation + 1
+    esc = ei.value
+    assert esc.reason == "child_failed" and kills == 4
+    assert [c.cause for c in esc.certificates] == ["crashed"] * 4
+    assert [c.generation for c in esc.certificates] == [1, 2, 3, 4]
+    assert esc.certificates[-1].restart_in_s is None and all(c.ready for c in esc.certificates)
+
+
+async def test_startup_config_error_is_reported_at_once_not_a_crash_loop(engine, corral_name):
+    with trio.fail_after(60):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            with pytest.raises(WorkerStartupError) as ei:
+                await sup.spawn(WorkerSpec(agent="shell", required_env=["OPENAI_API_KEY"]))
+            assert ei.value.certificate.cause == "config_error"
+            assert "OPENAI_API_KEY" in ei.value.certificate.reason
+            # the supervisor is unharmed and still serves
+            w = await sup.spawn(WorkerSpec(agent="shell"))
+            assert (await w.run(Task(prompt="echo fine"))).output == "fine\n"
+
+
+async def test_pool_of_three_completes_30_tasks_while_one_worker_is_killed(engine, corral_name):
+    with trio.fail_after(180):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            pool = await sup.start_pool(PoolSpec(name="p", replicas=3,
+                                                 worker=WorkerSpec(agent="claude", stub_agent=True)))
+            results: dict[int, list] = {i: [] for i in range(30)}
+
+            async def one(i):
+                r = await pool.run(Task(prompt=f"!sleep 0.3 task {i}", max_attempts=3))
+                results[i].append(r)
+
+            async with trio.open_nursery() as n:
+                for i in range(30):
+                    n.start_soon(one, i)
+                await trio.sleep(1.0)
+                victim = pool.workers[1]
+                await engine.container_kill((await victim.info()).container_id)
+            assert all(len(rs) == 1 for rs in results.values())
+            assert all(rs[0].status == "ok" for rs in results.values())
+            assert sorted(rs[0].output for rs in results.values()) == sorted(
+                f"stub-claude: task {i}" for i in range(30))
+            assert (await victim.info()).generation == 2
+            assert sum(rs[0].attempts for rs in results.values()) in (30, 31)
+
+
+async def test_nested_supervisor_and_snapshot(engine, corral_name):
+    with trio.fail_after(120):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            inner = await sup.start_supervisor(SupervisorConfig(name="inner", strategy="one_for_all"))
+            a = await inner.spawn(WorkerSpec(id="a"))
+            await inner.spawn(WorkerSpec(id="b"))
+            await engine.container_kill((await a.info()).container_id)
+            await wait_for_generation(a, 2)
+            snap = await sup.snapshot()
+            inner_snap = snap.children[0]
+            assert inner_snap.name == "inner" and [c.info.id for c in inner_snap.children] == ["a", "b"]
+            assert inner_snap.children[0].deaths[0].cause == "killed"
