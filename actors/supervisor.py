@@ -105,6 +105,12 @@ class SupervisorHandle:
             raise WorkerGone(f"no worker {worker_id!r} under supervisor {self.name}")
         return WorkerHandle(w)
 
+    def pool(self, name: str) -> PoolHandle:
+        child = self._sup.children.get(f"pool:{name}")
+        if child is None or child.handle is None:
+            raise WorkerGone(f"no pool {name!r} under supervisor {self.name}")
+        return child.handle
+
     def workers(self) -> list[WorkerHandle]:
         return [WorkerHandle(w) for w in self._sup.all_workers()]
 

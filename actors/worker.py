@@ -240,6 +240,7 @@ class Worker:
         self._stop: StopRequest | None = None
         self._stop_event = trio.Event()
         self._life_was_ready = False
+        self._removed: dict[str, str] = {}
         self._restart_waiters: list[Any] = []
         self._spec_hash = hashlib.sha256(_spec_json(spec)).hexdigest()[:16]
 
@@ -626,6 +627,10 @@ class Worker:
             if kind == "hung":
                 await self._kill(cid)
             cert = await self._certify(life, watch, None, wall_create)
+            if await self._remove_container(cid) == "gone" and cert.cause in ("killed", "crashed", "exited"):
+                # `docker rm -f` kills, then removes: the kill is what we saw first
+                cert = msgspec.structs.replace(cert, cause="removed",
+                                               reason="the container was removed out of band")
             return "died", cert
 
     async def _graceful_end(self, life: _Life) -> None:
@@ -651,16 +656,27 @@ class Worker:
             except EngineError:
                 pass
 
-    async def _remove_container(self, cid: str) -> None:
+    async def _remove_container(self, cid: str) -> str:
+        """Remove our container (once). Returns "removed", "gone" (someone else removed it
+        first) or "failed"."""
+        if cid in self._removed:
+            return self._removed[cid]
+        result = "failed"
         with trio.CancelScope(shield=True):
             with trio.move_on_after(15):
                 try:
                     await self.engine.container_remove(cid, force=True)
                     log.debug("container_removed", container_id=cid[:12])
+                    result = "removed"
                 except ContainerNotFound:
-                    pass
+                    result = "gone"
                 except EngineError as exc:
-                    log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
+                    if exc.status == 409 and "already in progress" in str(exc):
+                        result = "gone"
+                    else:
+                        log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
+        self._removed = {cid: result}
+        return result
 
     async def _writer(self, life: _Life, att) -> None:
         async with life.out_recv:
@@ -786,7 +802,10 @@ class Worker:
             cause, reason = "killed", "exit 137 (SIGKILL)"
         else:
             cause = "crashed"
-            reason = reason if reason and reason != "output closed" else f"exited with {exit_code} after READY"
+            if not reason or reason == "output closed":
+                reason = (f"exited with {exit_code} after READY"
+                          + (" (SIGKILL from inside the container, not through the engine)"
+                             if exit_code == 137 else ""))
         return DeathCertificate(worker_id=self.id, container_id=cid, generation=life.generation,
                                 cause=cause, reason=reason, exit_code=exit_code, oom_killed=oom,
                                 ready=ready, uptime_s=round(uptime, 6),

@@ -1,44 +1,301 @@
-"""The `corral` command line."""
+"""The `corral` command line.
+
+  corral run --config corral.toml      long-running supervisor (SIGTERM/SIGINT: graceful stop)
+  corral ps | task | restart | stop    talk to a running `corral run` over its unix socket
+  corral demo                          the end-to-end tour on the real engine
+  corral chaos                         a pool under fire, invariants checked
+  corral bench [--quick]               corral measured side by side with the alternatives
+  corral build | images | images prune | base-image
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
 
+import msgspec
 import trio
 
-from .errors import CorralError
-from .logging import configure_logging
+from .errors import CorralError, SupervisorEscalation
+from .logging import configure_logging, get_logger
+
+log = get_logger("corral.cli")
 
 
-def _base_image(args: argparse.Namespace) -> int:
+def default_socket(name: str) -> str:
+    base = "/run" if os.geteuid() == 0 else (os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+    return os.path.join(base, f"corral-{name}.sock")
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _age(created: float) -> str:
+    s = max(0, time.time() - created)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{int(s // n)}{unit}"
+    return f"{int(s)}s"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.1f}TB"
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_base_image(args) -> int:
     from .baseimage import BASE_REF, build_base_image
     from .engine import open_engine
 
     async def main() -> None:
         async with open_engine(args.engine) as engine:
-            def progress(line: str) -> None:
-                print(f"  {line}", file=sys.stderr, flush=True)
             if args.if_missing:
                 print(f"[corral] ensuring {BASE_REF} exists", file=sys.stderr)
-            image_id = await build_base_image(engine, mirror=args.mirror, if_missing=args.if_missing,
-                                              progress=progress)
-            print(f"{BASE_REF} {image_id}")
+            image_id = await build_base_image(
+                engine, mirror=args.mirror, if_missing=args.if_missing,
+                progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+            _out(f"{BASE_REF} {image_id}")
     trio.run(main)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral", description=__doc__)
-    p.add_argument("--engine", default=None, help="engine URL (default: $DOCKER_HOST or unix:///var/run/docker.sock)")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a TTY")
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_build(args) -> int:
+    from actors.builder import describe_dockerfile, open_image_builder
+    from .engine import open_engine
 
-    b = sub.add_parser("base-image", help="build corral/worker-base offline from Debian packages")
-    b.add_argument("--mirror", default=None, help="Debian mirror (default: $CORRAL_DEBIAN_MIRROR or apt sources)")
-    b.add_argument("--if-missing", action="store_true", help="do nothing if the image exists")
-    b.set_defaults(fn=_base_image)
+    async def main() -> None:
+        async with open_engine(args.engine) as engine:
+            if args.dry_run:
+                base_id = (await engine.image_inspect(args.base))["Id"]
+                _out(describe_dockerfile(args.agent, args.cap, args.stub, base_id))
+                return
+            async with open_image_builder(engine, base_image=args.base,
+                                          build_network=args.build_network) as b:
+                info = await b.image_for(args.agent, args.cap, args.stub)
+                _out(f"{info.tag} {info.image_id} ({'built' if info.built else 'reused'})")
+    trio.run(main)
+    return 0
+
+
+async def _corral_images(engine) -> tuple[list[dict], set[str]]:
+    images = await engine.image_list(labels={"corral.image": "1"})
+    used = {c.get("ImageID") for c in await engine.container_list(all=True)}
+    return images, used
+
+
+def cmd_images(args) -> int:
+    from .engine import open_engine
+
+    async def main() -> int:
+        async with open_engine(args.engine) as engine:
+            images, used = await _corral_images(engine)
+            if args.action == "prune":
+                removed = 0
+                for img in images:
+                    if img["Id"] in used:
+                        continue
+                    for ref in img.get("RepoTags") or [img["Id"]]:
+                        try:
+                            await engine.image_remove(ref)
+                        except CorralError as exc:
+                            _out(f"kept {ref}: {exc}")
+                            continue
+                    removed += 1
+                    _out(f"removed {', '.join(img.get('RepoTags') or [img['Id'][:19]])}")
+                _out(f"{removed} image(s) removed, {len(images) - removed} kept")
+                return 0
+            _out(f"{'IMAGE':40} {'AGENT':8} {'CAPABILITIES':20} {'STUB':4} {'AGE':>5} {'SIZE':>7} IN USE")
+            for img in sorted(images, key=lambda i: -i.get("Created", 0)):
+                lab = img.get("Labels") or {}
+                tag = (img.get("RepoTags") or ["<none>"])[0]
+                _out(f"{tag:40} {lab.get('corral.agent', '?'):8} {lab.get('corral.capabilities', '') or '-':20} "
+                     f"{'yes' if lab.get('corral.stub') == '1' else 'no':4} {_age(img.get('Created', 0)):>5} "
+                     f"{_size(img.get('Size', 0)):>7} {'yes' if img['Id'] in used else 'no'}")
+            return 0
+    return trio.run(main)
+
+
+def cmd_run(args) -> int:
+    from .api import open_supervisor
+    from .control import serve_control
+    from .specs import load_config_file
+
+    config = load_config_file(args.config)
+    if args.name:
+        config = msgspec.structs.replace(config, name=args.name)
+    if args.engine:
+        config = msgspec.structs.replace(config, engine_url=args.engine)
+    sock = args.socket or config.control_socket or default_socket(config.name)
+
+    async def main() -> int:
+        try:
+            async with open_supervisor(config) as sup:
+                async with trio.open_nursery() as n:
+                    await n.start(serve_control, sup, sock)
+                    log.info("corral_running", supervisor=config.name, socket=sock,
+                             workers=len(config.workers), pools=len(config.pools))
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            log.info("shutting_down", signal=signal.Signals(signum).name)
+                            break
+                    n.cancel_scope.cancel()
+        except SupervisorEscalation as esc:
+            log.error("escalated", error=str(esc), reason=esc.reason,
+                      certificates=[msgspec.to_builtins(c) for c in esc.certificates[-5:]])
+            print(f"corral: supervisor escalated: {esc}", file=sys.stderr)
+            return 3
+        log.info("stopped", supervisor=config.name)
+        return 0
+    return trio.run(main)
+
+
+def _ctl(args, request: dict):
+    from .control import call
+    return trio.run(call, args.socket or default_socket(args.name), request)
+
+
+def cmd_ps(args) -> int:
+    snap = _ctl(args, {"op": "snapshot"})
+    if args.json:
+        _out(msgspec.json.encode(snap).decode())
+        return 0
+
+    def show(node, indent=""):
+        kind = node.get("type")
+        if kind == "supervisor":
+            _out(f"{indent}supervisor {node['name']} ({node['strategy']}, {node['state']}, "
+                 f"restarts in window: {node['restarts_in_window']})")
+            for c in node["children"]:
+                show(c, indent + "  ")
+        elif kind == "pool":
+            _out(f"{indent}pool {node['name']} replicas={node['replicas']} queued={node['queued']}")
+            for c in node["workers"]:
+                show(c, indent + "  ")
+        else:
+            i = node["info"]
+            d = i.get("last_death")
+            _out(f"{indent}worker {i['id']:14} {i['agent']:8} {i['state']:8} gen={i['generation']:<3} "
+                 f"restarts={i['restarts']:<3} {(i.get('container_name') or '-'):40} "
+                 f"last_death={(d['cause'] + ' ' + (d.get('reason') or '')) if d else '-'}")
+    show(snap)
+    return 0
+
+
+def cmd_task(args) -> int:
+    req = {"op": "task", "prompt": args.prompt, "timeout_s": args.timeout}
+    req["pool" if args.pool else "worker_id"] = args.pool or args.worker
+    res = _ctl(args, req)
+    _out(msgspec.json.encode(res).decode() if args.json else (res.get("output") or "").rstrip())
+    return 0 if res["status"] == "ok" else 1
+
+
+def cmd_worker_op(args) -> int:
+    _ctl(args, {"op": args.command, "worker_id": args.worker_id})
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo
+    return trio.run(demo, args.engine)
+
+
+def cmd_chaos(args) -> int:
+    from .chaos import run_chaos
+    report = trio.run(lambda: run_chaos(engine_url=args.engine, name=args.name, workers=args.workers,
+                                        duration_s=args.duration, kill_interval_s=args.kill_interval,
+                                        seed=args.seed))
+    _out(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+    _out("chaos: invariants hold" if report.ok else "chaos: INVARIANT VIOLATED")
+    return 0 if report.ok else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", default=None,
+                   help="engine URL (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
+    p.add_argument("--log-level", default=os.environ.get("CORRAL_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a TTY")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run a supervisor from a config file until SIGTERM/SIGINT")
+    s.add_argument("--config", required=True, help="TOML (or .json) SupervisorConfig")
+    s.add_argument("--name", help="override the supervisor name")
+    s.add_argument("--socket", help="control socket path (default: config control_socket or "
+                                    "/run/corral-NAME.sock)")
+    s.set_defaults(fn=cmd_run)
+
+    for cmd, helptext in (("ps", "show the supervision tree of a running `corral run`"),):
+        s = sub.add_parser(cmd, help=helptext)
+        s.add_argument("--name", default="corral")
+        s.add_argument("--socket")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(fn=cmd_ps)
+    s = sub.add_parser("task", help="run one task on a worker or pool of a running `corral run`")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--worker")
+    g.add_argument("--pool")
+    s.add_argument("prompt")
+    s.add_argument("--timeout", type=float)
+    s.add_argument("--name", default="corral")
+    s.add_argument("--socket")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_task)
+    for cmd in ("restart", "stop"):
+        s = sub.add_parser(cmd, help=f"{cmd} a worker of a running `corral run`")
+        s.add_argument("worker_id")
+        s.add_argument("--name", default="corral")
+        s.add_argument("--socket")
+        s.set_defaults(fn=cmd_worker_op)
+
+    s = sub.add_parser("demo", help="the end-to-end tour on the real engine")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("chaos", help="kill workers under load; check every task has one result")
+    s.add_argument("--name", default="chaos")
+    s.add_argument("--workers", type=int, default=4)
+    s.add_argument("--duration", type=float, default=20.0)
+    s.add_argument("--kill-interval", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_chaos)
+
+    s = sub.add_parser("bench", help="benchmarks, side by side with the alternatives")
+    s.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes")
+    s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    s.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("build", help="build (or reuse) the worker image for an agent + capabilities")
+    s.add_argument("--agent", required=True)
+    s.add_argument("--cap", action="append", default=[], help="capability (repeatable)")
+    s.add_argument("--stub", action="store_true", help="install the stub agent CLI")
+    s.add_argument("--base", default="corral/worker-base:latest")
+    s.add_argument("--build-network", action="store_true", help="let the build use the host network")
+    s.add_argument("--dry-run", action="store_true", help="print the Dockerfile instead")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("images", help="list corral-built images; `images prune` removes unused ones")
+    s.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
+    s.set_defaults(fn=cmd_images)
+
+    s = sub.add_parser("base-image", help="build corral/worker-base offline from Debian packages")
+    s.add_argument("--mirror", default=None,
+                   help="Debian mirror (default: $CORRAL_DEBIAN_MIRROR, else the machine's apt sources)")
+    s.add_argument("--if-missing", action="store_true", help="do nothing if the image exists")
+    s.set_defaults(fn=cmd_base_image)
     return p
 
 

@@ -1,0 +1,89 @@
+"""The operator's entry points: `corral run` as a service, driven over its control socket."""
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from runtime.chaos import run_chaos
+from runtime.control import call
+
+CORRAL = [sys.executable, "-m", "runtime.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_corral_run_service_lifecycle(engine, corral_name, tmp_path):
+    sock = str(tmp_path / "ctl.sock")
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f'''
+name = "{corral_name}"
+strategy = "one_for_one"
+
+[[workers]]
+id = "solo"
+agent = "claude"
+stub_agent = true
+capabilities = ["git"]
+
+[[pools]]
+name = "shells"
+replicas = 2
+[pools.worker]
+agent = "shell"
+''')
+    proc = subprocess.Popen(CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with trio.fail_after(90):
+            while True:   # the socket appears once the supervisor runs; workers start behind it
+                if os.path.exists(sock):
+                    snap = await call(sock, {"op": "snapshot"})
+                    names = [c.get("info", {}).get("id") or c.get("name") for c in snap["children"]]
+                    ready = [c for c in snap["children"] if c.get("info", {}).get("state") == "ready"
+                             or (c.get("type") == "pool" and c["replicas"] == 2)]
+                    if len(ready) == 2:
+                        break
+                await trio.sleep(0.2)
+            assert sorted(names) == ["shells", "solo"]
+            res = await call(sock, {"op": "task", "worker_id": "solo", "prompt": "hi"})
+            assert res["status"] == "ok" and res["output"] == "stub-claude: hi"
+            res = await call(sock, {"op": "task", "pool": "shells", "prompt": "echo pooled"})
+            assert res["output"] == "pooled\n"
+            out = await trio.to_thread.run_sync(lambda: subprocess.run(
+                CORRAL + ["ps", "--socket", sock], cwd=ROOT, capture_output=True, text=True))
+            assert "worker solo" in out.stdout and "pool shells replicas=2" in out.stdout
+            with pytest.raises(Exception, match="unknown op"):
+                await call(sock, {"op": "nope"})
+            assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+        proc.send_signal(signal.SIGTERM)
+        rc = await trio.to_thread.run_sync(lambda: proc.wait(60))
+        assert rc == 0, proc.stderr.read().decode()[-3000:]
+        assert not os.path.exists(sock)
+        assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_corral_run_rejects_a_bad_config_naming_the_field(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('name = "x"\n[[workers]]\nagent = "shell"\nmemory = "lots"\n')
+    out = subprocess.run(CORRAL + ["run", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "$.workers[0].memory" in out.stderr
+
+
+@pytest.mark.chaos
+async def test_chaos_keeps_every_task_exactly_once(engine, corral_name):
+    with trio.fail_after(120):
+        report = await run_chaos(name=corral_name, workers=3, duration_s=8, kill_interval_s=0.7, seed=7)
+    assert sum(report.actions.values()) >= 4
+    assert report.tasks_submitted > 20
+    assert report.ok, msgspec.json.encode(report).decode()
