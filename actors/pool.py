@@ -1,14 +1,17 @@
 """A pool: N interchangeable workers behind one bounded task queue.
 
-`pool.run(task)` waits for room in the queue (backpressure), and the task goes to whichever
-worker is idle first. A task whose worker dies under it is redelivered to another worker while it
+`pool.run(task)` waits for room in the queue (backpressure), and the task goes to a READY worker
+that has no pool task. A task whose worker dies under it is redelivered to another worker while it
 has attempts left (``Task.max_attempts``); otherwise it ends "worker_died" with the certificate.
+
+Two tasks per pool (a dispatcher and a collector), none per worker: pools of thousands stay small.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -17,7 +20,7 @@ import structlog
 import trio
 
 from runtime.errors import WorkerGone
-from runtime.messages import reply_value
+from runtime.messages import CancelTaskRequest, RunTaskRequest, reply_value
 from runtime.records import PoolSnapshot, TaskResult
 from runtime.specs import PoolSpec, Task
 from runtime.util import unwrap_single
@@ -27,18 +30,11 @@ from .worker import Worker, WorkerHandle
 log = structlog.get_logger("corral.pool")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     task: Task
     reply: Any
     attempts: int = 0
-
-
-@dataclass
-class _Member:
-    worker: Worker
-    handle: WorkerHandle | None = None
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class PoolHandle:
@@ -47,6 +43,7 @@ class PoolHandle:
         self.name = pool.spec.name
 
     async def run(self, task: Task | str) -> TaskResult:
+        """Run a task on some idle worker of the pool; waits for room in the queue first."""
         if isinstance(task, str):
             task = Task(prompt=task)
         send, recv = trio.open_memory_channel[outcome.Outcome](1)
@@ -54,11 +51,14 @@ class PoolHandle:
             await self._pool.jobs_send.send(_Job(task, send))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise WorkerGone(f"pool {self.name} has stopped") from None
-        with recv:
-            try:
+        try:
+            with recv:
                 return (await recv.receive()).unwrap()
-            except trio.EndOfChannel:
-                raise WorkerGone(f"pool {self.name} has stopped") from None
+        except trio.EndOfChannel:
+            raise WorkerGone(f"pool {self.name} has stopped") from None
+        except trio.Cancelled:
+            self._pool.cancel(task.task_id)
+            raise
 
     async def scale(self, replicas: int) -> None:
         """Grow (waits until the new workers are READY) or shrink (stops the newest first)."""
@@ -66,7 +66,7 @@ class PoolHandle:
 
     @property
     def workers(self) -> list[WorkerHandle]:
-        return [m.handle for m in self._pool.members if m.handle is not None]
+        return [WorkerHandle(w) for w in self._pool.members]
 
     def snapshot_nowait(self) -> PoolSnapshot:
         return self._pool.snapshot()
@@ -82,8 +82,14 @@ class Pool:
     def __init__(self, spec: PoolSpec, *, make_worker) -> None:
         self.spec = spec
         self._make_worker = make_worker
-        self.members: list[_Member] = []
+        self.members: list[Worker] = []
         self.jobs_send, self.jobs_recv = trio.open_memory_channel[_Job](spec.queue_size)
+        # workers reply here; unbounded so that a worker's reply never blocks or drops
+        self._results_send, self._results_recv = trio.open_memory_channel[outcome.Outcome](math.inf)
+        self._inflight: dict[str, tuple[_Job, Worker]] = {}
+        self._busy: set[Worker] = set()
+        self._cancelled: set[str] = set()
+        self._changed = trio.Event()
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.stopped = trio.Event()
@@ -92,7 +98,7 @@ class Pool:
     def snapshot(self) -> PoolSnapshot:
         return PoolSnapshot(name=self.spec.name, replicas=len(self.members),
                             queued=self.jobs_send.statistics().current_buffer_used,
-                            workers=[m.worker.snapshot() for m in self.members])
+                            workers=[w.snapshot() for w in self.members])
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         structlog.contextvars.bind_contextvars(actor="pool", pool=self.spec.name)
@@ -100,6 +106,8 @@ class Pool:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._grow(self.spec.replicas)
+                nursery.start_soon(self._dispatcher)
+                nursery.start_soon(self._collector)
                 task_status.started(PoolHandle(self))
                 await self.stopped.wait()
                 await self._shrink(0)
@@ -109,18 +117,37 @@ class Pool:
 
     def _fail_queued(self) -> None:
         self.jobs_send.close()
+        pending = [job for job, _ in self._inflight.values()]
         while True:
             try:
-                job = self.jobs_recv.receive_nowait()
+                pending.append(self.jobs_recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+        for job in pending:
             reply_value(job.reply, TaskResult(task_id=job.task.task_id, status="cancelled",
-                                              error=f"pool {self.spec.name} stopped",
-                                              attempts=job.attempts))
+                                              error=f"pool {self.spec.name} stopped", attempts=job.attempts))
         self.jobs_recv.close()
 
     async def stop(self) -> None:
         self.stopped.set()
+
+    def cancel(self, task_id: str) -> None:
+        """The caller gave up on a task: drop it if queued, cancel it in its container if running."""
+        if task_id in self._inflight:
+            _, worker = self._inflight[task_id]
+            try:
+                worker.mailbox.send_nowait(CancelTaskRequest(task_id=task_id))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        else:
+            self._cancelled.add(task_id)
+
+    def _notify(self, worker: Worker | None = None) -> None:
+        if worker is not None and worker.state in ("stopped", "failed") and worker in self.members:
+            self.members.remove(worker)
+            self._busy.discard(worker)
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def scale(self, replicas: int) -> None:
         async with self._scale_lock:
@@ -136,14 +163,14 @@ class Pool:
 
         async def one() -> None:
             wid = f"{self.spec.name}-{next(self._ids)}"
-            spec = msgspec.structs.replace(self.spec.worker, id=wid)
-            member = _Member(self._make_worker(spec, pool=self.spec.name))
-            self.members.append(member)
+            worker = self._make_worker(msgspec.structs.replace(self.spec.worker, id=wid), pool=self.spec.name)
+            worker.listeners.append(self._notify)
+            self.members.append(worker)
             try:
-                member.handle = await self._nursery.start(self._member, member)
+                await self._nursery.start(worker.run)
             except Exception as exc:
-                if member in self.members:
-                    self.members.remove(member)
+                if worker in self.members:
+                    self.members.remove(worker)
                 errors.append(unwrap_single(exc))
 
         async with trio.open_nursery() as starter:
@@ -155,51 +182,75 @@ class Pool:
     async def _shrink(self, keep: int) -> None:
         going = self.members[keep:]
         async with trio.open_nursery() as n:
-            for m in going:
-                if m.handle is not None:
-                    n.start_soon(m.handle.stop)
-        for m in going:
-            m.scope.cancel()
-            if m in self.members:
-                self.members.remove(m)
+            for w in going:
+                n.start_soon(WorkerHandle(w).stop)
 
-    async def _member(self, member: _Member, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with member.scope:
-            async with trio.open_nursery() as n:
-                handle = await n.start(member.worker.run)
-                n.start_soon(self._feeder, handle)
-                task_status.started(handle)
-        if member in self.members:
-            self.members.remove(member)
-
-    async def _feeder(self, handle: WorkerHandle) -> None:
-        """Takes a job only while its worker is READY, so jobs go to idle workers."""
+    async def _idle_worker(self) -> Worker:
         while True:
-            try:
-                await handle.wait_ready()
-            except WorkerGone:
-                return
+            for w in self.members:
+                if w not in self._busy and w.state == "ready":
+                    return w
+            await self._changed.wait()
+
+    async def _dispatcher(self) -> None:
+        while True:
+            # take a job only once a worker is free, so the queue bound is exactly queue_size
+            await self._idle_worker()
             try:
                 job = await self.jobs_recv.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            job.attempts += 1
-            try:
-                res = await handle.run(msgspec.structs.replace(job.task, max_attempts=1))
-            except WorkerGone:
-                job.attempts -= 1
-                await self._requeue(job)
-                return
-            if res.status == "worker_died" and job.attempts < job.task.max_attempts:
-                log.info("task_redelivered", task_id=job.task.task_id, attempts=job.attempts)
-                await self._requeue(job)
+            if job.task.task_id in self._cancelled:
+                self._cancelled.discard(job.task.task_id)
                 continue
-            reply_value(job.reply, msgspec.structs.replace(res, attempts=job.attempts))
+            worker = await self._idle_worker()
+            self._busy.add(worker)
+            job.attempts += 1
+            self._inflight[job.task.task_id] = (job, worker)
+            try:
+                await worker.mailbox.send(RunTaskRequest(task=msgspec.structs.replace(job.task, max_attempts=1),
+                                                         reply=self._results_send))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._inflight.pop(job.task.task_id, None)
+                self._busy.discard(worker)
+                job.attempts -= 1
+                self._requeue(job)
 
-    async def _requeue(self, job: _Job) -> None:
+    async def _collector(self) -> None:
+        async for result in self._results_recv:
+            try:
+                res: TaskResult = result.unwrap()
+            except Exception:   # workers answer RunTaskRequests with TaskResults only
+                continue
+            entry = self._inflight.pop(res.task_id, None)
+            if entry is None:
+                continue
+            job, worker = entry
+            self._busy.discard(worker)
+            self._notify()
+            gone = worker.finished.is_set() and res.status == "cancelled" and res.task_id not in self._cancelled
+            if gone:                 # the worker was stopped (scale-down) before running it
+                job.attempts -= 1
+                self._requeue(job)
+            elif res.status == "worker_died" and job.attempts < job.task.max_attempts:
+                log.info("task_redelivered", task_id=job.task.task_id, attempts=job.attempts)
+                self._requeue(job)
+            else:
+                reply_value(job.reply, msgspec.structs.replace(res, attempts=job.attempts))
+
+    def _requeue(self, job: _Job) -> None:
+        try:
+            self.jobs_send.send_nowait(job)
+        except trio.WouldBlock:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._requeue_wait, job)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            reply_value(job.reply, TaskResult(task_id=job.task.task_id, status="cancelled",
+                                              error=f"pool {self.spec.name} stopped", attempts=job.attempts))
+
+    async def _requeue_wait(self, job: _Job) -> None:
         try:
             await self.jobs_send.send(job)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reply_value(job.reply, TaskResult(task_id=job.task.task_id, status="cancelled",
-                                              error=f"pool {self.spec.name} stopped",
-                                              attempts=job.attempts))
+                                              error=f"pool {self.spec.name} stopped", attempts=job.attempts))

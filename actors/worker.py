@@ -8,6 +8,7 @@ States: pending -> building -> creating -> starting -> ready <-> busy -> backoff
 from __future__ import annotations
 
 import collections
+import math
 import hashlib
 import random
 import time
@@ -41,7 +42,6 @@ from runtime.messages import (
     RunTaskRequest,
     SnapshotRequest,
     StopRequest,
-    drain_mailbox,
     reply_error,
     reply_to,
     reply_value,
@@ -66,6 +66,7 @@ from runtime.specs import Task, WorkerSpec, new_worker_id
 log = structlog.get_logger("corral.worker")
 
 LOG_TAIL = 4096
+MAX_DEATHS = 10
 EX_CONFIG = 78
 _spec_json = msgspec.json.Encoder(order="sorted").encode
 
@@ -96,8 +97,6 @@ class _Life:
     container_id: str
     name: str
     generation: int
-    out: trio.MemorySendChannel
-    out_recv: trio.MemoryReceiveChannel
     created_at: float
     ready_at: float | None = None
     ready: bool = False
@@ -108,7 +107,7 @@ class _Life:
     fatal_reason: str | None = None
     tail: bytearray = field(default_factory=bytearray)
     last_frame: float = 0.0
-    heartbeat_scope: trio.CancelScope | None = None
+    att: Any = None
     kill_sent: bool = False
 
     def end(self, kind: str, reason: str = "") -> None:
@@ -225,7 +224,8 @@ class Worker:
         self.restarts = 0
         self.image_id: str | None = None
         self.image_tag: str | None = None
-        self.deaths: Deque[DeathCertificate] = collections.deque(maxlen=10)
+        self.deaths: list[DeathCertificate] = []
+        """the most recent deaths, oldest first (at most MAX_DEATHS)"""
         self.current_backoff_s = 0.0
         self.next_backoff_s = 0.0
         self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
@@ -233,9 +233,10 @@ class Worker:
         self._life: _Life | None = None
         self._pending: Deque[_Pending] = collections.deque()
         self._current: _Pending | None = None
-        self._ready_event = trio.Event()
         self._changed = trio.Event()
-        self._restart_times: Deque[float] = collections.deque()
+        self.listeners: list[Any] = []
+        """called with this worker at every state change (pools use it; must not block)"""
+        self._restart_times: list[float] = []
         self._consecutive = 0
         self._stop: StopRequest | None = None
         self._stop_event = trio.Event()
@@ -258,10 +259,7 @@ class Worker:
                               next_backoff_s=self.next_backoff_s, deaths=list(self.deaths))
 
     async def wait_ready(self) -> None:
-        while self.state not in ("ready", "busy"):
-            if self.finished.is_set():
-                raise WorkerGone(f"worker {self.id} has stopped")
-            await self._ready_event.wait()
+        await self.wait_until(lambda i: i.state in ("ready", "busy"))
 
     async def wait_until(self, predicate) -> WorkerInfo:
         """Wait until ``predicate(self.info())`` holds (checked at every state change)."""
@@ -280,12 +278,8 @@ class Worker:
         log.info("worker_state", state=state, previous=old)
         self._changed.set()
         self._changed = trio.Event()
-        if state in ("ready", "busy"):
-            self._ready_event.set()
-        elif old in ("ready", "busy"):
-            self._ready_event = trio.Event()
-        if state in ("stopped", "failed"):
-            self._ready_event.set()
+        for listener in self.listeners:
+            listener(self)
 
     # -- the actor -----------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -328,7 +322,17 @@ class Worker:
             reply_error(r, WorkerGone(why))
         if self._stop is not None:
             reply_value(self._stop.reply, None)
-        drain_mailbox(self._recv, why)
+        while True:   # answer what is still queued; a task gets a TaskResult, never an exception
+            try:
+                msg = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if isinstance(msg, RunTaskRequest):
+                reply_value(msg.reply, TaskResult(task_id=msg.task.task_id, status="cancelled", error=why,
+                                                  attempts=0, worker_id=self.id))
+            else:
+                reply_error(reply_to(msg), WorkerGone(why))
+        self._recv.close()
         self.finished.set()
         self._changed.set()
 
@@ -350,9 +354,9 @@ class Worker:
             match msg:
                 case RunTaskRequest(task=task, reply=reply):
                     self._pending.append(_Pending(task, reply))
-                    self._dispatch()
+                    await self._dispatch()
                 case CancelTaskRequest(task_id=tid):
-                    self._cancel(tid)
+                    await self._cancel(tid)
                 case InfoRequest(reply=reply):
                     reply_value(reply, self.info())
                 case SnapshotRequest(reply=reply):
@@ -377,7 +381,15 @@ class Worker:
                     reply_error(reply_to(msg), CorralError(f"worker cannot handle {type(msg).__name__}"))
 
     # -- tasks ---------------------------------------------------------------------------------
-    def _dispatch(self) -> None:
+    async def _send(self, life: _Life, frame) -> None:
+        """Write one frame to the wrapper's stdin. A failed write means the container is going
+        away: its death is noticed (and classified) by the reader at EOF."""
+        try:
+            await life.att.send(encode_frame(frame))
+        except EngineError as exc:
+            log.debug("stdin_write_failed", error=str(exc))
+
+    async def _dispatch(self) -> None:
         life = self._life
         if self._current is not None or not self._pending or life is None or not life.ready \
                 or life.ended.is_set() or self.state != "ready":
@@ -387,13 +399,10 @@ class Worker:
         p.started_at = trio.current_time()
         self._current = p
         self._set_state("busy")
-        try:
-            life.out.send_nowait(encode_frame(RunTask(task_id=p.task.task_id, prompt=p.task.prompt,
-                                                      args=p.task.args, timeout_s=p.task.timeout_s)))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            life.end("protocol", "cannot write to the wrapper's stdin")
+        await self._send(life, RunTask(task_id=p.task.task_id, prompt=p.task.prompt, args=p.task.args,
+                                       timeout_s=p.task.timeout_s))
 
-    def _cancel(self, task_id: str) -> None:
+    async def _cancel(self, task_id: str) -> None:
         for p in list(self._pending):
             if p.task.task_id == task_id:
                 self._pending.remove(p)
@@ -401,12 +410,9 @@ class Worker:
                                                 attempts=p.attempts, worker_id=self.id))
                 return
         if self._current and self._current.task.task_id == task_id and self._life:
-            try:
-                self._life.out.send_nowait(encode_frame(CancelTask(task_id=task_id)))
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
+            await self._send(self._life, CancelTask(task_id=task_id))
 
-    def _task_done(self, frame: TaskDone) -> None:
+    async def _task_done(self, frame: TaskDone) -> None:
         p = self._current
         if p is None or p.task.task_id != frame.task_id:
             log.warning("task_done_unknown", task_id=frame.task_id)
@@ -420,7 +426,7 @@ class Worker:
         log.debug("task_done", task_id=frame.task_id, status=status)
         if self.state == "busy":
             self._set_state("ready")
-        self._dispatch()
+        await self._dispatch()
 
     def _on_death(self, cert: DeathCertificate) -> None:
         """The in-flight task: redelivered after the restart if it has attempts left, else it
@@ -462,6 +468,7 @@ class Worker:
             decision, delay = self._decide(cert)
             cert = msgspec.structs.replace(cert, restart_in_s=delay if decision == "restart" else None)
             self.deaths.append(cert)
+            del self.deaths[:-MAX_DEATHS]
             self._on_death(cert)
             log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
                         ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
@@ -499,8 +506,7 @@ class Worker:
         if cert.cause == "config_error":
             return "give_up", 0.0       # not retried in a loop: the same config fails the same way
         now = trio.current_time()
-        while self._restart_times and now - self._restart_times[0] > policy.within_s:
-            self._restart_times.popleft()
+        self._restart_times = [t for t in self._restart_times if now - t <= policy.within_s]
         if len(self._restart_times) >= policy.max_restarts:
             return "give_up", 0.0
         self._restart_times.append(now)
@@ -576,9 +582,8 @@ class Worker:
                     cid = await self._create(self.container_config(self.image_id, gen), name)
                 except EngineError as exc:
                     return "died", self._engine_cert(None, gen, exc, t_create, wall_create)
-                out_send, out_recv = trio.open_memory_channel[bytes](256)
-                life = _Life(container_id=cid, name=name, generation=gen, out=out_send,
-                             out_recv=out_recv, created_at=t_create, last_frame=t_create)
+                life = _Life(container_id=cid, name=name, generation=gen, created_at=t_create,
+                             last_frame=t_create)
                 self._life = life
                 structlog.contextvars.bind_contextvars(container_id=cid[:12])
                 stack.push_async_callback(self._remove_container, cid)
@@ -586,13 +591,12 @@ class Worker:
                 if self.watcher is not None:
                     stack.callback(self.watcher.forget, cid)
                 try:
-                    att = await stack.enter_async_context(self.engine.attach(cid))
+                    att = life.att = await stack.enter_async_context(self.engine.attach(cid))
                 except EngineError as exc:
                     return "died", await self._certify(life, watch, exc, wall_create)
                 nursery = await stack.enter_async_context(trio.open_nursery())
                 stack.callback(nursery.cancel_scope.cancel)
                 nursery.start_soon(self._reader, life, att)
-                nursery.start_soon(self._writer, life, att)
                 self._set_state("starting")
                 try:
                     await self.engine.container_start(cid)
@@ -613,8 +617,7 @@ class Worker:
                 log.info("worker_ready", name=name, startup_s=round(trio.current_time() - t_create, 3))
                 if task_status is not None:
                     task_status.started(handle)
-                nursery.start_soon(self._watchdog, life)
-                self._dispatch()
+                await self._dispatch()
                 await life.ended.wait()
             kind = life.end_kind
             if kind in ("restart", "stop"):
@@ -635,10 +638,9 @@ class Worker:
 
     async def _graceful_end(self, life: _Life) -> None:
         grace = self._stop.grace_s if (self._stop and self._stop.grace_s is not None) else self.spec.stop_grace_s
-        try:
-            life.out.send_nowait(encode_frame(Shutdown(grace_s=grace)))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        if life.att is not None and life.end_kind != "died":
+            with trio.move_on_after(1.0):
+                await self._send(life, Shutdown(grace_s=grace))
         with trio.move_on_after(grace + 1.0) as cs:
             try:
                 await self.engine.container_wait(life.container_id)
@@ -678,30 +680,30 @@ class Worker:
         self._removed = {cid: result}
         return result
 
-    async def _writer(self, life: _Life, att) -> None:
-        async with life.out_recv:
-            async for data in life.out_recv:
-                try:
-                    await att.send(data)
-                except EngineError as exc:
-                    log.debug("stdin_write_failed", error=str(exc))
-                    return
-
     async def _reader(self, life: _Life, att) -> None:
         splitter = LineSplitter()
+        timeout = self.spec.heartbeat_timeout_s
         try:
-            async for stream, data in att.output:
+            while True:
+                # once READY, any frame (heartbeats included) must come within heartbeat_timeout_s
+                with trio.move_on_at(life.last_frame + timeout if life.ready else math.inf) as cs:
+                    try:
+                        stream, data = await att.output.receive()
+                    except (trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                if cs.cancelled_caught:
+                    log.error("heartbeat_missed", timeout_s=timeout)
+                    life.end("hung", f"no heartbeat for {timeout} s")
+                    return
                 if stream != STDOUT:
                     life.add_tail(data)
                     continue
                 for line in splitter.feed(data):
                     frame = decode_wrapper_frame(line)
                     life.last_frame = trio.current_time()
-                    if life.heartbeat_scope is not None:
-                        life.heartbeat_scope.deadline = life.last_frame + self.spec.heartbeat_timeout_s
-                    if not isinstance(frame, Heartbeat):
+                    if not isinstance(frame, (Heartbeat, TaskOutput)):
                         life.add_tail(line + b"\n")
-                    self._on_frame(life, frame)
+                    await self._on_frame(life, frame)
         except ProtocolError as exc:
             log.error("protocol_error", error=str(exc))
             life.end("protocol", str(exc))
@@ -709,7 +711,7 @@ class Worker:
             return
         life.end("died", "output closed")
 
-    def _on_frame(self, life: _Life, frame) -> None:
+    async def _on_frame(self, life: _Life, frame) -> None:
         match frame:
             case Heartbeat():
                 pass
@@ -720,22 +722,13 @@ class Worker:
                 life.ready_at = trio.current_time()
                 life.settled.set()
             case TaskDone():
-                self._task_done(frame)
+                await self._task_done(frame)
             case TaskStarted() | TaskOutput():
                 pass
             case Fatal(reason=reason):
                 life.fatal_reason = reason
             case _:
                 raise ProtocolError(f"unexpected frame {type(frame).__name__}")
-
-    async def _watchdog(self, life: _Life) -> None:
-        with trio.CancelScope(deadline=life.last_frame + self.spec.heartbeat_timeout_s) as cs:
-            life.heartbeat_scope = cs
-            await life.ended.wait()
-            return
-        if not life.ended.is_set():
-            log.error("heartbeat_missed", timeout_s=self.spec.heartbeat_timeout_s)
-            life.end("hung", f"no heartbeat for {self.spec.heartbeat_timeout_s} s")
 
     def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float, wall: float
                      ) -> DeathCertificate:

@@ -10,7 +10,10 @@ import structlog
 _configured = False
 
 
-def configure_logging(level: str | int = "INFO", *, json: bool | None = None, force: bool = False) -> None:
+def configure_logging(level: str | int = "INFO", *, json: bool | None = None, force: bool = False,
+                      cache: bool = True) -> None:
+    """Configure structlog for corral. ``cache=False`` keeps loggers re-configurable (tests that
+    capture logs need that); cached loggers make filtered-out calls nearly free."""
     global _configured
     if _configured and not force:
         return
@@ -31,7 +34,7 @@ def configure_logging(level: str | int = "INFO", *, json: bool | None = None, fo
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )
     _configured = True
 

@@ -58,8 +58,8 @@ class WorkerSpec(_Config):
     pids_limit: Annotated[int, Meta(ge=16)] = 512
     read_only_rootfs: bool = False
     startup_timeout_s: Pos = 30.0
-    heartbeat_s: Pos = 1.0
-    heartbeat_timeout_s: Pos = 10.0
+    heartbeat_s: Pos = 5.0
+    heartbeat_timeout_s: Pos = 30.0
     """no frame from the wrapper for this long: the worker is hung (killed and restarted)"""
     stop_grace_s: NonNeg = 5.0
 

@@ -455,26 +455,29 @@ class FakeEngine:
                 await trio.sleep(self.ready_delay)
             say(_frame("ready", worker_id=env.get("CORRAL_WORKER_ID", ""), agent=env.get("CORRAL_AGENT", ""),
                        agent_version="fake", wrapper_version="fake", pid=1))
-            async with trio.open_nursery() as n:
-                n.start_soon(self._heartbeats, c, say, float(env.get("CORRAL_HEARTBEAT_S", "1")))
-                code = await self._serve(c, say, n)
+            async with trio.open_nursery() as n:   # holds the tasks the wrapper runs
+                code = await self._serve(c, say, n, float(env.get("CORRAL_HEARTBEAT_S", "1")))
                 n.cancel_scope.cancel()
             self._exit(c, code)
 
-    async def _heartbeats(self, c: FakeContainer, say, interval: float) -> None:
-        seq = 0
-        while True:
-            await trio.sleep(interval)
-            if not c.hung:
-                seq += 1
-                say(_frame("heartbeat", seq=seq))
-
-    async def _serve(self, c: FakeContainer, say, nursery: trio.Nursery) -> int:
+    async def _serve(self, c: FakeContainer, say, nursery: trio.Nursery, interval: float) -> int:
         recv = c._stdin_recv  # type: ignore[attr-defined]
         running: dict[str, trio.CancelScope] = {}
         buf = b""
-        async for data in recv:
-            buf += data
+        seq = 0
+        next_beat = trio.current_time() + interval
+        while True:
+            with trio.move_on_at(next_beat):
+                try:
+                    data = await recv.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return 0
+                buf += data
+            if trio.current_time() >= next_beat:
+                next_beat += interval
+                if not c.hung:
+                    seq += 1
+                    say(_frame("heartbeat", seq=seq))
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 if not line.strip() or c.hung:
@@ -494,7 +497,6 @@ class FakeEngine:
                         while running:
                             await trio.sleep(0.01)
                     return 0
-        return 0
 
     async def _task(self, c: FakeContainer, say, frame: RunTask, running: dict) -> None:
         t0 = trio.current_time()

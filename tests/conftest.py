@@ -3,7 +3,7 @@ import structlog
 
 from runtime.logging import configure_logging
 
-configure_logging("INFO", json=True)
+configure_logging("INFO", json=True, cache=False)
 
 
 @pytest.fixture(autouse=True)

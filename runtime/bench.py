@@ -1,0 +1,317 @@
+"""`corral bench`: corral measured side by side with what users would do instead, in one run,
+on the same engine and image. Prints medians, p95 and the ratio; `--json FILE` keeps them.
+
+Scenarios (see BENCHMARKS.md for what limits each number):
+  restart   kill -> replacement READY, vs Docker's own `--restart on-failure` (kill -> start event)
+  spawn     N workers from a cached image to READY, vs N parallel `docker run -d`
+  task      a trivial task on a READY worker, vs `docker exec <container> true`
+  scale     10,000 workers on FakeEngine (time to READY, RSS per worker); 100 idle real workers' CPU
+  mailbox   actor ask/reply round trips per second, vs a bare trio memory channel round trip
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import trio
+
+QUICK = {"restart": 3, "spawn": 10, "task": 30, "exec": 10, "fake": 1000, "idle": 10, "idle_s": 5.0,
+         "mailbox": 20_000}
+FULL = {"restart": 10, "spawn": 50, "task": 300, "exec": 50, "fake": 10_000, "idle": 100, "idle_s": 60.0,
+        "mailbox": 200_000}
+
+
+def pct(values: list[float], p: float) -> float:
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "p95": pct(values, 95), "n": len(values)}
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Bench:
+    def __init__(self, sizes: dict[str, Any], engine_url: str | None) -> None:
+        self.sizes = sizes
+        self.engine_url = engine_url
+        self.name = "bench" + uuid.uuid4().hex[:6]
+        self.results: dict[str, Any] = {}
+
+    def report(self, key: str, **data: Any) -> None:
+        self.results[key] = data
+        print(f"\n[{key}]", flush=True)
+        for k, v in data.items():
+            if isinstance(v, dict):
+                v = "  ".join(f"{kk}={vv:.4g}" if isinstance(vv, float) else f"{kk}={vv}" for kk, vv in v.items())
+            elif isinstance(v, float):
+                v = f"{v:.4g}"
+            print(f"  {k:28} {v}", flush=True)
+
+    # -- helpers -------------------------------------------------------------------------------
+    async def docker(self, *args: str) -> str:
+        p = await trio.run_process(["docker", *args], capture_stdout=True, capture_stderr=True, check=False)
+        if p.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)}: {p.stderr.decode().strip()}")
+        return p.stdout.decode().strip()
+
+    def docker_run_args(self, image: str, *extra: str) -> list[str]:
+        return ["run", "-d", "-i", "--network", "none", "--label", f"corral.supervisor={self.name}",
+                "--label", "corral.bench=1", "-e", "CORRAL_WORKER_ID=bench", "-e", "CORRAL_AGENT=shell",
+                *extra, image]
+
+    async def cleanup(self, engine) -> None:
+        from .testing import remove_containers
+        await remove_containers(engine, self.name)
+
+    # -- scenarios -----------------------------------------------------------------------------
+    async def restart(self, sup, engine, image: str) -> None:
+        from .specs import Backoff, RestartPolicy, WorkerSpec
+        n = self.sizes["restart"]
+        w = await sup.spawn(WorkerSpec(agent="shell", restart=RestartPolicy(
+            max_restarts=1000, backoff=Backoff(stable_s=0.5))))
+        corral = []
+        for _ in range(n):
+            await trio.sleep(1.0)      # a stable period: the next restart is the "first" one
+            info = await w.info()
+            pid = (await engine.container_inspect(info.container_id))["State"]["Pid"]
+            t0 = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            await w.wait_until(lambda i: i.generation > info.generation and i.state == "ready")
+            corral.append(time.perf_counter() - t0)
+        await w.stop()
+        docker = []
+        for _ in range(n):
+            cid = await self.docker(*self.docker_run_args(image, "--restart", "on-failure"))
+            await trio.sleep(1.0)
+            pid = (await engine.container_inspect(cid))["State"]["Pid"]
+            async with engine.events(filters={"type": ["container"], "event": ["start"],
+                                              "container": [cid]}) as events:
+                t0 = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+                async for ev in events.receive:
+                    docker.append(time.perf_counter() - t0)
+                    break
+            await engine.container_remove(cid, force=True)
+        c, d = summary(corral), summary(docker)
+        self.report("restart", corral_s=c, docker_restart_policy_s=d,
+                    ratio_corral_over_docker=c["median"] / d["median"],
+                    target="corral <= 1.5x docker and < 0.6 s",
+                    met=c["median"] <= 1.5 * d["median"] and c["median"] < 0.6)
+
+    async def spawn(self, sup, engine, image: str) -> None:
+        from .specs import PoolSpec, WorkerSpec
+        n = self.sizes["spawn"]
+        t0 = time.perf_counter()
+        pool = await sup.start_pool(PoolSpec(name="spawn", replicas=n, worker=WorkerSpec(agent="shell")))
+        corral_s = time.perf_counter() - t0
+        await sup.stop_child("pool:spawn")
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(self.docker, *self.docker_run_args(image))
+        cli_s = time.perf_counter() - t0
+        await self.cleanup(engine)
+        c_rate, d_rate = n / corral_s, n / cli_s
+        self.report("spawn", workers=n, corral_to_ready_s=corral_s, corral_per_s=c_rate,
+                    docker_run_d_s=cli_s, docker_run_d_per_s=d_rate, ratio_corral_over_cli=c_rate / d_rate,
+                    target="corral rate >= 0.9x the CLI's", met=c_rate >= 0.9 * d_rate)
+        del pool
+
+    async def task(self, sup, engine, image: str) -> None:
+        from .specs import Task, WorkerSpec
+        w = await sup.spawn(WorkerSpec(agent="shell"))
+        for _ in range(3):
+            await w.run(Task(prompt="true"))
+        corral = []
+        for _ in range(self.sizes["task"]):
+            t0 = time.perf_counter()
+            r = await w.run(Task(prompt="true"))
+            corral.append(time.perf_counter() - t0)
+            assert r.status == "ok", r
+        cid = (await w.info()).container_id
+        docker = []
+        for _ in range(self.sizes["exec"]):
+            t0 = time.perf_counter()
+            await self.docker("exec", cid, "true")
+            docker.append(time.perf_counter() - t0)
+        await w.stop()
+        c, d = summary(corral), summary(docker)
+        self.report("task", corral_s=c, docker_exec_s=d, speedup=d["median"] / c["median"],
+                    target="corral >= 5x faster", met=d["median"] / c["median"] >= 5)
+
+    async def idle(self, sup, engine, image: str) -> None:
+        from .specs import PoolSpec, WorkerSpec
+        n, secs = self.sizes["idle"], self.sizes["idle_s"]
+        await sup.start_pool(PoolSpec(name="idle", replicas=n, worker=WorkerSpec(agent="shell")))
+        await trio.sleep(2.0)
+        c0, t0 = time.process_time(), time.perf_counter()
+        await trio.sleep(secs)
+        cpu = (time.process_time() - c0) / (time.perf_counter() - t0) * 100
+        await sup.stop_child("pool:idle")
+        self.report("idle", workers=n, seconds=secs, supervisor_cpu_percent_of_one_core=cpu,
+                    target="< 2% of one core", met=cpu < 2.0)
+
+    def scale_fake(self) -> None:
+        n = self.sizes["fake"]
+
+        def child(mode: str) -> dict[str, float]:
+            out = subprocess.run([sys.executable, "-m", "runtime.bench", "--scale-child", str(n), mode],
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "CORRAL_LOG_LEVEL": "ERROR"})
+            if out.returncode != 0:
+                raise RuntimeError(f"scale child ({mode}) failed: {out.stderr[-2000:]}")
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        total, engine = child("corral"), child("engine")
+        per_total = total["rss_kib_delta"] / n
+        per_engine = engine["rss_kib_delta"] / n
+        per_sup = per_total - per_engine
+        self.report("scale", workers=n, time_to_all_ready_s=total["ready_s"],
+                    rss_kib_per_worker_total=per_total, rss_kib_per_container_fake_engine=per_engine,
+                    rss_kib_per_worker_supervisor=per_sup, stop_all_s=total["stop_s"],
+                    target="10,000 to READY under 20 s; supervisor under 30 KiB per worker",
+                    met=total["ready_s"] * (10_000 / n) < 20 and per_sup < 30)
+
+    async def mailbox(self) -> None:
+        from .api import open_supervisor
+        from .messages import InfoRequest, ask
+        from .specs import SupervisorConfig, WorkerSpec
+        from .testing import FakeEngine
+        m = self.sizes["mailbox"]
+        async with FakeEngine() as engine:
+            async with open_supervisor(SupervisorConfig(name="mb"), engine=engine) as sup:
+                w = await sup.spawn(WorkerSpec(heartbeat_s=3600, heartbeat_timeout_s=7200))
+                mailbox = w._actor.mailbox
+                t0 = time.perf_counter()
+                for _ in range(m):
+                    await ask(mailbox, lambda r: InfoRequest(reply=r))
+                actor_s = time.perf_counter() - t0
+        req_s, req_r = trio.open_memory_channel(0)
+        rep_s, rep_r = trio.open_memory_channel(0)
+
+        async def echo() -> None:
+            async for x in req_r:
+                await rep_s.send(x)
+        async with trio.open_nursery() as n:
+            n.start_soon(echo)
+            t0 = time.perf_counter()
+            for i in range(m):
+                await req_s.send(i)
+                await rep_r.receive()
+            bare_s = time.perf_counter() - t0
+            n.cancel_scope.cancel()
+        self.report("mailbox", round_trips=m, actor_ask_per_s=m / actor_s, bare_channel_per_s=m / bare_s,
+                    ratio_actor_over_bare=(m / actor_s) / (m / bare_s),
+                    target="reported (no target)", met=True)
+
+    async def run(self, only: list[str] | None) -> dict[str, Any]:
+        from .api import open_supervisor
+        from .engine import open_engine
+        from .specs import SupervisorConfig
+        want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox"])
+        print(f"corral bench ({'quick' if self.sizes is QUICK else 'full'}) on {platform.node()}: "
+              f"{os.cpu_count()} cores, python {platform.python_version()}", flush=True)
+        if "mailbox" in want:
+            await self.mailbox()
+        if "scale" in want:
+            await trio.to_thread.run_sync(self.scale_fake)
+        async with open_engine(self.engine_url) as engine:
+            v = await engine.version()
+            self.results["engine"] = {"version": v.get("Version"), "api": v.get("ApiVersion"),
+                                      "kernel": v.get("KernelVersion")}
+            try:
+                async with open_supervisor(SupervisorConfig(name=self.name, engine_url=self.engine_url,
+                                                            max_restarts=10_000), engine=engine) as sup:
+                    image = (await sup.builder.image_for("shell", [], False)).tag
+                    for key in ("restart", "spawn", "task", "idle"):
+                        if key in want:
+                            await getattr(self, key)(sup, engine, image)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.cleanup(engine)
+        return self.results
+
+
+async def _scale_child(n: int, mode: str) -> None:
+    """Runs in its own process so RSS is clean. mode "corral": N pool workers on FakeEngine;
+    mode "engine": the same N fake containers started and attached without corral (the in-memory
+    engine's own share, which a real deployment keeps in dockerd, not in the supervisor)."""
+    import gc
+    from contextlib import AsyncExitStack
+    from .api import open_supervisor
+    from .specs import PoolSpec, SupervisorConfig, WorkerSpec
+    from .testing import FakeEngine
+    gc.collect()
+    before = rss_kib()
+    async with FakeEngine() as engine:
+        t0 = time.perf_counter()
+        if mode == "engine":
+            image = engine.add_image("corral/worker-shell:bench")
+            async with AsyncExitStack() as stack:
+                for i in range(n):
+                    cid = await engine.container_create(
+                        {"Image": image, "Labels": {"corral.supervisor": "scale", "corral.worker": f"s-{i}"},
+                         "Env": [f"CORRAL_WORKER_ID=s-{i}", "CORRAL_AGENT=shell", "CORRAL_HEARTBEAT_S=1.0"]},
+                        name=f"corral-scale-s-{i}-1")
+                    await stack.enter_async_context(engine.attach(cid))
+                    await engine.container_start(cid)
+                await trio.sleep(0.5)
+                ready_s = time.perf_counter() - t0
+                gc.collect()
+                after = rss_kib()
+                t1 = time.perf_counter()
+                engine.go_down()
+        else:
+            async with open_supervisor(SupervisorConfig(name="scale", max_concurrent_starts=n),
+                                       engine=engine, rng=random.Random(0)) as sup:
+                await sup.start_pool(PoolSpec(name="s", replicas=n, queue_size=n,
+                                              worker=WorkerSpec(agent="shell")))
+                ready_s = time.perf_counter() - t0
+                await trio.sleep(0.5)
+                gc.collect()
+                after = rss_kib()
+                t1 = time.perf_counter()
+    stop_s = time.perf_counter() - t1
+    print(json.dumps({"ready_s": ready_s, "rss_kib_before": before, "rss_kib_after": after,
+                      "rss_kib_delta": after - before, "stop_s": stop_s}))
+
+
+def main(args) -> int:
+    sizes = QUICK if args.quick else FULL
+    bench = Bench(sizes, args.engine)
+    results = trio.run(bench.run, args.only)
+    missed = [k for k, v in results.items() if isinstance(v, dict) and v.get("met") is False]
+    print("\nsummary: " + ("all targets met" if not missed else f"missed: {', '.join(missed)}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"quick": args.quick, "cores": os.cpu_count(), "results": results}, f, indent=2,
+                      default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--scale-child":
+        from .logging import configure_logging
+        configure_logging(os.environ.get("CORRAL_LOG_LEVEL", "ERROR"))
+        trio.run(_scale_child, int(sys.argv[2]), sys.argv[3])
