@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Deque
 
+import msgspec
+import outcome
 import structlog
 import trio
 
@@ -99,6 +101,10 @@ class SupervisorHandle:
     async def snapshot(self) -> SupervisorSnapshot:
         return self._sup.snapshot()
 
+    async def wait_configured(self) -> None:
+        """Wait until the workers and pools named in the config are READY (or failed to start)."""
+        await self._sup.configured.wait()
+
     def worker(self, worker_id: str) -> WorkerHandle:
         w = self._sup.find_worker(worker_id)
         if w is None:
@@ -149,18 +155,13 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self.state = "starting"
         self.finished = trio.Event()
+        self.configured = trio.Event()
+        """set once the children named in the config have started (or failed to)"""
         self._stop_reply: Any = None
 
     # -- views -------------------------------------------------------------------------------
     def snapshot(self) -> SupervisorSnapshot:
-        kids = []
-        for c in sorted(self.children.values(), key=lambda c: c.order):
-            if c.kind == "worker":
-                kids.append(c.actor.snapshot())
-            elif c.kind == "pool":
-                kids.append(c.actor.snapshot())
-            else:
-                kids.append(c.actor.snapshot())
+        kids = [c.actor.snapshot() for c in sorted(self.children.values(), key=lambda c: c.order)]
         now = trio.current_time()
         return SupervisorSnapshot(name=self.config.name, strategy=self.config.strategy, state=self.state,
                                   restarts_in_window=sum(1 for t in self._restarts
@@ -173,7 +174,7 @@ class Supervisor:
             if c.kind == "worker":
                 out.append(c.actor)
             elif c.kind == "pool":
-                out.extend(m.worker for m in c.actor.members)
+                out.extend(c.actor.members)
             else:
                 out.extend(c.actor.all_workers())
         return out
@@ -190,10 +191,7 @@ class Supervisor:
                 self._nursery = nursery
                 self.state = "running"
                 task_status.started(SupervisorHandle(self))
-                for spec in self.config.workers:
-                    nursery.start_soon(self._start_worker, spec, None)
-                for pspec in self.config.pools:
-                    nursery.start_soon(self._start_pool, pspec, None)
+                nursery.start_soon(self._start_configured)
                 escalation = await self._loop()
                 self.state = "stopping"
                 await self._stop_children()
@@ -320,6 +318,29 @@ class Supervisor:
             return
         await self._stop_one(child)
         reply_value(reply, None)
+
+    async def _start_configured(self) -> None:
+        """The children named in the config start in the background (the loop serves meanwhile);
+        ``configured`` is set once each is READY or has failed to start (logged with its reason)."""
+        assert self._nursery is not None
+        nursery = self._nursery
+
+        async def one(start, spec) -> None:
+            send, recv = trio.open_memory_channel[outcome.Outcome](1)
+            nursery.start_soon(start, spec, send)
+            with recv:
+                try:
+                    (await recv.receive()).unwrap()
+                except Exception as exc:
+                    log.error("configured_child_failed", child=getattr(spec, "id", None) or getattr(spec, "name", None),
+                              error=str(exc), certificate=msgspec.to_builtins(getattr(exc, "certificate", None)))
+
+        async with trio.open_nursery() as n:
+            for spec in self.config.workers:
+                n.start_soon(one, self._start_worker, spec)
+            for pspec in self.config.pools:
+                n.start_soon(one, self._start_pool, pspec)
+        self.configured.set()
 
     # -- children ------------------------------------------------------------------------------
     def _make_worker(self, spec: WorkerSpec, pool: str | None = None) -> Worker:

@@ -42,6 +42,7 @@ from runtime.messages import (
     RunTaskRequest,
     SnapshotRequest,
     StopRequest,
+    ask,
     reply_error,
     reply_to,
     reply_value,
@@ -108,6 +109,7 @@ class _Life:
     tail: bytearray = field(default_factory=bytearray)
     last_frame: float = 0.0
     att: Any = None
+    started: bool = False
     kill_sent: bool = False
 
     def end(self, kind: str, reason: str = "") -> None:
@@ -192,16 +194,7 @@ class WorkerHandle:
         await self._actor.finished.wait()
 
     async def _ask(self, make) -> Any:
-        send, recv = trio.open_memory_channel[outcome.Outcome](1)
-        try:
-            await self._actor.mailbox.send(make(send))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise WorkerGone(f"worker {self.id} has stopped") from None
-        with recv:
-            try:
-                return (await recv.receive()).unwrap()
-            except trio.EndOfChannel:
-                raise WorkerGone(f"worker {self.id} has stopped") from None
+        return await ask(self._actor.mailbox, make, gone=f"worker {self.id} has stopped")
 
 
 class Worker:
@@ -287,7 +280,7 @@ class Worker:
         Raises WorkerStartupError (with the certificate) if that first container never is."""
         structlog.contextvars.bind_contextvars(actor="worker", worker_id=self.id)
         handle = WorkerHandle(self)
-        outcome_kind = "stopped"
+        outcome_kind = "stopped"     # also when cancelled or when the first start fails
         certs: list[DeathCertificate] = []
         try:
             async with trio.open_nursery() as nursery:
@@ -296,9 +289,6 @@ class Worker:
                     outcome_kind, certs = await self._lifecycle(task_status, handle)
                 finally:
                     nursery.cancel_scope.cancel()
-        except BaseException:
-            outcome_kind = "failed" if outcome_kind != "stopped" else outcome_kind
-            raise
         finally:
             self._finish(outcome_kind, certs)
             with trio.CancelScope(shield=True):
@@ -342,9 +332,11 @@ class Worker:
         with trio.move_on_after(5):
             try:
                 if kind == "failed":
-                    await self.parent.send(ChildFailed(child_id=self.id, certificates=certs,
-                                                       reason="restart budget spent"))
-                elif kind != "startup_failed":
+                    why = ("config_error: not retried" if certs and certs[-1].cause == "config_error"
+                           else f"restart budget spent: more than {self.spec.restart.max_restarts} "
+                                f"restarts within {self.spec.restart.within_s} s")
+                    await self.parent.send(ChildFailed(child_id=self.id, certificates=certs, reason=why))
+                else:
                     await self.parent.send(ChildExited(child_id=self.id))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
@@ -578,9 +570,16 @@ class Worker:
         async with AsyncExitStack() as stack:
             await self.start_limiter.acquire()
             try:
+                # the startup deadline counts from here (waiting for a start slot is corral's own
+                # throttle) and covers create, attach, start and the wait for READY
+                deadline = trio.current_time() + self.spec.startup_timeout_s
                 try:
-                    cid = await self._create(self.container_config(self.image_id, gen), name)
-                except EngineError as exc:
+                    with trio.fail_after(self.spec.startup_timeout_s):
+                        cid = await self._create(self.container_config(self.image_id, gen), name)
+                except (EngineError, trio.TooSlowError) as exc:
+                    if isinstance(exc, trio.TooSlowError):
+                        exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
+                        await self._remove_container(name)   # in case the engine made it after all
                     return "died", self._engine_cert(None, gen, exc, t_create, wall_create)
                 life = _Life(container_id=cid, name=name, generation=gen, created_at=t_create,
                              last_frame=t_create)
@@ -590,21 +589,21 @@ class Worker:
                 watch = self.watcher.watch(cid) if self.watcher is not None else None
                 if self.watcher is not None:
                     stack.callback(self.watcher.forget, cid)
-                try:
-                    att = life.att = await stack.enter_async_context(self.engine.attach(cid))
-                except EngineError as exc:
-                    return "died", await self._certify(life, watch, exc, wall_create)
                 nursery = await stack.enter_async_context(trio.open_nursery())
                 stack.callback(nursery.cancel_scope.cancel)
-                nursery.start_soon(self._reader, life, att)
-                self._set_state("starting")
-                try:
-                    await self.engine.container_start(cid)
-                except EngineError as exc:
-                    life.end("died", str(exc))
-                    return "died", await self._certify(life, watch, exc, wall_create)
-                log.debug("container_started", name=name)
-                with trio.move_on_after(self.spec.startup_timeout_s):
+                with trio.move_on_at(deadline):
+                    try:
+                        await nursery.start(self._attached, life)
+                    except EngineError as exc:
+                        return "died", await self._certify(life, watch, exc, wall_create)
+                    self._set_state("starting")
+                    try:
+                        await self.engine.container_start(cid)
+                    except EngineError as exc:
+                        life.end("died", str(exc))
+                        return "died", await self._certify(life, watch, exc, wall_create)
+                    life.started = True
+                    log.debug("container_started", name=name)
                     await life.settled.wait()
                 if not life.settled.is_set():
                     life.end("startup_timeout", f"not READY within {self.spec.startup_timeout_s} s")
@@ -680,6 +679,13 @@ class Worker:
         self._removed = {cid: result}
         return result
 
+    async def _attached(self, life: _Life, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Holds the container's attach stream for the life of the container, reading it."""
+        async with self.engine.attach(life.container_id) as att:
+            life.att = att
+            task_status.started()
+            await self._reader(life, att)
+
     async def _reader(self, life: _Life, att) -> None:
         splitter = LineSplitter()
         timeout = self.spec.heartbeat_timeout_s
@@ -744,7 +750,7 @@ class Worker:
         oom = False
         engine_problem: BaseException | None = exc
         removed = False
-        if exc is None and life.end_kind not in ("protocol",):
+        if exc is None and life.end_kind != "protocol" and life.started:
             try:
                 with trio.fail_after(10):
                     exit_code = await self.engine.container_wait(cid)
@@ -773,12 +779,12 @@ class Worker:
             cause = "hung"
         elif kind == "protocol":
             cause = "protocol_error"
+        elif kind == "startup_timeout":
+            cause = "startup_timeout"
         elif removed:
             cause, reason = "removed", "the container was removed out of band"
         elif isinstance(engine_problem, EngineUnavailable) or (engine_problem and exit_code is None):
             cause, reason = "engine_error", str(engine_problem)
-        elif kind == "startup_timeout":
-            cause = "startup_timeout"
         elif fatal.startswith("oom_killed") or oom:
             cause, oom = "oom_killed", True
             reason = reason or "killed by the kernel OOM killer"

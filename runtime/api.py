@@ -8,9 +8,33 @@ from typing import AsyncIterator
 
 import trio
 
-from .errors import SupervisorEscalation
+import structlog
+
+from .errors import ContainerNotFound, SupervisorEscalation
 from .specs import SupervisorConfig
 from .util import leaf_exceptions
+
+
+log = structlog.get_logger("corral.api")
+
+
+async def reap_stale_containers(engine, supervisor: str) -> int:
+    """Remove what a previous run of this supervisor left behind (a crashed process): containers
+    with its label that no longer run. Running ones are left alone and reported: they belong to a
+    live supervisor of the same name (names must be unique per engine)."""
+    removed = 0
+    for c in await engine.container_list(labels={"corral.supervisor": supervisor}):
+        if c.get("State") == "running":
+            log.warning("foreign_running_container", supervisor=supervisor, names=c.get("Names"),
+                        hint="another corral process uses this supervisor name")
+            continue
+        try:
+            await engine.container_remove(c["Id"], force=True)
+            removed += 1
+            log.info("stale_container_removed", supervisor=supervisor, names=c.get("Names"))
+        except ContainerNotFound:
+            pass
+    return removed
 
 
 @asynccontextmanager
@@ -34,6 +58,7 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None
             if engine is None:
                 from .engine import open_engine
                 engine = await stack.enter_async_context(open_engine(config.engine_url))
+            await reap_stale_containers(engine, config.name)
             async with trio.open_nursery() as nursery:
                 builder = await nursery.start(ImageBuilder(engine, base_image=config.base_image,
                                                            build_network=config.build_network).run)

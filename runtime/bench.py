@@ -272,7 +272,7 @@ async def _scale_child(n: int, mode: str) -> None:
                 for i in range(n):
                     cid = await engine.container_create(
                         {"Image": image, "Labels": {"corral.supervisor": "scale", "corral.worker": f"s-{i}"},
-                         "Env": [f"CORRAL_WORKER_ID=s-{i}", "CORRAL_AGENT=shell", "CORRAL_HEARTBEAT_S=1.0"]},
+                         "Env": [f"CORRAL_WORKER_ID=s-{i}", "CORRAL_AGENT=shell", "CORRAL_HEARTBEAT_S=5.0"]},
                         name=f"corral-scale-s-{i}-1")
                     await stack.enter_async_context(engine.attach(cid))
                     await engine.container_start(cid)

@@ -142,6 +142,11 @@ def cmd_run(args) -> int:
                     await n.start(serve_control, sup, sock)
                     log.info("corral_running", supervisor=config.name, socket=sock,
                              workers=len(config.workers), pools=len(config.pools))
+
+                    async def announce() -> None:
+                        await sup.wait_configured()
+                        log.info("configured_children_started", supervisor=config.name)
+                    n.start_soon(announce)
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                         async for signum in signals:
                             log.info("shutting_down", signal=signal.Signals(signum).name)

@@ -91,6 +91,9 @@ async def handle(sup, line: bytes) -> dict[str, Any]:
         return {"ok": False, "error": f"bad request: {exc}"}
     except CorralError as exc:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:   # a client must never take the supervisor down
+        log.exception("control_request_failed", request=line[:200].decode(errors="replace"))
+        return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
 
 async def call(path: str, request: dict[str, Any]) -> Any:

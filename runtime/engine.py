@@ -379,7 +379,19 @@ async def open_engine(url: str | None = None) -> AsyncIterator[DockerEngine]:
 @asynccontextmanager
 async def _open_engine(url: str) -> AsyncIterator[DockerEngine]:
     async with trio_asyncio.open_loop() as loop:
+        own: list[aiohttp.BaseConnector] = []   # connectors we made: aiodocker leaves those open
+
         async def make() -> aiodocker.Docker:
+            # Every attached worker holds one connection for its lifetime: aiohttp's default pool
+            # of 100 would deadlock the 100th worker's attach. No limit for the local socket.
+            if url.startswith("unix://"):
+                own.append(aiohttp.UnixConnector(url[len("unix://"):], limit=0))
+                docker = aiodocker.Docker(url=url, connector=own[0])
+                docker.docker_host = "unix://localhost"   # what aiodocker does with its own connector
+                return docker
+            if url.startswith(("tcp://", "http://")) and os.environ.get("DOCKER_TLS_VERIFY", "0") != "1":
+                own.append(aiohttp.TCPConnector(limit=0))
+                return aiodocker.Docker(url=url, connector=own[0])
             return aiodocker.Docker(url=url)
         try:
             docker = await aio_as_trio(make, loop=loop)()
@@ -397,3 +409,5 @@ async def _open_engine(url: str) -> AsyncIterator[DockerEngine]:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5):
                     await aio_as_trio(docker.close, loop=loop)()
+                    for connector in own:
+                        await aio_as_trio(connector.close, loop=loop)()

@@ -474,7 +474,7 @@ class FakeEngine:
                     return 0
                 buf += data
             if trio.current_time() >= next_beat:
-                next_beat += interval
+                next_beat = trio.current_time() + interval   # like the wrapper's sleep loop
                 if not c.hung:
                     seq += 1
                     say(_frame("heartbeat", seq=seq))

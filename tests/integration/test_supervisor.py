@@ -97,3 +97,14 @@ async def test_nested_supervisor_and_snapshot(engine, corral_name):
             inner_snap = snap.children[0]
             assert inner_snap.name == "inner" and [c.info.id for c in inner_snap.children] == ["a", "b"]
             assert inner_snap.children[0].deaths[0].cause == "killed"
+
+
+async def test_more_than_100_attached_workers(engine, corral_name):
+    """Each READY worker holds one engine connection; the 101st must not wait for a free one."""
+    with trio.fail_after(240):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            pool = await sup.start_pool(PoolSpec(name="big", replicas=105, worker=WorkerSpec(agent="shell")))
+            assert len(pool.workers) == 105
+            assert all(w.state == "ready" for w in pool.workers)
+            r = await pool.run(Task(prompt="echo 105"))
+            assert r.output == "105\n"

@@ -246,3 +246,25 @@ async def test_state_changes_are_logged_with_context(autojump_clock):
             w = await sup.spawn(WorkerSpec(id="ctx"))
     ready = [e for e in logs if e["event"] == "worker_state" and e["state"] == "ready"][0]
     assert ready["worker_id"] == "ctx" and ready["generation"] == 1 and ready["container_id"]
+
+
+async def test_leftovers_of_a_crashed_run_are_reaped_running_ones_kept(autojump_clock):
+    async with FakeEngine() as engine:
+        image = engine.add_image("corral/worker-shell:old")
+        dead = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t"}},
+                                             name="corral-t-w-old-1")
+        live = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t",
+                                              "corral.worker": "other"},
+                                              "Env": ["CORRAL_WORKER_ID=other"]}, name="corral-t-other-1")
+        async with engine.attach(live):
+            await engine.container_start(live)
+            mine = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "u"}},
+                                                 name="not-ours")
+            from runtime import open_supervisor
+            with capture_logs() as logs:
+                async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
+                    pass
+            assert dead not in engine.containers          # exited leftover: removed
+            assert live in engine.containers              # running: someone else's, kept
+            assert mine in engine.containers              # another supervisor's: untouched
+            assert any(e["event"] == "foreign_running_container" for e in logs)

@@ -169,3 +169,13 @@ async def test_protocol_error_is_the_workers_not_the_supervisors(autojump_clock)
         await wait_for_generation(w, 2)
         assert (await w.info()).last_death.cause == "protocol_error"
         assert (await w.run(Task(prompt="still fine"))).status == "ok"
+
+
+async def test_startup_deadline_covers_a_start_that_hangs(autojump_clock):
+    async with fake_supervisor(start_delay=1000) as (sup, engine):
+        t0 = trio.current_time()
+        with pytest.raises(WorkerStartupError) as ei:
+            await sup.spawn(WorkerSpec(startup_timeout_s=4))
+        assert ei.value.certificate.cause == "startup_timeout"
+        assert trio.current_time() - t0 == 4
+        assert not engine.containers
