@@ -135,6 +135,12 @@ class ImageBuilderHandle:
             agent=agent, capabilities=list(capabilities), stub_agent=stub_agent, reply=r),
             gone="the image builder has stopped")
 
+    def invalidate(self, tag: str | None) -> None:
+        """Forget that ``tag`` exists (a container create found it missing): the next request
+        for it looks at the engine again, and rebuilds if needed."""
+        if tag:
+            self._actor._known.pop(tag, None)
+
     def statistics(self) -> BuilderStats:
         return BuilderStats(**vars(self._actor.stats))
 

@@ -19,7 +19,7 @@ from runtime.errors import EngineError
 log = structlog.get_logger("corral.watcher")
 
 
-@dataclass
+@dataclass(slots=True)
 class ContainerWatch:
     container_id: str
     kills: list[str] = field(default_factory=list)

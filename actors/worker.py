@@ -7,14 +7,12 @@ States: pending -> building -> creating -> starting -> ready <-> busy -> backoff
 
 from __future__ import annotations
 
-import collections
 import math
 import hashlib
 import random
 import time
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Deque
+from typing import Any
 
 import msgspec
 import outcome
@@ -27,6 +25,7 @@ from runtime.errors import (
     CorralError,
     EngineError,
     EngineUnavailable,
+    ImageNotFound,
     NameConflict,
     ProtocolError,
     WorkerGone,
@@ -84,7 +83,7 @@ def backoff_delay(backoff, consecutive: int, rng: random.Random) -> float:
     return rng.uniform(0, cap) if backoff.jitter == "full" else cap
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     task: Task
     reply: Any
@@ -92,7 +91,7 @@ class _Pending:
     started_at: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Life:
     """One container of this worker, from create to removal."""
     container_id: str
@@ -224,7 +223,7 @@ class Worker:
         self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
         self.finished = trio.Event()
         self._life: _Life | None = None
-        self._pending: Deque[_Pending] = collections.deque()
+        self._pending: list[_Pending] = []
         self._current: _Pending | None = None
         self._changed = trio.Event()
         self.listeners: list[Any] = []
@@ -386,7 +385,7 @@ class Worker:
         if self._current is not None or not self._pending or life is None or not life.ready \
                 or life.ended.is_set() or self.state != "ready":
             return
-        p = self._pending.popleft()
+        p = self._pending.pop(0)
         p.attempts += 1
         p.started_at = trio.current_time()
         self._current = p
@@ -427,7 +426,7 @@ class Worker:
         if p is None:
             return
         if p.attempts < p.task.max_attempts and cert.restart_in_s is not None:
-            self._pending.appendleft(p)
+            self._pending.insert(0, p)
         else:
             reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
                                             error=f"worker died: {cert.cause}", attempts=p.attempts,
@@ -557,8 +556,10 @@ class Worker:
             raise
 
     async def _one_life(self, task_status, handle, first: bool) -> tuple[str, DeathCertificate | None]:
+        """One container, from create to removal. Returns ("died", certificate), or ("restart" |
+        "stop", None) when it ended on request."""
         self._life_was_ready = False
-        if self.image_id is None or first:
+        if self.image_id is None:
             self._set_state("building")
             img = await self.builder.image_for(self.spec.agent, self.spec.capabilities, self.spec.stub_agent)
             self.image_id, self.image_tag = img.image_id, img.tag
@@ -567,73 +568,85 @@ class Worker:
         name = container_name(self.supervisor, self.id, gen)
         t_create = trio.current_time()
         wall_create = time.time()
-        async with AsyncExitStack() as stack:
-            await self.start_limiter.acquire()
+        await self.start_limiter.acquire()
+        holding_slot = True
+        try:
+            # the startup deadline counts from here (waiting for a start slot is corral's own
+            # throttle) and covers create, attach, start and the wait for READY
+            deadline = trio.current_time() + self.spec.startup_timeout_s
             try:
-                # the startup deadline counts from here (waiting for a start slot is corral's own
-                # throttle) and covers create, attach, start and the wait for READY
-                deadline = trio.current_time() + self.spec.startup_timeout_s
-                try:
-                    with trio.fail_after(self.spec.startup_timeout_s):
-                        cid = await self._create(self.container_config(self.image_id, gen), name)
-                except (EngineError, trio.TooSlowError) as exc:
-                    if isinstance(exc, trio.TooSlowError):
-                        exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
-                        await self._remove_container(name)   # in case the engine made it after all
-                    return "died", self._engine_cert(None, gen, exc, t_create, wall_create)
-                life = _Life(container_id=cid, name=name, generation=gen, created_at=t_create,
-                             last_frame=t_create)
-                self._life = life
-                structlog.contextvars.bind_contextvars(container_id=cid[:12])
-                stack.push_async_callback(self._remove_container, cid)
-                watch = self.watcher.watch(cid) if self.watcher is not None else None
-                if self.watcher is not None:
-                    stack.callback(self.watcher.forget, cid)
-                nursery = await stack.enter_async_context(trio.open_nursery())
-                stack.callback(nursery.cancel_scope.cancel)
-                with trio.move_on_at(deadline):
+                with trio.fail_after(self.spec.startup_timeout_s):
+                    cid = await self._create(self.container_config(self.image_id, gen), name)
+            except (EngineError, trio.TooSlowError) as exc:
+                if isinstance(exc, ImageNotFound):
+                    # the image went away (pruned, engine reset): ask the builder again next time
+                    self.builder.invalidate(self.image_tag)
+                    self.image_id = None
+                if isinstance(exc, trio.TooSlowError):
+                    exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
+                    await self._remove_container(name)   # in case the engine made it after all
+                return "died", self._engine_cert(None, gen, exc, t_create, wall_create)
+            life = self._life = _Life(container_id=cid, name=name, generation=gen, created_at=t_create,
+                                      last_frame=t_create)
+            structlog.contextvars.bind_contextvars(container_id=cid[:12])
+            watch = self.watcher.watch(cid) if self.watcher is not None else None
+            try:
+                async with trio.open_nursery() as nursery:
                     try:
-                        await nursery.start(self._attached, life)
-                    except EngineError as exc:
-                        return "died", await self._certify(life, watch, exc, wall_create)
-                    self._set_state("starting")
-                    try:
-                        await self.engine.container_start(cid)
-                    except EngineError as exc:
-                        life.end("died", str(exc))
-                        return "died", await self._certify(life, watch, exc, wall_create)
-                    life.started = True
-                    log.debug("container_started", name=name)
-                    await life.settled.wait()
-                if not life.settled.is_set():
-                    life.end("startup_timeout", f"not READY within {self.spec.startup_timeout_s} s")
-                    await self._kill(cid)
+                        with trio.move_on_at(deadline):
+                            try:
+                                await nursery.start(self._attached, life)
+                                self._set_state("starting")
+                                await self.engine.container_start(cid)
+                            except EngineError as exc:
+                                life.end("died", str(exc))
+                                return "died", await self._certify(life, watch, exc, wall_create)
+                            life.started = True
+                            log.debug("container_started", name=name)
+                            await life.settled.wait()
+                        if not life.settled.is_set():
+                            life.end("startup_timeout", f"not READY within {self.spec.startup_timeout_s} s")
+                            await self._kill(cid)
+                        self.start_limiter.release()
+                        holding_slot = False
+                        if life.ready and not life.ended.is_set():
+                            self._life_was_ready = True
+                            self._set_state("ready")
+                            log.info("worker_ready", name=name,
+                                     startup_s=round(trio.current_time() - t_create, 3))
+                            if task_status is not None:
+                                task_status.started(handle)
+                            await self._dispatch()
+                            await life.ended.wait()
+                        return await self._end_of_life(life, watch, wall_create)
+                    finally:
+                        nursery.cancel_scope.cancel()
             finally:
+                if self.watcher is not None:
+                    self.watcher.forget(cid)
+                await self._remove_container(cid)
+        finally:
+            if holding_slot:
                 self.start_limiter.release()
-            if life.ready and not life.ended.is_set():
-                self._life_was_ready = True
-                self._set_state("ready")
-                log.info("worker_ready", name=name, startup_s=round(trio.current_time() - t_create, 3))
-                if task_status is not None:
-                    task_status.started(handle)
-                await self._dispatch()
-                await life.ended.wait()
-            kind = life.end_kind
-            if kind in ("restart", "stop"):
-                self._set_state("stopping")
-                await self._graceful_end(life)
-                if self._current is not None and kind == "restart":
-                    cert = await self._certify(life, watch, None, wall_create)
-                    self._on_death(msgspec.structs.replace(cert, restart_in_s=0.0))
-                return kind, None
-            if kind == "hung":
-                await self._kill(cid)
-            cert = await self._certify(life, watch, None, wall_create)
-            if await self._remove_container(cid) == "gone" and cert.cause in ("killed", "crashed", "exited"):
-                # `docker rm -f` kills, then removes: the kill is what we saw first
-                cert = msgspec.structs.replace(cert, cause="removed",
-                                               reason="the container was removed out of band")
-            return "died", cert
+
+    async def _end_of_life(self, life: _Life, watch, wall_create: float) -> tuple[str, DeathCertificate | None]:
+        kind = life.end_kind
+        if kind in ("restart", "stop"):
+            self._set_state("stopping")
+            await self._graceful_end(life)
+            if self._current is not None and kind == "restart":
+                cert = await self._certify(life, watch, None, wall_create)
+                self._on_death(msgspec.structs.replace(cert, restart_in_s=0.0))
+            return kind, None
+        if kind == "hung":
+            await self._kill(life.container_id)
+        cert = await self._certify(life, watch, None, wall_create)
+        if await self._remove_container(life.container_id) == "gone" \
+                and cert.cause in ("killed", "crashed", "exited"):
+            # `docker rm -f` kills, then removes: the kill is what we saw first
+            cert = msgspec.structs.replace(cert, cause="removed",
+                                           reason="the container was removed out of band")
+        return "died", cert
 
     async def _graceful_end(self, life: _Life) -> None:
         grace = self._stop.grace_s if (self._stop and self._stop.grace_s is not None) else self.spec.stop_grace_s

@@ -179,3 +179,18 @@ async def test_startup_deadline_covers_a_start_that_hangs(autojump_clock):
         assert ei.value.certificate.cause == "startup_timeout"
         assert trio.current_time() - t0 == 4
         assert not engine.containers
+
+
+async def test_a_missing_image_is_rebuilt_on_restart(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True,
+                                       restart=RestartPolicy(backoff=NOJITTER)))
+        tag = (await w.info()).image_tag
+        builds = engine.stats["builds"]
+        engine.remove_image(tag)                       # e.g. `corral images prune` by mistake
+        engine.kill(engine.container_of(w.id).id)
+        await wait_for_generation(w, 3)
+        deaths = [d.cause for d in (await sup.snapshot()).children[0].deaths]
+        assert deaths == ["killed", "engine_error"]
+        assert engine.stats["builds"] == builds + 1 and tag in engine.images
+        assert (await w.run(Task(prompt="back"))).status == "ok"
