@@ -87,3 +87,42 @@ async def test_chaos_keeps_every_task_exactly_once(engine, corral_name):
     assert sum(report.actions.values()) >= 4
     assert report.tasks_submitted > 20
     assert report.ok, msgspec.json.encode(report).decode()
+
+
+async def test_build_and_images_commands(engine):
+    def corral(*args):
+        return subprocess.run(CORRAL + ["--log-level", "ERROR", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    out = await trio.to_thread.run_sync(lambda: corral("build", "--agent", "codex", "--cap", "git", "--stub"))
+    assert out.returncode == 0, out.stderr
+    tag = out.stdout.split()[0]
+    assert tag.startswith("corral/worker-codex:")
+    again = await trio.to_thread.run_sync(lambda: corral("build", "--agent", "codex", "--cap", "git", "--stub"))
+    assert again.stdout.split()[0] == tag and "(reused)" in again.stdout
+    dry = await trio.to_thread.run_sync(lambda: corral("build", "--agent", "claude", "--stub", "--dry-run"))
+    assert "ENTRYPOINT" in dry.stdout and "ln -sf /opt/corral/stub_agent.py /usr/local/bin/claude" in dry.stdout
+    bad = await trio.to_thread.run_sync(lambda: corral("build", "--agent", "codex", "--cap", "kubectl"))
+    assert bad.returncode == 2 and "known capabilities" in bad.stderr
+    listing = await trio.to_thread.run_sync(lambda: corral("images"))
+    line = next(l for l in listing.stdout.splitlines() if l.startswith(tag))
+    assert " codex " in line and " git " in line and " yes " in line
+
+
+async def test_images_prune_removes_only_unused_corral_images(engine, corral_name):
+    from runtime import SupervisorConfig, WorkerSpec, open_supervisor
+
+    def corral(*args):
+        return subprocess.run(CORRAL + ["--log-level", "ERROR", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    with trio.fail_after(240):
+        unused = (await trio.to_thread.run_sync(lambda: corral("build", "--agent", "shell"))).stdout.split()[0]
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="factory", stub_agent=True))
+            in_use = (await w.info()).image_tag
+            out = await trio.to_thread.run_sync(lambda: corral("images", "prune"))
+            assert out.returncode == 0, out.stderr
+            assert f"removed {unused}" in out.stdout
+            assert in_use not in out.stdout.replace("kept", "")
+            assert (await engine.image_inspect(in_use))["Id"]
+            base = await engine.image_inspect("corral/worker-base:latest")   # never a prune target
+            assert base["Id"]

@@ -152,3 +152,17 @@ async def test_hung_worker_is_killed_and_restarted(engine, corral_name):
             assert code == 0, out
             await wait_for_generation(w, 2)
             assert (await w.info()).last_death.cause == "hung"
+
+
+async def test_cancelling_the_caller_kills_the_agent_in_the_container(engine, corral_name):
+    with trio.fail_after(60):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="shell"))
+            with trio.move_on_after(1.0):
+                await w.run(Task(prompt="sleep 30; echo never"))
+            t0 = time.monotonic()
+            r = await w.run(Task(prompt="echo next"))
+            assert r.output == "next\n" and time.monotonic() - t0 < 5
+            code, out = await engine.container_exec((await w.info()).container_id,
+                                                    ["sh", "-c", "ps -eo args 2>/dev/null || ls /proc"])
+            assert "sleep 30" not in out
