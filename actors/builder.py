@@ -8,6 +8,7 @@ nursery, never in its receive loop.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import tarfile
@@ -53,8 +54,14 @@ class BuilderStats:
     failures: int = 0
 
 
+@functools.lru_cache(maxsize=1)
+def _read_wrapper_sources() -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, (WRAPPER_DIR / name).read_bytes()) for name in WRAPPER_FILES)
+
+
 def wrapper_sources() -> dict[str, bytes]:
-    return {name: (WRAPPER_DIR / name).read_bytes() for name in WRAPPER_FILES}
+    """The in-container code this process ships (read once: it is part of every image's tag)."""
+    return dict(_read_wrapper_sources())
 
 
 def image_inputs(*, agent: str, capabilities: list[str], stub_agent: bool, base_image_id: str,

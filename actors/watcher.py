@@ -8,7 +8,6 @@ from the last event it saw, so nothing in between is lost.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -102,7 +101,3 @@ class Watcher:
         elif action == "destroy":
             w.destroyed.set()
             w.died.set()
-
-
-def wall_time() -> float:
-    return time.time()

@@ -567,7 +567,6 @@ class Worker:
         gen = self.generation
         name = container_name(self.supervisor, self.id, gen)
         t_create = trio.current_time()
-        wall_create = time.time()
         await self.start_limiter.acquire()
         holding_slot = True
         try:
@@ -585,7 +584,7 @@ class Worker:
                 if isinstance(exc, trio.TooSlowError):
                     exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
                     await self._remove_container(name)   # in case the engine made it after all
-                return "died", self._engine_cert(None, gen, exc, t_create, wall_create)
+                return "died", self._engine_cert(None, gen, exc, t_create)
             life = self._life = _Life(container_id=cid, name=name, generation=gen, created_at=t_create,
                                       last_frame=t_create)
             structlog.contextvars.bind_contextvars(container_id=cid[:12])
@@ -600,7 +599,7 @@ class Worker:
                                 await self.engine.container_start(cid)
                             except EngineError as exc:
                                 life.end("died", str(exc))
-                                return "died", await self._certify(life, watch, exc, wall_create)
+                                return "died", await self._certify(life, watch, exc)
                             life.started = True
                             log.debug("container_started", name=name)
                             await life.settled.wait()
@@ -618,7 +617,7 @@ class Worker:
                                 task_status.started(handle)
                             await self._dispatch()
                             await life.ended.wait()
-                        return await self._end_of_life(life, watch, wall_create)
+                        return await self._end_of_life(life, watch)
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
@@ -629,18 +628,18 @@ class Worker:
             if holding_slot:
                 self.start_limiter.release()
 
-    async def _end_of_life(self, life: _Life, watch, wall_create: float) -> tuple[str, DeathCertificate | None]:
+    async def _end_of_life(self, life: _Life, watch) -> tuple[str, DeathCertificate | None]:
         kind = life.end_kind
         if kind in ("restart", "stop"):
             self._set_state("stopping")
             await self._graceful_end(life)
             if self._current is not None and kind == "restart":
-                cert = await self._certify(life, watch, None, wall_create)
+                cert = await self._certify(life, watch, None)
                 self._on_death(msgspec.structs.replace(cert, restart_in_s=0.0))
             return kind, None
         if kind == "hung":
             await self._kill(life.container_id)
-        cert = await self._certify(life, watch, None, wall_create)
+        cert = await self._certify(life, watch, None)
         if await self._remove_container(life.container_id) == "gone" \
                 and cert.cause in ("killed", "crashed", "exited"):
             # `docker rm -f` kills, then removes: the kill is what we saw first
@@ -749,14 +748,12 @@ class Worker:
             case _:
                 raise ProtocolError(f"unexpected frame {type(frame).__name__}")
 
-    def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float, wall: float
-                     ) -> DeathCertificate:
+    def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float) -> DeathCertificate:
         return DeathCertificate(worker_id=self.id, container_id=cid, generation=gen,
                                 cause="engine_error", reason=str(exc), at=time.time(),
                                 uptime_s=trio.current_time() - t0)
 
-    async def _certify(self, life: _Life, watch, exc: BaseException | None, wall_create: float
-                       ) -> DeathCertificate:
+    async def _certify(self, life: _Life, watch, exc: BaseException | None) -> DeathCertificate:
         """Classify how this container ended."""
         cid = life.container_id
         exit_code: int | None = None

@@ -57,6 +57,8 @@ class FakeContainer:
     stdin: trio.MemorySendChannel | None = None
     hung: bool = False
     scope: trio.CancelScope | None = None
+    idle: trio.Event = field(default_factory=trio.Event)
+    """set when the fake wrapper has no task running"""
 
     @property
     def env(self) -> dict[str, str]:
@@ -494,8 +496,8 @@ class FakeEngine:
                         running[frame.task_id].cancel()
                 elif isinstance(frame, Shutdown):
                     with trio.move_on_after(frame.grace_s):
-                        while running:
-                            await trio.sleep(0.01)
+                        if running:
+                            await c.idle.wait()
                     return 0
 
     async def _task(self, c: FakeContainer, say, frame: RunTask, running: dict) -> None:
@@ -507,6 +509,7 @@ class FakeEngine:
         status, code, output, error = "ok", 0, f"stub-{agent}: {frame.prompt}", ""
         with trio.CancelScope() as scope:
             running[frame.task_id] = scope
+            c.idle = trio.Event()
             try:
                 with trio.move_on_after(frame.timeout_s or float("inf")) as timeout:
                     if head == "!sleep":
@@ -533,6 +536,8 @@ class FakeEngine:
                     status, code, error = "timeout", -9, f"timed out after {frame.timeout_s}s"
             finally:
                 running.pop(frame.task_id, None)
+                if not running:
+                    c.idle.set()
         if scope.cancelled_caught and c.status == "running":
             status, code, error = "cancelled", -9, "cancelled"
         if c.status == "running":
