@@ -10,7 +10,6 @@ from runtime.engine import open_engine
 from runtime.errors import EngineError
 from runtime.testing import remove_containers
 
-pytestmark = pytest.mark.integration
 
 
 def pytest_collection_modifyitems(items):

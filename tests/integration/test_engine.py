@@ -102,3 +102,15 @@ async def test_unreachable_engine_raises_within_5s_naming_the_url(url):
                 pass
     assert time.monotonic() - t0 < 5
     assert url in str(ei.value)
+
+
+async def test_events_since_replays_what_happened_before_subscribing(engine, sup_name):
+    with trio.fail_after(60):
+        t0 = time.time() - 1
+        cid = await engine.container_create(config(sup_name, ["sh", "-c", "exit 5"]), name=f"{sup_name}-old")
+        await engine.container_start(cid)
+        assert await engine.container_wait(cid) == 5
+        filters = {"type": ["container"], "label": [f"corral.supervisor={sup_name}"], "event": ["die"]}
+        async with engine.events(filters=filters, since=t0) as events:
+            ev = await events.receive.receive()
+        assert ev["Actor"]["ID"] == cid and ev["Actor"]["Attributes"]["exitCode"] == "5"

@@ -166,3 +166,17 @@ async def test_cancelling_the_caller_kills_the_agent_in_the_container(engine, co
             code, out = await engine.container_exec((await w.info()).container_id,
                                                     ["sh", "-c", "ps -eo args 2>/dev/null || ls /proc"])
             assert "sleep 30" not in out
+
+
+async def test_resource_limits_and_read_only_root(engine, corral_name):
+    with trio.fail_after(60):
+        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="shell", read_only_rootfs=True, cpus=0.5,
+                                           memory=128 * 1024 * 1024, pids_limit=64))
+            host = (await engine.container_inspect((await w.info()).container_id))["HostConfig"]
+            assert host["ReadonlyRootfs"] is True and host["NanoCpus"] == 500_000_000
+            assert host["Memory"] == 128 * 1024 * 1024 and host["PidsLimit"] == 64
+            r = await w.run(Task(prompt="echo ok > /workspace/f && cat /workspace/f"))
+            assert (r.status, r.output) == ("ok", "ok\n")
+            r = await w.run(Task(prompt="touch /opt/nope"))
+            assert r.status == "error" and "Read-only file system" in r.error
