@@ -559,14 +559,17 @@ class Worker:
         """One container, from create to removal. Returns ("died", certificate), or ("restart" |
         "stop", None) when it ended on request."""
         self._life_was_ready = False
-        if self.image_id is None:
-            self._set_state("building")
-            img = await self.builder.image_for(self.spec.agent, self.spec.capabilities, self.spec.stub_agent)
-            self.image_id, self.image_tag = img.image_id, img.tag
-        self._set_state("creating")
         gen = self.generation
         name = container_name(self.supervisor, self.id, gen)
         t_create = trio.current_time()
+        if self.image_id is None:
+            try:
+                await self._build_image()
+            except CorralError as exc:
+                if first:
+                    raise          # spawn() reports ConfigError / ImageBuildError as they are
+                return "died", self._engine_cert(None, gen, exc, t_create)
+        self._set_state("creating")
         await self.start_limiter.acquire()
         holding_slot = True
         try:
@@ -575,11 +578,17 @@ class Worker:
             deadline = trio.current_time() + self.spec.startup_timeout_s
             try:
                 with trio.fail_after(self.spec.startup_timeout_s):
-                    cid = await self._create(self.container_config(self.image_id, gen), name)
-            except (EngineError, trio.TooSlowError) as exc:
+                    try:
+                        cid = await self._create(self.container_config(self.image_id, gen), name)
+                    except ImageNotFound:
+                        # the image went away (pruned, engine reset): rebuild it once, no death
+                        log.warning("image_missing_rebuilding", image=self.image_tag)
+                        self.builder.invalidate(self.image_tag)
+                        await self._build_image()
+                        self._set_state("creating")
+                        cid = await self._create(self.container_config(self.image_id, gen), name)
+            except (CorralError, trio.TooSlowError) as exc:
                 if isinstance(exc, ImageNotFound):
-                    # the image went away (pruned, engine reset): ask the builder again next time
-                    self.builder.invalidate(self.image_tag)
                     self.image_id = None
                 if isinstance(exc, trio.TooSlowError):
                     exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
@@ -627,6 +636,11 @@ class Worker:
         finally:
             if holding_slot:
                 self.start_limiter.release()
+
+    async def _build_image(self) -> None:
+        self._set_state("building")
+        img = await self.builder.image_for(self.spec.agent, self.spec.capabilities, self.spec.stub_agent)
+        self.image_id, self.image_tag = img.image_id, img.tag
 
     async def _end_of_life(self, life: _Life, watch) -> tuple[str, DeathCertificate | None]:
         kind = life.end_kind

@@ -189,8 +189,24 @@ async def test_a_missing_image_is_rebuilt_on_restart(autojump_clock):
         builds = engine.stats["builds"]
         engine.remove_image(tag)                       # e.g. `corral images prune` by mistake
         engine.kill(engine.container_of(w.id).id)
-        await wait_for_generation(w, 3)
+        await wait_for_generation(w, 2)
         deaths = [d.cause for d in (await sup.snapshot()).children[0].deaths]
-        assert deaths == ["killed", "engine_error"]
+        assert deaths == ["killed"]                    # the rebuild is no second death
         assert engine.stats["builds"] == builds + 1 and tag in engine.images
         assert (await w.run(Task(prompt="back"))).status == "ok"
+
+
+async def test_shared_cause_when_images_cannot_be_rebuilt(autojump_clock):
+    """Image and base image gone: every restart fails the same way -> one escalation."""
+    cfg = SupervisorConfig(name="t", shared_cause_threshold=3)
+    with pytest.raises(SupervisorEscalation) as ei:
+        async with fake_supervisor(cfg) as (sup, engine):
+            ws = [await sup.spawn(WorkerSpec(id=f"w{i}", restart=RestartPolicy(backoff=NOJITTER)))
+                  for i in range(3)]
+            engine.remove_image((await ws[0].info()).image_tag)
+            engine.remove_image("corral/worker-base:latest")
+            for w in ws:
+                engine.kill(engine.container_of(w.id).id)
+            await trio.sleep_forever()
+    assert ei.value.reason == "shared_cause"
+    assert "base image corral/worker-base:latest is missing" in ei.value.certificates[-1].reason
