@@ -126,3 +126,12 @@ async def test_images_prune_removes_only_unused_corral_images(engine, corral_nam
             assert (await engine.image_inspect(in_use))["Id"]
             base = await engine.image_inspect("corral/worker-base:latest")   # never a prune target
             assert base["Id"]
+
+
+async def test_the_demo_runs_and_cleans_up(engine):
+    out = await trio.to_thread.run_sync(lambda: subprocess.run(
+        CORRAL + ["--log-level", "ERROR", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=300))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "cause=killed" in out.stdout and "WorkerStartupError" in out.stdout
+    assert "12 results, 12 ok" in out.stdout
+    assert "containers left with label corral.supervisor=demo: 0" in out.stdout

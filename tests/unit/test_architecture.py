@@ -1,0 +1,38 @@
+"""Contracts of the layout that other parts rely on."""
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WRAPPER = ROOT / "runtime" / "wrapper"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_engine_py_touches_asyncio_aiodocker_trio_asyncio():
+    offenders = []
+    for path in list((ROOT / "runtime").rglob("*.py")) + list((ROOT / "actors").rglob("*.py")):
+        if path.name == "engine.py" and path.parent.name == "runtime":
+            continue
+        bad = imported_modules(path) & {"asyncio", "aiodocker", "trio_asyncio", "aiohttp"}
+        if bad:
+            offenders.append(f"{path.relative_to(ROOT)}: {sorted(bad)}")
+    assert offenders == []
+
+
+def test_in_container_code_is_stdlib_only_and_python39_syntax():
+    for path in WRAPPER.glob("*.py"):
+        src = path.read_text()
+        ast.parse(src, feature_version=(3, 9))          # no match statements, no 3.10+ syntax
+        non_std = {m for m in imported_modules(path) if m not in sys.stdlib_module_names}
+        assert non_std == set(), f"{path.name} imports {non_std}"
