@@ -70,6 +70,51 @@ class _Attachment:
         await self._engine._aio(self._stream.close)()
 
 
+class _NativeAttachment:
+    """Attach over the engine's unix socket in trio itself: the hijacked HTTP connection carries
+    Docker's multiplexed stream (8-byte frame headers). No asyncio hop per frame: this is the hot
+    path of every worker (heartbeats, task frames), so it is the one place that skips aiodocker."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._s = stream
+        self._lock = trio.Lock()      # several tasks may write frames; one send_all at a time
+        send, self.output = trio.open_memory_channel[tuple[int, bytes]](256)
+        self._send_out = send
+
+    async def _pump(self, initial: bytes) -> None:
+        buf = bytearray(initial)
+        async with self._send_out:
+            while True:
+                while len(buf) >= 8:
+                    size = int.from_bytes(buf[4:8], "big")
+                    if len(buf) < 8 + size:
+                        break
+                    kind, data = buf[0], bytes(buf[8:8 + size])
+                    del buf[:8 + size]
+                    await self._send_out.send((STDERR if kind == 2 else STDOUT, data))
+                try:
+                    chunk = await self._s.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+
+    async def send(self, data: bytes) -> None:
+        try:
+            async with self._lock:
+                await self._s.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise EngineError(f"attach stdin closed: {exc}") from None
+
+    async def close_stdin(self) -> None:
+        try:
+            async with self._lock:
+                await self._s.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
 class _EventStream:
     def __init__(self) -> None:
         send, self.receive = trio.open_memory_channel[dict[str, Any]](1024)
@@ -84,6 +129,8 @@ class DockerEngine:
         self._docker = docker
         self._loop = loop
         self.url = url
+        # attach natively over a local socket (set CORRAL_ATTACH=aiodocker to use aiodocker's)
+        self.native_attach = url.startswith("unix://") and os.environ.get("CORRAL_ATTACH") != "aiodocker"
 
     # -- plumbing --------------------------------------------------------------------------
     def _aio(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -288,9 +335,14 @@ class DockerEngine:
         return await self._call(run, what=f"exec in {cid[:12]}", kind="container")
 
     @asynccontextmanager
-    async def attach(self, cid: str) -> AsyncIterator[_Attachment]:
+    async def attach(self, cid: str) -> AsyncIterator[_Attachment | _NativeAttachment]:
         """Attach stdin/stdout/stderr (non-TTY, demultiplexed). Attach before start to see
         everything the container writes; ``output`` closes when the container's output ends."""
+        if self.native_attach:
+            async with self._native_attach(cid) as att:
+                yield att
+            return
+
         async def setup() -> tuple[URL, None, bool]:
             q = [("stdin", 1), ("stdout", 1), ("stderr", 1), ("stream", 1), ("logs", 0)]
             return URL(f"containers/{cid}/attach").with_query(q), None, False
@@ -311,6 +363,58 @@ class DockerEngine:
                         await self._aio(stream.close)()
                     except Exception:
                         pass
+
+    @asynccontextmanager
+    async def _native_attach(self, cid: str) -> AsyncIterator[_NativeAttachment]:
+        path = self.url[len("unix://"):]
+        try:
+            stream = await trio.open_unix_socket(path)
+        except OSError as exc:
+            raise EngineUnavailable(f"cannot reach the Docker engine at {self.url}: {exc}") from None
+        try:
+            api = self._docker.api_version if self._docker.api_version != "auto" else "v1.41"
+            await stream.send_all(
+                f"POST /{api}/containers/{cid}/attach?stream=1&stdin=1&stdout=1&stderr=1&logs=0 HTTP/1.1\r\n"
+                "Host: docker\r\nUser-Agent: corral\r\nContent-Type: text/plain\r\n"
+                "Connection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    raise EngineError(f"attach {cid[:12]}: the engine closed the connection")
+                head += chunk
+                if len(head) > 1 << 16:
+                    raise EngineError(f"attach {cid[:12]}: oversized response from the engine")
+            header, _, rest = head.partition(b"\r\n\r\n")
+            status_line = header.split(b"\r\n", 1)[0].decode(errors="replace")
+            parts = status_line.split(" ", 2)
+            status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            if status not in (101, 200):
+                body = rest.decode(errors="replace").strip()
+                try:
+                    body = json.loads(body).get("message", body)
+                except (ValueError, AttributeError):
+                    pass
+                if status == 404:
+                    raise ContainerNotFound(f"attach {cid[:12]}: {body}", status=404)
+                raise EngineError(f"attach {cid[:12]}: {status_line}: {body}", status=status or None)
+        except OSError as exc:
+            await stream.aclose()
+            raise EngineUnavailable(f"attach {cid[:12]} at {self.url}: {exc}") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        att = _NativeAttachment(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(att._pump, rest)
+                try:
+                    yield att
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     @asynccontextmanager
     async def events(self, *, filters: dict[str, list[str]] | None = None,

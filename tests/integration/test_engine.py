@@ -43,7 +43,9 @@ async def test_worker_base_runs_as_worker_with_python_git_curl(engine, sup_name)
     assert "workspace-writable" in lines
 
 
-async def test_attach_round_trip_of_100_lines(engine, sup_name):
+@pytest.mark.parametrize("impl", ["native", "aiodocker"])
+async def test_attach_round_trip_of_100_lines(engine, sup_name, impl):
+    engine.native_attach = impl == "native"
     with trio.fail_after(60):
         cid = await engine.container_create(config(sup_name, ["cat"]), name=f"{sup_name}-cat")
         received = b""
@@ -114,3 +116,12 @@ async def test_events_since_replays_what_happened_before_subscribing(engine, sup
         async with engine.events(filters=filters, since=t0) as events:
             ev = await events.receive.receive()
         assert ev["Actor"]["ID"] == cid and ev["Actor"]["Attributes"]["exitCode"] == "5"
+
+
+@pytest.mark.parametrize("impl", ["native", "aiodocker"])
+async def test_attach_to_a_missing_container(engine, impl):
+    engine.native_attach = impl == "native"
+    with trio.fail_after(10):
+        with pytest.raises(ContainerNotFound):
+            async with engine.attach("corral-no-such-" + uuid.uuid4().hex):
+                pass
