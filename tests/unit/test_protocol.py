@@ -49,5 +49,6 @@ def test_line_splitter_loses_nothing_whatever_the_chunking(chunks):
     data = b"".join(chunks)
     splitter = LineSplitter()
     lines = [line for c in chunks for line in splitter.feed(c)]
-    complete = data.rsplit(b"\n", 1)[0] if b"\n" in data else b""
-    assert lines == [l for l in complete.split(b"\n") if l.strip()] if complete else lines == []
+    complete = data.rsplit(b"\n", 1)[0] if b"\n" in data else b""   # what a newline has ended
+    expected = [line for line in complete.split(b"\n") if line.strip()] if complete else []
+    assert lines == expected
