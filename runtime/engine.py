@@ -75,14 +75,15 @@ class _NativeAttachment:
     Docker's multiplexed stream (8-byte frame headers). No asyncio hop per frame: this is the hot
     path of every worker (heartbeats, task frames), so it is the one place that skips aiodocker."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, initial: bytes) -> None:
         self._s = stream
+        self._initial = initial       # stream bytes that came with the HTTP response head
         self._lock = trio.Lock()      # several tasks may write frames; one send_all at a time
         send, self.output = trio.open_memory_channel[tuple[int, bytes]](256)
         self._send_out = send
 
-    async def _pump(self, initial: bytes) -> None:
-        buf = bytearray(initial)
+    async def _pump(self) -> None:
+        buf = bytearray(self._initial)
         async with self._send_out:
             while True:
                 while len(buf) >= 8:
@@ -113,6 +114,22 @@ class _NativeAttachment:
                 await self._s.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+
+@asynccontextmanager
+async def _pumping(att: Any, close: Callable[[], Any]) -> AsyncIterator[Any]:
+    """Run an attachment's output pump for the duration of the block, then close its connection
+    (shielded, bounded) however the block ends."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(att._pump)
+            try:
+                yield att
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await close()
 
 
 class _EventStream:
@@ -212,7 +229,7 @@ class DockerEngine:
         A failing step raises ImageBuildError with that step and the tail of its output."""
         output: list[str] = []
         layers: list[str] = []
-        state: dict[str, Any] = {"step": None, "id": None, "error": None}
+        state: dict[str, Any] = {"step": None, "error": None}
 
         def on_line(obj: dict[str, Any]) -> None:
             if "stream" in obj:
@@ -227,8 +244,6 @@ class DockerEngine:
                     output.append(line)
                     if on_progress and line.strip():
                         on_progress(line)
-            if "aux" in obj and isinstance(obj["aux"], dict) and "ID" in obj["aux"]:
-                state["id"] = obj["aux"]["ID"]
             if "error" in obj:
                 state["error"] = obj.get("error") or str(obj.get("errorDetail"))
         params = {"t": tag, "labels": json.dumps(labels), "networkmode": network_mode,
@@ -348,21 +363,14 @@ class DockerEngine:
             return URL(f"containers/{cid}/attach").with_query(q), None, False
         stream = Stream(self._docker, setup, None)
         await self._call(stream._init, what=f"attach {cid[:12]}", kind="container")
-        att = _Attachment(self, stream)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(att._pump)
-                try:
-                    yield att
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(2):
-                    try:
-                        await self._aio(stream.close)()
-                    except Exception:
-                        pass
+
+        async def close() -> None:
+            try:
+                await self._aio(stream.close)()
+            except Exception:
+                pass
+        async with _pumping(_Attachment(self, stream), close) as att:
+            yield att
 
     @asynccontextmanager
     async def _native_attach(self, cid: str) -> AsyncIterator[_NativeAttachment]:
@@ -404,17 +412,8 @@ class DockerEngine:
         except BaseException:
             await stream.aclose()
             raise
-        att = _NativeAttachment(stream)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(att._pump, rest)
-                try:
-                    yield att
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+        async with _pumping(_NativeAttachment(stream, rest), stream.aclose) as att:
+            yield att
 
     @asynccontextmanager
     async def events(self, *, filters: dict[str, list[str]] | None = None,
