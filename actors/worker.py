@@ -42,6 +42,7 @@ from runtime.messages import (
     SnapshotRequest,
     StopRequest,
     ask,
+    drain_mailbox,
     reply_error,
     reply_to,
     reply_value,
@@ -232,7 +233,6 @@ class Worker:
         self._consecutive = 0
         self._stop: StopRequest | None = None
         self._stop_event = trio.Event()
-        self._life_was_ready = False
         self._removed: dict[str, str] = {}
         self._restart_waiters: list[Any] = []
         self._spec_hash = hashlib.sha256(_spec_json(spec)).hexdigest()[:16]
@@ -311,17 +311,7 @@ class Worker:
             reply_error(r, WorkerGone(why))
         if self._stop is not None:
             reply_value(self._stop.reply, None)
-        while True:   # answer what is still queued; a task gets a TaskResult, never an exception
-            try:
-                msg = self._recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if isinstance(msg, RunTaskRequest):
-                reply_value(msg.reply, TaskResult(task_id=msg.task.task_id, status="cancelled", error=why,
-                                                  attempts=0, worker_id=self.id))
-            else:
-                reply_error(reply_to(msg), WorkerGone(why))
-        self._recv.close()
+        drain_mailbox(self._recv, why, worker_id=self.id)
         self.finished.set()
         self._changed.set()
 
@@ -353,12 +343,11 @@ class Worker:
                 case SnapshotRequest(reply=reply):
                     reply_value(reply, self.snapshot())
                 case RestartRequest(reply=reply, reason=reason):
-                    if reply is not None:
-                        self._restart_waiters.append(reply)
                     if self._life is not None and not self._life.ended.is_set():
                         self._life.end("restart", reason)
+                        if reply is not None:
+                            self._restart_waiters.append(reply)   # answered once it is replaced
                     else:   # between containers already: the next one is the restart
-                        self._restart_waiters.remove(reply) if reply is not None else None
                         reply_value(reply, None)
                 case StopRequest():
                     if self._stop is None:
@@ -452,7 +441,7 @@ class Worker:
                     reply_value(r, None)
                 continue
             assert cert is not None
-            if was_first and not self._life_was_ready:
+            if was_first and not cert.ready:
                 raise WorkerStartupError(
                     f"worker {self.id} did not become ready: {cert.cause}"
                     + (f": {cert.reason}" if cert.reason else ""), cert)
@@ -558,7 +547,6 @@ class Worker:
     async def _one_life(self, task_status, handle, first: bool) -> tuple[str, DeathCertificate | None]:
         """One container, from create to removal. Returns ("died", certificate), or ("restart" |
         "stop", None) when it ended on request."""
-        self._life_was_ready = False
         gen = self.generation
         name = container_name(self.supervisor, self.id, gen)
         t_create = trio.current_time()
@@ -618,7 +606,6 @@ class Worker:
                         self.start_limiter.release()
                         holding_slot = False
                         if life.ready and not life.ended.is_set():
-                            self._life_was_ready = True
                             self._set_state("ready")
                             log.info("worker_ready", name=name,
                                      startup_s=round(trio.current_time() - t_create, 3))

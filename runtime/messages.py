@@ -13,7 +13,7 @@ import trio
 from msgspec import Struct
 
 from .errors import WorkerGone
-from .records import DeathCertificate
+from .records import DeathCertificate, TaskResult
 from .specs import PoolSpec, SupervisorConfig, Task, WorkerSpec
 
 
@@ -144,12 +144,17 @@ async def ask(mailbox: trio.MemorySendChannel, make: Any, *, gone: str = "the ac
     return result.unwrap()
 
 
-def drain_mailbox(recv: trio.MemoryReceiveChannel, why: str) -> None:
-    """An actor that ends answers everything still queued with WorkerGone, then closes."""
+def drain_mailbox(recv: trio.MemoryReceiveChannel, why: str, *, worker_id: str | None = None) -> None:
+    """An actor that ends answers everything still queued, then closes its mailbox: a task gets a
+    TaskResult ("cancelled"), never an exception; any other request gets WorkerGone."""
     while True:
         try:
             msg = recv.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
             break
-        reply_error(reply_to(msg), WorkerGone(why))
+        if isinstance(msg, RunTaskRequest):
+            reply_value(msg.reply, TaskResult(task_id=msg.task.task_id, status="cancelled", error=why,
+                                              attempts=0, worker_id=worker_id))
+        else:
+            reply_error(reply_to(msg), WorkerGone(why))
     recv.close()
