@@ -88,6 +88,7 @@ class Pool:
         self._results_send, self._results_recv = trio.open_memory_channel[outcome.Outcome](math.inf)
         self._inflight: dict[str, tuple[_Job, Worker]] = {}
         self._busy: set[Worker] = set()
+        self._idle: dict[Worker, None] = {}   # READY members with no pool task, oldest first
         self._cancelled: set[str] = set()
         self._changed = trio.Event()
         self._ids = itertools.count(1)
@@ -142,10 +143,19 @@ class Pool:
         else:
             self._cancelled.add(task_id)
 
+    def _refresh(self, worker: Worker) -> None:
+        if worker.state == "ready" and worker not in self._busy and worker in self.members:
+            self._idle[worker] = None
+        else:
+            self._idle.pop(worker, None)
+
     def _notify(self, worker: Worker | None = None) -> None:
-        if worker is not None and worker.state in ("stopped", "failed") and worker in self.members:
-            self.members.remove(worker)
-            self._busy.discard(worker)
+        """A member changed state (the listener), or a pool task ended: update who is idle."""
+        if worker is not None:
+            if worker.state in ("stopped", "failed") and worker in self.members:
+                self.members.remove(worker)
+                self._busy.discard(worker)
+            self._refresh(worker)
         self._changed.set()
         self._changed = trio.Event()
 
@@ -186,11 +196,9 @@ class Pool:
                 n.start_soon(WorkerHandle(w).stop)
 
     async def _idle_worker(self) -> Worker:
-        while True:
-            for w in self.members:
-                if w not in self._busy and w.state == "ready":
-                    return w
+        while not self._idle:
             await self._changed.wait()
+        return next(iter(self._idle))
 
     async def _dispatcher(self) -> None:
         while True:
@@ -205,6 +213,7 @@ class Pool:
                 continue
             worker = await self._idle_worker()
             self._busy.add(worker)
+            self._idle.pop(worker, None)
             job.attempts += 1
             self._inflight[job.task.task_id] = (job, worker)
             try:
@@ -213,6 +222,7 @@ class Pool:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._inflight.pop(job.task.task_id, None)
                 self._busy.discard(worker)
+                self._refresh(worker)
                 job.attempts -= 1
                 self._requeue(job)
 
@@ -227,7 +237,7 @@ class Pool:
                 continue
             job, worker = entry
             self._busy.discard(worker)
-            self._notify()
+            self._notify(worker)
             gone = worker.finished.is_set() and res.status == "cancelled" and res.task_id not in self._cancelled
             if gone:                 # the worker was stopped (scale-down) before running it
                 job.attempts -= 1
