@@ -144,7 +144,8 @@ class Pool:
             self._cancelled.add(task_id)
 
     def _refresh(self, worker: Worker) -> None:
-        if worker.state == "ready" and worker not in self._busy and worker in self.members:
+        # (a READY worker is a member: workers leave ``members`` only once stopped or failed)
+        if worker.state == "ready" and worker not in self._busy:
             self._idle[worker] = None
         else:
             self._idle.pop(worker, None)
