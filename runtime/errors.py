@@ -12,8 +12,11 @@ class CorralError(Exception):
     """Base of every corral error."""
 
 
-class ConfigError(CorralError):
-    """A configuration or spec is invalid; the message says which field and why."""
+class ConfigError(CorralError, ValueError):
+    """A configuration, spec or task is invalid; the message says which field and why.
+
+    It is a ValueError too, so msgspec reports it with the ``$.path`` of the bad field when it
+    happens while decoding (a config file, a control request)."""
 
 
 class EngineError(CorralError):

@@ -90,6 +90,9 @@ class ChildDied(Msg):
     child_id: str
     certificate: DeathCertificate
     restarting: bool
+    charged_to_task: str | None = None
+    """the id of the task whose run caused this death (see records.TASK_CAUSES): such a death
+    does not count against the supervisor's intensity"""
 
 
 class ChildFailed(Msg):

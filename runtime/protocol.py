@@ -49,6 +49,8 @@ class TaskDone(Frame, tag="task_done"):
     output: str = ""
     error: str = ""
     duration_s: float = 0.0
+    truncated: bool = False
+    """the output was longer than the task's max_output_bytes: ``output`` is its tail"""
 
 
 class Fatal(Frame, tag="fatal"):
@@ -61,6 +63,7 @@ class RunTask(Frame, tag="run_task"):
     prompt: str
     args: list[str] = field(default_factory=list)
     timeout_s: float | None = None
+    max_output_bytes: int | None = None
 
 
 class CancelTask(Frame, tag="cancel_task"):

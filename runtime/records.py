@@ -14,6 +14,12 @@ WorkerState = Literal["pending", "building", "creating", "starting", "ready", "b
                       "stopping", "stopped", "failed"]
 TaskStatus = Literal["ok", "error", "timeout", "cancelled", "worker_died"]
 
+TASK_CAUSES: frozenset[str] = frozenset({"crashed", "exited", "oom_killed", "hung", "protocol_error"})
+"""Causes of death that a task running at the time may have brought about (a kill from outside,
+an out-of-band removal or an engine error never are). Such deaths are charged to the task: they
+restart the container (with backoff) but count against neither the worker's restart budget nor
+its supervisor's intensity, so bad data can never escalate the tree."""
+
 
 class _Record(Struct, frozen=True, kw_only=True):
     pass
@@ -50,6 +56,10 @@ class TaskResult(_Record):
     attempts: int = 1
     worker_id: str | None = None
     death: DeathCertificate | None = None
+    truncated: bool = False
+    """the output exceeded Task.max_output_bytes; ``output`` holds its tail"""
+    poison: bool = False
+    """every attempt of this task killed the container running it: it is not retried further"""
 
 
 class WorkerInfo(_Record):
@@ -72,6 +82,8 @@ class WorkerSnapshot(_Record, tag="worker"):
     next_backoff_s: float = 0.0
     deaths: list[DeathCertificate] = field(default_factory=list)
     """the most recent deaths, oldest first (at most 10)"""
+    deaths_by_cause: dict[str, int] = field(default_factory=dict)
+    """every death of this worker since it was spawned, counted by cause"""
 
 
 class PoolSnapshot(_Record, tag="pool"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 from typing import Annotated, Literal
 
@@ -20,7 +19,43 @@ Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]
 
 
-class _Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+_checking = False
+
+
+def _check_text(where: str, value: str, *, allow_nul: bool = False) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{where} is not valid Unicode text: lone surrogate {value[exc.start]!r} "
+                          f"at position {exc.start} (decode input as UTF-8, not with "
+                          f"surrogateescape)") from None
+    if not allow_nul and "\x00" in value:
+        raise ConfigError(f"{where} contains a NUL byte at position {value.index(chr(0))}")
+
+
+class _Validated(Struct, frozen=True, kw_only=True):
+    """Validated when built, however it is built: in code (``Task(prompt=1)`` raises ConfigError),
+    by msgspec decoding, ``convert`` or ``structs.replace``. msgspec checks types and ``Meta``
+    constraints only when decoding; ``__post_init__`` runs the same check on every construction."""
+
+    def __post_init__(self) -> None:
+        global _checking
+        if _checking:           # the conversion below builds a copy: don't check it again
+            return
+        _checking = True
+        try:
+            msgspec.convert(msgspec.to_builtins(self), type=type(self))
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid {type(self).__name__}: {exc}") from None
+        finally:
+            _checking = False
+        self._check()
+
+    def _check(self) -> None:
+        """Checks that types and Meta constraints cannot express."""
+
+
+class _Config(_Validated, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
@@ -42,14 +77,17 @@ class RestartPolicy(_Config):
     within_s: Pos = 60.0
 
 
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
+
+
 class WorkerSpec(_Config):
     agent: str = "shell"
     capabilities: list[str] = field(default_factory=list)
     stub_agent: bool = False
     id: WorkerId | None = None
     """worker id; default: a fresh ``w-<8 hex>``"""
-    env: dict[str, str] = field(default_factory=dict)
-    required_env: list[str] = field(default_factory=list)
+    env: dict[EnvName, str] = field(default_factory=dict)
+    required_env: list[EnvName] = field(default_factory=list)
     """the wrapper refuses to start (exit 78) unless these are set"""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     memory: Annotated[int, Meta(ge=6 * 1024 * 1024)] | None = None
@@ -57,11 +95,26 @@ class WorkerSpec(_Config):
     cpus: Pos | None = None
     pids_limit: Annotated[int, Meta(ge=16)] = 512
     read_only_rootfs: bool = False
+    disk: Annotated[int, Meta(ge=1024 * 1024)] | None = None
+    """bytes a task may write: /workspace and /tmp become tmpfs mounts of this size (they count
+    toward ``memory``), and the container's writable layer gets this size too where the storage
+    driver enforces it (overlay2 on xfs with pquota)"""
     startup_timeout_s: Pos = 30.0
     heartbeat_s: Pos = 5.0
     heartbeat_timeout_s: Pos = 30.0
     """no frame from the wrapper for this long: the worker is hung (killed and restarted)"""
     stop_grace_s: NonNeg = 5.0
+    task_grace_s: NonNeg = 5.0
+    """past a task's timeout_s plus this, corral ends the task itself ("timeout") even if the
+    wrapper does not; if the wrapper still has not answered after another task_grace_s, the
+    container is replaced"""
+
+    def _check(self) -> None:
+        for k, v in self.env.items():
+            _check_text(f"env[{k!r}]", v)
+        for c in self.capabilities:
+            _check_text("a capability name", c)
+        _check_text("agent", self.agent)
 
 
 class PoolSpec(_Config):
@@ -89,12 +142,33 @@ class SupervisorConfig(_Config):
     pools: list[PoolSpec] = field(default_factory=list)
 
 
-class Task(Struct, frozen=True, kw_only=True):
+MAX_PROMPT_BYTES = 1 << 20
+"""a task's prompt and args together: at most 1 MiB of UTF-8"""
+DEFAULT_OUTPUT_BYTES = 256 * 1024
+MAX_OUTPUT_BYTES = 512 * 1024
+TaskId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+
+
+class Task(_Validated, frozen=True, kw_only=True):
     prompt: str
     args: list[str] = field(default_factory=list)
     timeout_s: Pos | None = None
-    max_attempts: Annotated[int, Meta(ge=1)] = 1
-    task_id: str = field(default_factory=lambda: "t-" + secrets.token_hex(6))
+    """the wrapper kills the agent's whole process tree past this; corral itself ends the task
+    ``timeout`` at timeout_s + WorkerSpec.task_grace_s whatever the wrapper does"""
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 1
+    max_output_bytes: Annotated[int, Meta(ge=1024, le=MAX_OUTPUT_BYTES)] = DEFAULT_OUTPUT_BYTES
+    """the result keeps at most this much output (its tail), and says ``truncated``"""
+    task_id: TaskId = field(default_factory=lambda: "t-" + secrets.token_hex(6))
+
+    def _check(self) -> None:
+        _check_text("prompt", self.prompt)
+        size = len(self.prompt.encode())
+        for i, a in enumerate(self.args):
+            _check_text(f"args[{i}]", a)
+            size += len(a.encode())
+        if size > MAX_PROMPT_BYTES:
+            raise ConfigError(f"prompt and args are {size} bytes: the limit is {MAX_PROMPT_BYTES} "
+                              f"bytes (1 MiB) of UTF-8")
 
 
 def new_worker_id() -> str:
@@ -120,16 +194,3 @@ def load_config_file(path: str) -> SupervisorConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     return load_config(data, fmt="json" if path.endswith(".json") else "toml")
-
-
-_MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]?)i?b?$", re.I)
-
-
-def parse_memory(text: str | int) -> int:
-    """'512m' / '1g' / 1048576 -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = _MEM_RE.match(text.strip())
-    if not m:
-        raise ConfigError(f"bad memory size {text!r} (use e.g. 256m, 1g)")
-    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
