@@ -219,6 +219,8 @@ class Worker:
         self.image_tag: str | None = None
         self.deaths: list[DeathCertificate] = []
         """the most recent deaths, oldest first (at most MAX_DEATHS)"""
+        self.deaths_by_cause: dict[str, int] = {}
+        """every death since the worker was spawned, by cause"""
         self.current_backoff_s = 0.0
         self.next_backoff_s = 0.0
         self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
@@ -248,7 +250,8 @@ class Worker:
 
     def snapshot(self) -> WorkerSnapshot:
         return WorkerSnapshot(info=self.info(), current_backoff_s=self.current_backoff_s,
-                              next_backoff_s=self.next_backoff_s, deaths=list(self.deaths))
+                              next_backoff_s=self.next_backoff_s, deaths=list(self.deaths),
+                              deaths_by_cause=dict(self.deaths_by_cause))
 
     async def wait_ready(self) -> None:
         await self.wait_until(lambda i: i.state in ("ready", "busy"))
@@ -449,6 +452,7 @@ class Worker:
             cert = msgspec.structs.replace(cert, restart_in_s=delay if decision == "restart" else None)
             self.deaths.append(cert)
             del self.deaths[:-MAX_DEATHS]
+            self.deaths_by_cause[cert.cause] = self.deaths_by_cause.get(cert.cause, 0) + 1
             self._on_death(cert)
             log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
                         ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
