@@ -67,7 +67,17 @@ class _Attachment:
             raise EngineError(f"attach stdin closed: {exc}") from None
 
     async def close_stdin(self) -> None:
-        await self._engine._aio(self._stream.close)()
+        """Half-close: the container sees EOF on stdin while its output keeps flowing to us.
+        (aiodocker's Stream.close() would also close the connection and lose output in flight.)"""
+        async def half_close() -> None:
+            resp = self._stream._resp
+            transport = resp.connection.transport if resp is not None and resp.connection else None
+            if transport is not None and transport.can_write_eof():
+                transport.write_eof()
+        try:
+            await self._engine._aio(half_close)()
+        except (RuntimeError, OSError, ConnectionError):
+            pass
 
 
 class _NativeAttachment:
