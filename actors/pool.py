@@ -35,6 +35,8 @@ class _Job:
     task: Task
     reply: Any
     attempts: int = 0
+    charged_deaths: int = 0
+    """attempts that killed the container running them (a poison task kills every one)"""
 
 
 class PoolHandle:
@@ -240,6 +242,8 @@ class Pool:
             self._busy.discard(worker)
             self._notify(worker)
             gone = worker.finished.is_set() and res.status == "cancelled" and res.task_id not in self._cancelled
+            if res.status == "worker_died" and res.poison:   # (the worker ran it once)
+                job.charged_deaths += 1
             if gone:                 # the worker was stopped (scale-down) before running it
                 job.attempts -= 1
                 self._requeue(job)
@@ -247,7 +251,14 @@ class Pool:
                 log.info("task_redelivered", task_id=job.task.task_id, attempts=job.attempts)
                 self._requeue(job)
             else:
-                reply_value(job.reply, msgspec.structs.replace(res, attempts=job.attempts))
+                poison = res.status == "worker_died" and job.charged_deaths == job.attempts
+                if poison:
+                    log.warning("poison_task", task_id=job.task.task_id, attempts=job.attempts)
+                    res = msgspec.structs.replace(
+                        res, error=f"worker died: {res.death.cause if res.death else '?'} (poison "
+                                   f"task: each of its {job.attempts} attempt(s) killed the "
+                                   f"container running it)")
+                reply_value(job.reply, msgspec.structs.replace(res, attempts=job.attempts, poison=poison))
 
     def _requeue(self, job: _Job) -> None:
         try:

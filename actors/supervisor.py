@@ -102,7 +102,8 @@ class SupervisorHandle:
         return self._sup.snapshot()
 
     async def wait_configured(self) -> None:
-        """Wait until the workers and pools named in the config are READY (or failed to start)."""
+        """Wait until the workers and pools named in the config are READY. One that cannot start
+        is a supervision failure: the supervisor escalates (reason "start_failed")."""
         await self._sup.configured.wait()
 
     def worker(self, worker_id: str) -> WorkerHandle:
@@ -225,13 +226,14 @@ class Supervisor:
                     esc = self._on_death(msg)
                     if esc is not None:
                         return esc
-                case ChildFailed(child_id=cid, certificates=certs, reason=reason):
+                case ChildFailed(child_id=cid, certificates=certs, reason=reason, kind=kind):
                     self._certs.extend(c for c in certs if c not in self._certs)
+                    what = "could not start" if kind == "start_failed" else "gave up"
                     return SupervisorEscalation(
-                        f"supervisor {self.config.name}: child {cid} gave up ({reason})"
+                        f"supervisor {self.config.name}: child {cid} {what} ({reason})"
                         + (f"; last death: {certs[-1].cause}: {certs[-1].reason}" if certs else ""),
                         list(certs) or list(self._certs), supervisor=self.config.name,
-                        reason="child_failed")
+                        reason=kind)
                 case ChildExited():
                     pass
                 case StopRequest(reply=reply):
@@ -259,6 +261,31 @@ class Supervisor:
                     certs, supervisor=cfg.name, reason="shared_cause")
         if not msg.restarting:
             return None
+        if msg.charged_to_task is not None:
+            # the task running at the time brought the container down: the worker restarts it
+            # (with backoff) and the task fails alone once its attempts are spent; bad data never
+            # counts toward this supervisor's intensity
+            log.info("child_restarting", child=msg.child_id, cause=cert.cause,
+                     charged_to_task=msg.charged_to_task)
+        else:
+            esc = self._count_restart(msg, now)
+            if esc is not None:
+                return esc
+        child = self.children.get(msg.child_id)
+        if child is not None and cfg.strategy != "one_for_one":
+            siblings = [c for c in self.children.values() if c is not child and c.kind == "worker"
+                        and (cfg.strategy == "one_for_all" or c.order > child.order)]
+            for s in sorted(siblings, key=lambda c: c.order):
+                log.info("sibling_restart", child=s.id, strategy=cfg.strategy, because=msg.child_id)
+                try:
+                    s.actor.mailbox.send_nowait(RestartRequest(reason=f"{cfg.strategy}: {msg.child_id} died"))
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        return None
+
+    def _count_restart(self, msg: ChildDied, now: float) -> SupervisorEscalation | None:
+        """The intensity window: more than max_restarts within within_s escalates."""
+        cfg, cert = self.config, msg.certificate
         while self._restarts and now - self._restarts[0] > cfg.within_s:
             self._restarts.popleft()
         self._restarts.append(now)
@@ -271,16 +298,6 @@ class Supervisor:
                 window, supervisor=cfg.name, reason="intensity")
         log.info("child_restarting", child=msg.child_id, cause=cert.cause,
                  restarts_in_window=len(self._restarts))
-        child = self.children.get(msg.child_id)
-        if child is not None and cfg.strategy != "one_for_one":
-            siblings = [c for c in self.children.values() if c is not child and c.kind == "worker"
-                        and (cfg.strategy == "one_for_all" or c.order > child.order)]
-            for s in sorted(siblings, key=lambda c: c.order):
-                log.info("sibling_restart", child=s.id, strategy=cfg.strategy, because=msg.child_id)
-                try:
-                    s.actor.mailbox.send_nowait(RestartRequest(reason=f"{cfg.strategy}: {msg.child_id} died"))
-                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
         return None
 
     async def _stop_children(self) -> None:
@@ -332,8 +349,14 @@ class Supervisor:
                 try:
                     (await recv.receive()).unwrap()
                 except Exception as exc:
-                    log.error("configured_child_failed", child=getattr(spec, "id", None) or getattr(spec, "name", None),
-                              error=str(exc), certificate=msgspec.to_builtins(getattr(exc, "certificate", None)))
+                    child = getattr(spec, "id", None) or getattr(spec, "name", None) or "?"
+                    cert = getattr(exc, "certificate", None)
+                    log.error("configured_child_failed", child=child, error=str(exc),
+                              certificate=msgspec.to_builtins(cert))
+                    # a child named in the config that cannot start is a supervision failure
+                    await self.mailbox.send(ChildFailed(
+                        child_id=child, certificates=[cert] if cert is not None else [],
+                        reason=f"{type(exc).__name__}: {exc}", kind="start_failed"))
 
         async with trio.open_nursery() as n:
             for spec in self.config.workers:

@@ -61,7 +61,7 @@ from runtime.protocol import (
     decode_wrapper_frame,
     encode_frame,
 )
-from runtime.records import DeathCertificate, TaskResult, WorkerInfo, WorkerSnapshot
+from runtime.records import TASK_CAUSES, DeathCertificate, TaskResult, WorkerInfo, WorkerSnapshot
 from runtime.specs import Task, WorkerSpec, new_worker_id
 
 log = structlog.get_logger("corral.worker")
@@ -90,6 +90,10 @@ class _Pending:
     reply: Any
     attempts: int = 0
     started_at: float = 0.0
+    charged_deaths: int = 0
+    """deaths of a container while it ran this task, of a cause the task may have brought about"""
+    released: trio.Event | None = None
+    """past corral's own deadline: set once the wrapper reports the task done after all"""
 
 
 @dataclass(slots=True)
@@ -111,6 +115,8 @@ class _Life:
     att: Any = None
     started: bool = False
     kill_sent: bool = False
+    nursery: trio.Nursery | None = None
+    """runs the tasks that live as long as this container (the reader, task deadlines)"""
 
     def end(self, kind: str, reason: str = "") -> None:
         if self.end_kind is None:
@@ -228,6 +234,8 @@ class Worker:
         self._life: _Life | None = None
         self._pending: list[_Pending] = []
         self._current: _Pending | None = None
+        self._draining: _Pending | None = None
+        """a task corral ended at its deadline, whose task_done the wrapper still owes"""
         self._changed = trio.Event()
         self.listeners: list[Any] = []
         """called with this worker at every state change (pools use it; must not block)"""
@@ -300,7 +308,7 @@ class Worker:
         self._set_state("failed" if kind == "failed" else "stopped")
         why = f"worker {self.id} has {'failed' if kind == 'failed' else 'stopped'}"
         cert = certs[-1] if certs else None
-        for p in ([self._current] if self._current else []) + list(self._pending):
+        for p in [q for q in (self._current, self._draining) if q is not None] + list(self._pending):
             if kind == "failed" and cert is not None:
                 reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
                                                 error=why, attempts=p.attempts, worker_id=self.id,
@@ -308,7 +316,7 @@ class Worker:
             else:
                 reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="cancelled",
                                                 error=why, attempts=p.attempts, worker_id=self.id))
-        self._current = None
+        self._current = self._draining = None
         self._pending.clear()
         for r in self._restart_waiters:
             reply_error(r, WorkerGone(why))
@@ -367,23 +375,65 @@ class Worker:
     async def _send(self, life: _Life, frame) -> None:
         """Write one frame to the wrapper's stdin. A failed write means the container is going
         away: its death is noticed (and classified) by the reader at EOF."""
+        await self._send_bytes(life, encode_frame(frame))
+
+    async def _send_bytes(self, life: _Life, data: bytes) -> None:
         try:
-            await life.att.send(encode_frame(frame))
+            await life.att.send(data)
         except EngineError as exc:
             log.debug("stdin_write_failed", error=str(exc))
 
     async def _dispatch(self) -> None:
         life = self._life
-        if self._current is not None or not self._pending or life is None or not life.ready \
-                or life.ended.is_set() or self.state != "ready":
+        while True:
+            if self._current is not None or self._draining is not None or not self._pending \
+                    or life is None or not life.ready or life.ended.is_set() or self.state != "ready":
+                return
+            p = self._pending.pop(0)
+            p.attempts += 1
+            p.started_at = trio.current_time()
+            t = p.task
+            try:
+                data = encode_frame(RunTask(task_id=t.task_id, prompt=t.prompt, args=t.args,
+                                            timeout_s=t.timeout_s, max_output_bytes=t.max_output_bytes))
+            except (UnicodeError, ValueError, TypeError) as exc:
+                # Task validates itself when built; whatever slips past fails alone, here
+                reply_value(p.reply, TaskResult(task_id=t.task_id, status="error", attempts=p.attempts,
+                                                error=f"the task cannot be sent to the worker: {exc}",
+                                                worker_id=self.id))
+                continue
+            self._current = p
+            self._set_state("busy")
+            if t.timeout_s is not None and life.nursery is not None:
+                life.nursery.start_soon(self._enforce_deadline, life, p)
+            await self._send_bytes(life, data)
             return
-        p = self._pending.pop(0)
-        p.attempts += 1
-        p.started_at = trio.current_time()
-        self._current = p
-        self._set_state("busy")
-        await self._send(life, RunTask(task_id=p.task.task_id, prompt=p.task.prompt, args=p.task.args,
-                                       timeout_s=p.task.timeout_s))
+
+    async def _enforce_deadline(self, life: _Life, p: _Pending) -> None:
+        """corral's own deadline for a task, whatever the wrapper does: at timeout_s +
+        task_grace_s the task ends "timeout" and the wrapper is told to cancel it. If the wrapper
+        has still not reported it done after another task_grace_s (its agent cannot be stopped,
+        or the wrapper is wedged while its heartbeats go on), the container is replaced."""
+        grace = self.spec.task_grace_s
+        assert p.task.timeout_s is not None
+        await trio.sleep_until(p.started_at + p.task.timeout_s + grace)
+        if self._current is not p or life.ended.is_set():
+            return
+        tid = p.task.task_id
+        log.warning("task_deadline_passed", task_id=tid, timeout_s=p.task.timeout_s, grace_s=grace)
+        self._current, self._draining = None, p
+        p.released = trio.Event()
+        reply_value(p.reply, TaskResult(
+            task_id=tid, status="timeout", attempts=p.attempts, worker_id=self.id,
+            duration_s=trio.current_time() - p.started_at,
+            error=f"no result {p.task.timeout_s} s (timeout_s) + {grace} s (task_grace_s) after it "
+                  f"started: corral ended the task"))
+        await self._send(life, CancelTask(task_id=tid))
+        with trio.move_on_after(grace):
+            await p.released.wait()
+        if self._draining is p and not life.ended.is_set():
+            life.end("hung", f"task {tid} did not end within timeout_s + 2 x task_grace_s "
+                             f"({p.task.timeout_s + 2 * grace:g} s): the wrapper could not stop it")
 
     async def _cancel(self, task_id: str) -> None:
         for p in list(self._pending):
@@ -396,6 +446,16 @@ class Worker:
             await self._send(self._life, CancelTask(task_id=task_id))
 
     async def _task_done(self, frame: TaskDone) -> None:
+        d = self._draining
+        if d is not None and d.task.task_id == frame.task_id:
+            # the wrapper did end the task after corral's deadline: the worker is free again
+            self._draining = None
+            assert d.released is not None
+            d.released.set()
+            if self.state == "busy":
+                self._set_state("ready")
+            await self._dispatch()
+            return
         p = self._current
         if p is None or p.task.task_id != frame.task_id:
             log.warning("task_done_unknown", task_id=frame.task_id)
@@ -405,25 +465,42 @@ class Worker:
         reply_value(p.reply, TaskResult(task_id=frame.task_id, status=status, output=frame.output,
                                         exit_code=frame.exit_code, error=frame.error,
                                         duration_s=frame.duration_s, attempts=p.attempts,
-                                        worker_id=self.id))
+                                        worker_id=self.id, truncated=frame.truncated))
         log.debug("task_done", task_id=frame.task_id, status=status)
         if self.state == "busy":
             self._set_state("ready")
         await self._dispatch()
 
-    def _on_death(self, cert: DeathCertificate) -> None:
+    def _charged_task(self, cert: DeathCertificate) -> _Pending | None:
+        """The task this death is charged to: the one running (or being ended) when the container
+        died of a cause that a task may bring about (records.TASK_CAUSES)."""
+        p = self._current or self._draining
+        return p if p is not None and cert.cause in TASK_CAUSES else None
+
+    def _on_death(self, cert: DeathCertificate, charged: _Pending | None = None) -> None:
         """The in-flight task: redelivered after the restart if it has attempts left, else it
-        ends 'worker_died' with the certificate (at-most-once by default)."""
+        ends 'worker_died' with the certificate (at-most-once by default). A task whose every
+        attempt killed its container is a poison task: it fails alone, marked ``poison``."""
         p, self._current = self._current, None
+        self._draining = None
         if p is None:
             return
+        if charged is p:
+            p.charged_deaths += 1
         if p.attempts < p.task.max_attempts and cert.restart_in_s is not None:
             self._pending.insert(0, p)
         else:
+            poison = p.charged_deaths == p.attempts
+            if poison:
+                log.warning("poison_task", task_id=p.task.task_id, attempts=p.attempts, cause=cert.cause)
             reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
-                                            error=f"worker died: {cert.cause}", attempts=p.attempts,
-                                            worker_id=self.id, death=cert,
-                                            duration_s=trio.current_time() - p.started_at))
+                                            error=f"worker died: {cert.cause}"
+                                                  + (f" (poison task: each of its {p.attempts} "
+                                                     f"attempt(s) killed the container running it)"
+                                                     if poison else ""),
+                                            attempts=p.attempts, worker_id=self.id, death=cert,
+                                            duration_s=trio.current_time() - p.started_at,
+                                            poison=poison))
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def _lifecycle(self, task_status, handle) -> tuple[str, list[DeathCertificate]]:
@@ -448,20 +525,22 @@ class Worker:
                 raise WorkerStartupError(
                     f"worker {self.id} did not become ready: {cert.cause}"
                     + (f": {cert.reason}" if cert.reason else ""), cert)
-            decision, delay = self._decide(cert)
+            charged = self._charged_task(cert)
+            decision, delay = self._decide(cert, charged=charged is not None)
             cert = msgspec.structs.replace(cert, restart_in_s=delay if decision == "restart" else None)
             self.deaths.append(cert)
             del self.deaths[:-MAX_DEATHS]
             self.deaths_by_cause[cert.cause] = self.deaths_by_cause.get(cert.cause, 0) + 1
-            self._on_death(cert)
+            self._on_death(cert, charged)
             log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
                         ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
                         restart_in_s=cert.restart_in_s)
             if self.parent is not None:
                 with trio.move_on_after(5):
                     try:
-                        await self.parent.send(ChildDied(child_id=self.id, certificate=cert,
-                                                         restarting=decision == "restart"))
+                        await self.parent.send(ChildDied(
+                            child_id=self.id, certificate=cert, restarting=decision == "restart",
+                            charged_to_task=charged.task.task_id if charged is not None else None))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
             if decision == "give_up":
@@ -479,7 +558,9 @@ class Worker:
             else:
                 log.info("restart_scheduled", delay_s=0.0, consecutive=self._consecutive)
 
-    def _decide(self, cert: DeathCertificate) -> tuple[str, float]:
+    def _decide(self, cert: DeathCertificate, *, charged: bool = False) -> tuple[str, float]:
+        """Restart or not, and when. A death charged to a task backs off like any other but
+        does not count against the restart budget: bad data never makes a worker give up."""
         policy = self.spec.restart
         if self._stop_event.is_set():
             return "done", 0.0
@@ -490,10 +571,11 @@ class Worker:
         if cert.cause == "config_error":
             return "give_up", 0.0       # not retried in a loop: the same config fails the same way
         now = trio.current_time()
-        self._restart_times = [t for t in self._restart_times if now - t <= policy.within_s]
-        if len(self._restart_times) >= policy.max_restarts:
-            return "give_up", 0.0
-        self._restart_times.append(now)
+        if not charged:
+            self._restart_times = [t for t in self._restart_times if now - t <= policy.within_s]
+            if len(self._restart_times) >= policy.max_restarts:
+                return "give_up", 0.0
+            self._restart_times.append(now)
         stable = cert.ready and cert.uptime_s >= policy.backoff.stable_s
         self._consecutive = 1 if stable else self._consecutive + 1
         delay = backoff_delay(policy.backoff, self._consecutive, self.rng)
@@ -523,9 +605,12 @@ class Worker:
             host["MemorySwap"] = spec.memory
         if spec.cpus:
             host["NanoCpus"] = int(spec.cpus * 1e9)
+        size = f",size={spec.disk}" if spec.disk else ""
+        if spec.read_only_rootfs or spec.disk:
+            host["Tmpfs"] = {"/workspace": f"uid=1000,gid=1000,mode=0755{size}", "/tmp": f"mode=1777{size}"}
         if spec.read_only_rootfs:
             host["ReadonlyRootfs"] = True
-            host["Tmpfs"] = {"/workspace": "uid=1000,gid=1000,mode=0755", "/tmp": "mode=1777"}
+            host["Tmpfs"]["/home/worker"] = f"uid=1000,gid=1000,mode=0700{size}"
         return {
             "Image": image_id, "User": "worker", "WorkingDir": "/workspace",
             "Env": [f"{k}={v}" for k, v in env.items()], "Labels": labels,
@@ -592,6 +677,7 @@ class Worker:
             watch = self.watcher.watch(cid) if self.watcher is not None else None
             try:
                 async with trio.open_nursery() as nursery:
+                    life.nursery = nursery
                     try:
                         with trio.move_on_at(deadline):
                             try:

@@ -100,6 +100,8 @@ class ChildFailed(Msg):
     child_id: str
     certificates: list[DeathCertificate]
     reason: str
+    kind: str = "child_failed"
+    """child_failed (spent its restarts, or escalated) | start_failed (a configured child)"""
 
 
 class ChildExited(Msg):

@@ -56,6 +56,8 @@ class FakeContainer:
     out_send: trio.MemorySendChannel | None = None
     stdin: trio.MemorySendChannel | None = None
     hung: bool = False
+    wedged: bool = False
+    """the wrapper keeps heartbeating but takes no task, and its running task never ends"""
     scope: trio.CancelScope | None = None
     idle: trio.Event = field(default_factory=trio.Event)
     """set when the fake wrapper has no task running"""
@@ -202,6 +204,11 @@ class FakeEngine:
 
     def hang(self, cid: str) -> None:
         self._get(cid).hung = True
+
+    def wedge(self, cid: str) -> None:
+        """The wrapper goes on heartbeating but its tasks never end, timeout or cancel
+        notwithstanding (an agent it cannot kill, a fork bomb holding every pid)."""
+        self._get(cid).wedged = True
 
     def remove(self, cid: str) -> None:
         """Removed out of band (`docker rm -f`)."""
@@ -482,7 +489,7 @@ class FakeEngine:
                     say(_frame("heartbeat", seq=seq))
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                if not line.strip() or c.hung:
+                if not line.strip() or c.hung or c.wedged:
                     continue
                 frame = decode_actor_frame(line)
                 if isinstance(frame, RunTask):
