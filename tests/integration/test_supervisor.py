@@ -5,6 +5,7 @@ import trio
 
 from runtime import (Backoff, PoolSpec, RestartPolicy, SupervisorConfig, SupervisorEscalation,
                      Task, WorkerSpec, WorkerStartupError, open_supervisor)
+from runtime.errors import EngineError
 from runtime.testing import wait_for_generation
 
 pytestmark = pytest.mark.chaos
@@ -37,8 +38,13 @@ async def test_wrapper_killed_after_every_ready_escalates_with_certificates(engi
                 gen = 1
                 while True:
                     info = await w.wait_until(lambda i, g=gen: i.generation >= g and i.state == "ready")
-                    r = await w.run(Task(prompt="!crash-wrapper"))   # kills the wrapper from inside
-                    assert r.status == "worker_died"
+                    # kill the wrapper from inside while it is idle (a death charged to no task:
+                    # a task that kills its wrapper is a poison task and never escalates)
+                    try:
+                        await engine.container_exec(info.container_id, ["sh", "-c", "kill -9 -1"],
+                                                    user="worker")
+                    except EngineError:
+                        pass             # the exec's own stream may end with the container
                     kills += 1
                     gen = info.generation + 1
     esc = ei.value
