@@ -46,6 +46,7 @@ from runtime.specs import PoolSpec, SupervisorConfig, WorkerSpec
 from runtime.util import unwrap_single
 
 from .pool import Pool, PoolHandle
+from .restart import RestartWindow
 from .worker import Worker, WorkerHandle
 
 log = structlog.get_logger("corral.supervisor")
@@ -150,7 +151,7 @@ class Supervisor:
         self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
         self.children: dict[str, _Child] = {}
         self._order = itertools.count()
-        self._restarts: Deque[float] = collections.deque()
+        self._intensity = RestartWindow(config.max_restarts, config.within_s)
         self._recent: Deque[tuple[float, DeathCertificate]] = collections.deque(maxlen=1000)
         self._certs: Deque[DeathCertificate] = collections.deque(maxlen=50)
         self._nursery: trio.Nursery | None = None
@@ -165,8 +166,7 @@ class Supervisor:
         kids = [c.actor.snapshot() for c in sorted(self.children.values(), key=lambda c: c.order)]
         now = trio.current_time()
         return SupervisorSnapshot(name=self.config.name, strategy=self.config.strategy, state=self.state,
-                                  restarts_in_window=sum(1 for t in self._restarts
-                                                         if now - t <= self.config.within_s),
+                                  restarts_in_window=self._intensity.count(now),
                                   children=kids)
 
     def all_workers(self) -> list[Worker]:
@@ -286,18 +286,15 @@ class Supervisor:
     def _count_restart(self, msg: ChildDied, now: float) -> SupervisorEscalation | None:
         """The intensity window: more than max_restarts within within_s escalates."""
         cfg, cert = self.config, msg.certificate
-        while self._restarts and now - self._restarts[0] > cfg.within_s:
-            self._restarts.popleft()
-        self._restarts.append(now)
-        if len(self._restarts) > cfg.max_restarts:
+        if not self._intensity.admit(now):
             window = [c for t, c in self._recent if now - t <= cfg.within_s]
             return SupervisorEscalation(
-                f"supervisor {cfg.name}: {len(self._restarts)} restarts within {cfg.within_s} s "
+                f"supervisor {cfg.name}: {self._intensity.count(now) + 1} restarts within {cfg.within_s} s "
                 f"exceed max_restarts={cfg.max_restarts}; last death: {cert.worker_id} {cert.cause}"
                 + (f": {cert.reason}" if cert.reason else ""),
                 window, supervisor=cfg.name, reason="intensity")
         log.info("child_restarting", child=msg.child_id, cause=cert.cause,
-                 restarts_in_window=len(self._restarts))
+                 restarts_in_window=self._intensity.count(now))
         return None
 
     async def _stop_children(self) -> None:

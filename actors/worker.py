@@ -20,6 +20,8 @@ import structlog
 import trio
 
 from runtime.engine_api import STDOUT
+
+from .restart import BackoffState, RestartWindow
 from runtime.errors import (
     ContainerNotFound,
     CorralError,
@@ -74,14 +76,6 @@ _spec_json = msgspec.json.Encoder(order="sorted").encode
 
 def container_name(supervisor: str, worker_id: str, generation: int) -> str:
     return f"corral-{supervisor}-{worker_id}-{generation}"
-
-
-def backoff_delay(backoff, consecutive: int, rng: random.Random) -> float:
-    """Delay before the restart that follows the ``consecutive``-th failure in a row."""
-    if consecutive <= 1:
-        return 0.0
-    cap = min(backoff.max_s, backoff.initial_s * backoff.factor ** (consecutive - 2))
-    return rng.uniform(0, cap) if backoff.jitter == "full" else cap
 
 
 @dataclass(slots=True)
@@ -239,8 +233,8 @@ class Worker:
         self._changed = trio.Event()
         self.listeners: list[Any] = []
         """called with this worker at every state change (pools use it; must not block)"""
-        self._restart_times: list[float] = []
-        self._consecutive = 0
+        self._window = RestartWindow(spec.restart.max_restarts, spec.restart.within_s)
+        self._backoff = BackoffState(spec.restart.backoff)
         self._stop: StopRequest | None = None
         self._stop_event = trio.Event()
         self._removed: dict[str, str] = {}
@@ -551,12 +545,12 @@ class Worker:
             if delay > 0:
                 self._set_state("backoff")
                 self.current_backoff_s = delay
-                log.info("restart_scheduled", delay_s=round(delay, 3), consecutive=self._consecutive)
+                log.info("restart_scheduled", delay_s=round(delay, 3), consecutive=self._backoff.consecutive)
                 with trio.move_on_after(delay):
                     await self._stop_event.wait()
                 self.current_backoff_s = 0.0
             else:
-                log.info("restart_scheduled", delay_s=0.0, consecutive=self._consecutive)
+                log.info("restart_scheduled", delay_s=0.0, consecutive=self._backoff.consecutive)
 
     def _decide(self, cert: DeathCertificate, *, charged: bool = False) -> tuple[str, float]:
         """Restart or not, and when. A death charged to a task backs off like any other but
@@ -570,18 +564,11 @@ class Worker:
             return "done", 0.0
         if cert.cause == "config_error":
             return "give_up", 0.0       # not retried in a loop: the same config fails the same way
-        now = trio.current_time()
-        if not charged:
-            self._restart_times = [t for t in self._restart_times if now - t <= policy.within_s]
-            if len(self._restart_times) >= policy.max_restarts:
-                return "give_up", 0.0
-            self._restart_times.append(now)
+        if not charged and not self._window.admit(trio.current_time()):
+            return "give_up", 0.0
         stable = cert.ready and cert.uptime_s >= policy.backoff.stable_s
-        self._consecutive = 1 if stable else self._consecutive + 1
-        delay = backoff_delay(policy.backoff, self._consecutive, self.rng)
-        # the upper bound of the delay after one more failure in a row
-        b = policy.backoff
-        self.next_backoff_s = min(b.max_s, b.initial_s * b.factor ** max(0, self._consecutive - 1))
+        delay = self._backoff.next_delay(stable=stable, rng=self.rng)
+        self.next_backoff_s = self._backoff.next_cap
         return "restart", delay
 
     def container_config(self, image_id: str, generation: int) -> dict[str, Any]:
