@@ -1,9 +1,10 @@
 """Watcher actor: ONE engine events subscription per supervisor tree, routed by container id.
 
 Workers register the containers they create; the watcher records what the engine says happened to
-each (kill signals, oom, die with exit code, destroy). The worker's classification uses it to tell
-a `docker kill` from a crash and to catch OOM kills. If the stream ends, the watcher resubscribes
-from the last event it saw, so nothing in between is lost.
+each (kill signals, oom, die with exit code, stop, a start after the die, restart, destroy). The
+worker's classification uses it to tell a `docker kill`, `docker stop` or `docker restart` from a
+crash and to catch OOM kills. If the stream ends, the watcher resubscribes from the last event it
+saw, so nothing in between is lost; while it cannot, the engine is taken to be gone (`alive`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from runtime.errors import EngineError
 
 log = structlog.get_logger("corral.watcher")
 
+SETTLE_S = 2.0
+"""after a stop signal from outside killed a container: how long the engine has to show that it
+restarts it (`docker restart`) or is going away itself (its events stream ends)"""
+ENGINE_CHECK_S = 2.0
+"""after a container's death: how quickly the engine must answer a ping (and take an events
+subscription) for corral to call it present"""
+
 
 @dataclass(slots=True)
 class ContainerWatch:
@@ -25,8 +33,18 @@ class ContainerWatch:
     """signals sent through the engine API (docker kill / stop), in order"""
     oom: bool = False
     exit_code: int | None = None
+    stopped: bool = False
+    """a stop event: `docker stop` (or the engine stopping its containers as it shuts down)"""
+    restarted: bool = False
+    """started again after it died, or a restart event: `docker restart`"""
     died: trio.Event = field(default_factory=trio.Event)
     destroyed: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event = field(default_factory=trio.Event)
+    """set (and replaced) at every event for this container, and when the events stream ends"""
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 class Watcher:
@@ -35,8 +53,11 @@ class Watcher:
         self.supervisor = supervisor
         self._watches: dict[str, ContainerWatch] = {}
         self.alive = False
+        """subscribed to the engine's events right now"""
         self.events_seen = 0
         self._last_time: float | None = None
+        self._up = trio.Event()
+        """set while ``alive``"""
 
     def watch(self, container_id: str) -> ContainerWatch:
         w = self._watches.get(container_id)
@@ -47,17 +68,37 @@ class Watcher:
     def forget(self, container_id: str) -> None:
         self._watches.pop(container_id, None)
 
+    async def wait_alive(self) -> None:
+        """Wait until the watcher is subscribed to the engine's events (at once if it is)."""
+        await self._up.wait()
+
+    async def wait_settled(self, w: ContainerWatch) -> None:
+        """After ``w``'s container died: wait until the engine has restarted it, or its events
+        stream has ended (the engine went away). Neither may come: callers set a deadline."""
+        while not w.restarted and self.alive:
+            await w.changed.wait()
+
+    def _set_alive(self, alive: bool) -> None:
+        self.alive = alive
+        if alive:
+            self._up.set()
+        else:
+            if self._up.is_set():
+                self._up = trio.Event()
+            for w in self._watches.values():
+                w._poke()
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         structlog.contextvars.bind_contextvars(actor="watcher")
         filters = {"type": ["container"], "label": [f"corral.supervisor={self.supervisor}"],
-                   "event": ["kill", "die", "oom", "destroy"]}
+                   "event": ["kill", "die", "oom", "stop", "start", "restart", "destroy"]}
         started = False
         delay = 0.1
         while True:
             since = self._last_time
             try:
                 async with self.engine.events(filters=filters, since=since) as stream:
-                    self.alive = True
+                    self._set_alive(True)
                     delay = 0.1
                     if not started:
                         task_status.started(self)
@@ -71,7 +112,7 @@ class Watcher:
                     task_status.started(self)
                     started = True
             finally:
-                self.alive = False
+                self._set_alive(False)
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -98,6 +139,11 @@ class Watcher:
             except (TypeError, ValueError):
                 pass
             w.died.set()
+        elif action == "stop":
+            w.stopped = True
+        elif action == "restart" or (action == "start" and w.died.is_set()):
+            w.restarted = True
         elif action == "destroy":
             w.destroyed.set()
             w.died.set()
+        w._poke()

@@ -11,6 +11,7 @@ import random
 import statistics
 import time
 from collections import Counter
+from typing import Any
 
 import msgspec
 import trio
@@ -30,7 +31,10 @@ class ChaosReport(msgspec.Struct, kw_only=True):
     results: dict[str, int]
     tasks_without_result: int
     tasks_with_several_results: int
+    deaths: int
+    """every death of a worker container during the run (whatever killed it)"""
     causes: dict[str, int]
+    """those deaths by cause (from each worker's deaths_by_cause: every death since its spawn)"""
     containers_left: int
 
     @property
@@ -57,6 +61,8 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
     results: dict[str, list] = {}
     latencies: list[float] = []
     actions: Counter[str] = Counter()
+    hit: dict[str, Any] = {}
+    """every worker the monkey acted on, by id (a worker the pool no longer has still counts)"""
     t_start = time.monotonic()
     async with open_supervisor(config) as sup:
         engine = sup.engine
@@ -105,15 +111,15 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
                     except EngineError:
                         continue
                     actions[action] += 1
+                    hit[w.id] = w
                     watchers.start_soon(watch_back, w, info.generation, t0)
 
         async with trio.open_nursery() as n:
             n.start_soon(producer)
             n.start_soon(monkey)
         causes: Counter[str] = Counter()
-        for ws in pool.snapshot_nowait().workers:
-            for d in ws.deaths:
-                causes[d.cause] += 1
+        for w in {**hit, **{w.id: w for w in pool.workers}}.values():
+            causes.update(w.snapshot_nowait().deaths_by_cause)
     from .engine import open_engine
     async with open_engine(engine_url) as engine:
         left = len(await engine.container_list(labels={"corral.supervisor": name}))
@@ -127,4 +133,4 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
         tasks_submitted=len(submitted), results=dict(statuses),
         tasks_without_result=sum(1 for t in submitted if not results.get(t)),
         tasks_with_several_results=sum(1 for rs in results.values() if len(rs) > 1),
-        causes=dict(causes), containers_left=left)
+        deaths=sum(causes.values()), causes=dict(causes), containers_left=left)

@@ -5,8 +5,9 @@
 wire protocol, so the real Worker/Supervisor code runs unchanged - with trio's autojump clock,
 thousands of restarts take milliseconds and every time is exact.
 
-Controls: kill(), crash(), hang(), remove(), fail_next_starts(), fail_next_creates(),
-set_start_delay(), remove_image(), go_down()/come_up(), oom(). The fake wrapper honours the stub
+Controls: kill(), stop(), restart(), crash(), hang(), remove(), fail_next_starts(),
+fail_next_creates(), set_start_delay(), remove_image(), go_down()/come_up(), shut_down(),
+freeze()/thaw(), oom(). The fake wrapper honours the stub
 agents' prompt directives (!exit N, !sleep S, !crash-wrapper, !oom) and CORRAL_STUB_FAIL_PROBE=1,
 plus ``!hang`` (stops heartbeating and answering).
 """
@@ -41,6 +42,13 @@ BASE = "corral/worker-base:latest"
 def _frame(kind: str, **fields: Any) -> bytes:
     fields["kind"] = kind
     return json.dumps(fields).encode() + b"\n"
+
+
+def _signum(sig: str) -> int:
+    """ "9", "KILL", "SIGKILL" -> 9 (dockerd reports a kill event's signal as its number)."""
+    import signal
+    text = str(sig).upper()
+    return int(text) if text.isdigit() else int(signal.Signals[text if text.startswith("SIG") else f"SIG{text}"])
 
 
 @dataclass
@@ -89,6 +97,33 @@ class _FakeAttachment:
             self._c.stdin.close()
 
 
+class _HeldOutput:
+    """An attach stream's output as the attached side sees it: nothing comes through while the
+    engine is frozen (it is held, not lost)."""
+
+    def __init__(self, engine: "FakeEngine", recv: trio.MemoryReceiveChannel) -> None:
+        self._engine = engine
+        self._recv = recv
+
+    async def receive(self) -> tuple[int, bytes]:
+        await self._engine._wait_thawed()
+        item = await self._recv.receive()
+        await self._engine._wait_thawed()
+        return item
+
+    def __aiter__(self) -> "_HeldOutput":
+        return self
+
+    async def __anext__(self) -> tuple[int, bytes]:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._recv.close()
+
+
 class _FakeEvents:
     def __init__(self, recv: trio.MemoryReceiveChannel) -> None:
         self.receive = recv
@@ -111,6 +146,7 @@ class FakeEngine:
         self.containers: dict[str, FakeContainer] = {}
         self.names: dict[str, str] = {}
         self.down = False
+        self._frozen: trio.Event | None = None
         self._ids = itertools.count(1)
         self._fail_starts: list[BaseException] = []
         self._fail_creates: list[BaseException] = []
@@ -170,6 +206,38 @@ class FakeEngine:
     def come_up(self) -> None:
         self.down = False
 
+    def shut_down(self, *, linger_s: float = 0.5) -> None:
+        """Like stopping dockerd: every running container is stopped (kill 15, die 143 and stop
+        events, as stop() does); ``linger_s`` later (the daemon finishing its own shutdown, calls
+        still answered meanwhile) the events streams end and every call fails, as after go_down()."""
+        for c in list(self.containers.values()):
+            if c.status == "running":
+                self.stop(c.id)
+
+        async def gone() -> None:
+            await trio.sleep(linger_s)
+            self.down = True
+            for send, _, _, es in list(self._subscribers):
+                es.ended = "the engine closed the events stream"
+                send.close()
+        assert self._nursery is not None, "use `async with FakeEngine() as engine`"
+        self._nursery.start_soon(gone)
+
+    def freeze(self) -> None:
+        """Like SIGSTOP on dockerd: every call blocks and the containers' output stops reaching
+        whoever is attached (it is held, not lost) until thaw(). The containers run on."""
+        if self._frozen is None:
+            self._frozen = trio.Event()
+
+    def thaw(self) -> None:
+        frozen, self._frozen = self._frozen, None
+        if frozen is not None:
+            frozen.set()
+
+    async def _wait_thawed(self) -> None:
+        while self._frozen is not None:
+            await self._frozen.wait()
+
     def running(self, *, labels: dict[str, str] | None = None) -> list[FakeContainer]:
         want = label_filters(labels)
         return [c for c in self.containers.values() if c.status == "running" and labels_match(c.labels, want)]
@@ -181,13 +249,41 @@ class FakeEngine:
         return None
 
     def kill(self, cid: str, signal: str = "9") -> None:
-        """Like `docker kill`: a kill event, then the container dies with 137."""
+        """Like `docker kill`: a kill event (with the signal's number, as dockerd reports it),
+        then the container dies of it: 128 + the number (137 for SIGKILL)."""
         c = self._get(cid)
         if c.status != "running":
             return
+        num = _signum(signal)
         self.stats["kills"] += 1
-        self._emit(c, "kill", signal=signal)
-        self._exit(c, 137)
+        self._emit(c, "kill", signal=str(num))
+        self._exit(c, 128 + num)
+
+    def stop(self, cid: str) -> None:
+        """Like `docker stop`: SIGTERM (a kill event), the wrapper dies of it (143), then a
+        stop event."""
+        c = self._get(cid)
+        if c.status == "running":
+            self.kill(cid, "15")
+            self._emit(c, "stop")
+
+    def restart(self, cid: str, *, after_s: float = 0.3) -> None:
+        """Like `docker restart`: stop() it, and ``after_s`` later start it again (start and
+        restart events). No wrapper runs in it then, nobody being attached: it stays up, silent,
+        until it is removed."""
+        c = self._get(cid)
+        if c.status != "running":
+            return
+        self.stop(cid)
+
+        async def start_again() -> None:
+            await trio.sleep(after_s)
+            if self.containers.get(c.id) is c and c.status == "exited":
+                c.status, c.exit_code, c.exited = "running", None, trio.Event()
+                self._emit(c, "start")
+                self._emit(c, "restart")
+        assert self._nursery is not None, "use `async with FakeEngine() as engine`"
+        self._nursery.start_soon(start_again)
 
     def crash(self, cid: str, exit_code: int = 1) -> None:
         """The wrapper exits on its own with ``exit_code``."""
@@ -220,6 +316,7 @@ class FakeEngine:
 
     # -- internals -----------------------------------------------------------------------------
     async def _op(self) -> None:
+        await self._wait_thawed()
         if self.down:
             raise EngineUnavailable(f"cannot reach the Docker engine at {self.url}: fake engine is down")
         if self.op_delay:
@@ -417,7 +514,7 @@ class FakeEngine:
         if c.status == "exited":
             send.close()
         try:
-            yield _FakeAttachment(c, recv)
+            yield _FakeAttachment(c, _HeldOutput(self, recv))  # type: ignore[arg-type]
         finally:
             stdin_send.close()   # StdinOnce: the wrapper sees EOF when we detach
             recv.close()

@@ -1,0 +1,86 @@
+"""Death certificates say what really happened, on the real engine: `docker stop`,
+`docker kill -s TERM` and `docker restart` are kills from outside corral; a SIGKILL that did not
+go through the engine is said to be one; `corral chaos` counts every death."""
+
+import os
+import time
+
+import trio
+
+from runtime import SupervisorConfig, Task, WorkerSpec, open_supervisor
+from runtime.chaos import run_chaos
+from runtime.testing import wait_for_generation
+
+
+async def _spawn(sup):
+    w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
+    return w, (await w.info()).container_id
+
+
+async def _replaced(engine, w, old_cid):
+    """The worker's next generation serves; its old container is gone; the certificate."""
+    await wait_for_generation(w, 2)
+    info = await w.info()
+    assert info.container_id != old_cid
+    assert (await w.run(Task(prompt="back"))).output == "stub-claude: back"
+    left = await engine.container_list(labels={"corral.worker": w.id})
+    assert [c["Id"] for c in left] == [info.container_id]
+    return info.last_death
+
+
+async def test_docker_stop_is_killed_not_crashed(engine, corral_name):
+    with trio.fail_after(60):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            w, cid = await _spawn(sup)
+            await trio.run_process(["docker", "stop", "-t", "1", cid], capture_stdout=True)
+            death = await _replaced(engine, w, cid)
+            assert (death.cause, death.exit_code, death.ready) == ("killed", 143, True)
+            assert death.reason == "stopped outside corral (docker stop: SIGTERM)"
+
+
+async def test_docker_kill_s_term_is_killed_not_crashed(engine, corral_name):
+    with trio.fail_after(60):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            w, cid = await _spawn(sup)
+            await engine.container_kill(cid, "SIGTERM")        # docker kill -s TERM
+            death = await _replaced(engine, w, cid)
+            assert (death.cause, death.exit_code) == ("killed", 143)
+            assert death.reason == "killed outside corral with SIGTERM"
+
+
+async def test_docker_restart_is_killed_and_corral_brings_its_own_next_generation(engine, corral_name):
+    with trio.fail_after(60):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            w, cid = await _spawn(sup)
+            await trio.run_process(["docker", "restart", "-t", "1", cid], capture_stdout=True)
+            death = await _replaced(engine, w, cid)          # the restarted container is removed
+            assert (death.cause, death.exit_code) == ("killed", 143)
+            assert death.reason == "restarted outside corral (docker restart)"
+
+
+async def test_a_host_kill_of_the_init_process_is_told_as_such(engine, corral_name):
+    """`kill -9` on the host of the container's init process: no kill event through the engine,
+    exit 137. The certificate says so instead of blaming the container's insides."""
+    with trio.fail_after(60):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            w, cid = await _spawn(sup)
+            pid = (await engine.container_inspect(cid))["State"]["Pid"]
+            assert pid > 0
+            os.kill(pid, 9)
+            death = await _replaced(engine, w, cid)
+            assert (death.cause, death.exit_code) == ("crashed", 137)
+            assert death.reason == ("exited with 137 after READY (SIGKILL, not sent through the engine "
+                                    "API: a kill on the host, or a process inside the container)")
+
+
+async def test_chaos_counts_every_death_by_cause(corral_name):
+    t0 = time.monotonic()
+    with trio.fail_after(120):
+        report = await run_chaos(name=corral_name, workers=2, duration_s=6, kill_interval_s=0.3)
+    assert time.monotonic() - t0 < 60
+    kills = sum(report.actions.values())
+    assert kills > 0
+    assert sum(report.causes.values()) == report.deaths >= kills
+    assert report.causes.get("killed", 0) >= report.actions.get("docker_kill", 0)
+    assert report.causes.get("removed", 0) >= report.actions.get("docker_rm", 0)
+    assert report.containers_left == 0 and report.tasks_without_result == 0
