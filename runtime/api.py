@@ -10,7 +10,9 @@ import trio
 
 import structlog
 
-from .errors import ContainerNotFound, SupervisorEscalation
+from .configcheck import check_config
+from .errors import SupervisorEscalation
+from .instance import claim_engine, hold_instance
 from .specs import SupervisorConfig
 from .util import leaf_exceptions
 
@@ -18,28 +20,10 @@ from .util import leaf_exceptions
 log = structlog.get_logger("corral.api")
 
 
-async def reap_stale_containers(engine, supervisor: str) -> int:
-    """Remove what a previous run of this supervisor left behind (a crashed process): containers
-    with its label that no longer run. Running ones are left alone and reported: they belong to a
-    live supervisor of the same name (names must be unique per engine)."""
-    removed = 0
-    for c in await engine.container_list(labels={"corral.supervisor": supervisor}):
-        if c.get("State") == "running":
-            log.warning("foreign_running_container", supervisor=supervisor, names=c.get("Names"),
-                        hint="another corral process uses this supervisor name")
-            continue
-        try:
-            await engine.container_remove(c["Id"], force=True)
-            removed += 1
-            log.info("stale_container_removed", supervisor=supervisor, names=c.get("Names"))
-        except ContainerNotFound:
-            pass
-    return removed
-
-
 @asynccontextmanager
 async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None,
-                          rng: random.Random | None = None) -> AsyncIterator["SupervisorHandle"]:
+                          rng: random.Random | None = None,
+                          force_stop: trio.Event | None = None) -> AsyncIterator["SupervisorHandle"]:
     """Run a supervisor tree for the duration of the block.
 
     ``engine``: None opens the real Docker engine (``config.engine_url``, else DOCKER_HOST, else
@@ -47,18 +31,28 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None
     Leaving the block (normally, by exception or by cancellation) stops every worker and removes
     every container it created. A top-level SupervisorEscalation ends the block with that
     exception.
+
+    Before anything starts: the config's static errors raise ConfigError (runtime.configcheck),
+    and one instance per supervisor name per engine is enforced (runtime.instance): another
+    live instance raises AlreadyRunning (a CorralError) naming it; containers of a dead one that
+    no longer run are removed.
+
+    ``force_stop``: set it to cut the graceful stop short: the children are cancelled at once
+    (no grace period for their tasks); their containers are still killed and removed.
     """
     from actors.builder import ImageBuilder
     from actors.supervisor import Supervisor
     from actors.watcher import Watcher
 
     config = config or SupervisorConfig()
+    check_config(config)
     try:
         async with AsyncExitStack() as stack:
             if engine is None:
                 from .engine import open_engine
                 engine = await stack.enter_async_context(open_engine(config.engine_url))
-            await reap_stale_containers(engine, config.name)
+            stack.enter_context(hold_instance(engine, config.name))
+            await claim_engine(engine, config.name)
             async with trio.open_nursery() as nursery:
                 builder = await nursery.start(ImageBuilder(engine, base_image=config.base_image,
                                                            build_network=config.build_network).run)
@@ -70,7 +64,14 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None
                 finally:
                     with trio.CancelScope(shield=True) as cs:
                         cs.deadline = trio.current_time() + 300
-                        await handle.shutdown()
+                        async with trio.open_nursery() as graceful:
+                            if force_stop is not None:
+                                graceful.start_soon(_cancel_when_set, force_stop, cs)
+                            await handle.shutdown()
+                            graceful.cancel_scope.cancel()
+                    if cs.cancelled_caught:
+                        log.warning("graceful_stop_cut_short", supervisor=config.name,
+                                    forced=force_stop is not None and force_stop.is_set())
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         leaves = leaf_exceptions(group)
@@ -83,6 +84,11 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None
         if len(leaves) == 1:
             raise leaves[0]
         raise
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 from actors.supervisor import SupervisorHandle  # noqa: E402  (for type hints and re-export)

@@ -1,0 +1,193 @@
+"""One instance per supervisor name per engine, enforced when a supervisor starts.
+
+Two guards, both taken by `open_supervisor()` before it touches any container:
+
+1. An advisory lock (``flock``) on a file named by the engine and the supervisor name, holding the
+   owner's pid. It dies with the process, so a crashed corral never leaves a stale lock. The file
+   lives in ``$CORRAL_LOCK_DIR``, else ``/run/corral`` (root), else ``$XDG_RUNTIME_DIR/corral``,
+   else ``/tmp/corral-<uid>``. An in-memory engine (FakeEngine) is locked in memory, per engine.
+2. No running container may carry ``corral.supervisor=<name>``: such containers belong to an
+   instance this host's lock cannot see (another host or pid namespace, another lock directory),
+   or to a corral process that died while they still run. corral refuses to start and names them.
+   Only containers that no longer run (a dead instance's leftovers) are removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import structlog
+
+from .errors import ConfigError, ContainerNotFound, CorralError
+
+log = structlog.get_logger("corral.instance")
+
+LIVE_STATES = frozenset({"running", "restarting", "paused"})
+"""container states that mean "someone is still using this supervisor name\""""
+
+
+class AlreadyRunning(CorralError):
+    """Another corral instance runs a supervisor of this name on this engine."""
+
+
+def lock_dir() -> str:
+    d = os.environ.get("CORRAL_LOCK_DIR")
+    if d:
+        return d
+    if os.geteuid() == 0:
+        return "/run/corral"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "corral")
+    return os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}")
+
+
+def engine_key(url: str) -> str:
+    """One engine reached by two spellings of its local socket path is still one engine."""
+    if url.startswith("unix://"):
+        return "unix://" + os.path.realpath(url[len("unix://"):])
+    return url
+
+
+def lock_path(engine_url: str, name: str, directory: str | None = None) -> str:
+    digest = hashlib.sha256(engine_key(engine_url).encode()).hexdigest()[:12]
+    return os.path.join(directory or lock_dir(), f"{name}@{digest}.lock")
+
+
+def _ensure_dir(d: str) -> None:
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the lock directory {d}: {exc.strerror} "
+                          f"(set CORRAL_LOCK_DIR to a writable directory)") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(f"the lock directory {d} is not a directory owned by this user or root "
+                          f"(set CORRAL_LOCK_DIR)")
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096) or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+class InstanceLock:
+    """A held lock; `release()` (or process exit) frees it."""
+
+    def __init__(self, path: str, fd: int | None) -> None:
+        self.path = path
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                os.unlink(self.path)   # while still holding it: a waiter re-checks the inode
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def acquire_file_lock(engine_url: str, name: str, *, directory: str | None = None) -> InstanceLock:
+    """Take the lock of supervisor ``name`` on the engine at ``engine_url``, or raise
+    AlreadyRunning naming the process that holds it."""
+    d = directory or lock_dir()
+    _ensure_dir(d)
+    path = lock_path(engine_url, name, d)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the lock file {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"cannot lock {path}: {exc.strerror}") from None
+            raise AlreadyRunning(
+                f"supervisor {name!r} is already running on engine {engine_url}: "
+                f"pid {holder.get('pid', '?')} holds {path}; stop it first (SIGTERM), or use "
+                f"another supervisor name") from None
+        try:   # released (and unlinked) between our open and our flock: lock the new file
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "supervisor": name, "engine": engine_url,
+                                 "since": time.time()}).encode() + b"\n")
+        return InstanceLock(path, fd)
+
+
+_in_memory: dict[tuple[int, str], int] = {}
+
+
+def _is_local_engine(engine: Any) -> bool:
+    url = getattr(engine, "url", "") or ""
+    return url.startswith(("unix://", "tcp://", "http://", "https://", "ssh://", "npipe://"))
+
+
+@contextmanager
+def hold_instance(engine: Any, name: str) -> Iterator[None]:
+    """Hold the instance lock of supervisor ``name`` on ``engine`` for the block."""
+    if not _is_local_engine(engine):        # an in-memory engine: lock per engine object
+        key = (id(engine), name)
+        if key in _in_memory:
+            raise AlreadyRunning(f"supervisor {name!r} is already running on engine "
+                                 f"{getattr(engine, 'url', engine)!s} (in this process)")
+        _in_memory[key] = os.getpid()
+        try:
+            yield
+        finally:
+            _in_memory.pop(key, None)
+        return
+    lock = acquire_file_lock(engine.url, name)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+async def claim_engine(engine: Any, name: str) -> int:
+    """With the lock held: refuse if containers of ``name`` still run (naming them), else remove
+    the ones that no longer run (what a crashed earlier run left behind). Returns how many."""
+    found = await engine.container_list(labels={"corral.supervisor": name})
+    live = [c for c in found if c.get("State") in LIVE_STATES]
+    if live:
+        names = sorted(((c.get("Names") or ["?"])[0]).lstrip("/") for c in live)
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        raise AlreadyRunning(
+            f"supervisor {name!r} is in use on engine {getattr(engine, 'url', '?')}: "
+            f"{len(live)} running container(s) carry the label corral.supervisor={name} "
+            f"({shown}) but no corral process on this host holds its lock: another host or "
+            f"container runs it, or a corral process died and left them running. Stop that "
+            f"instance, or remove them (docker rm -f $(docker ps -q --filter "
+            f"label=corral.supervisor={name})), or use another supervisor name")
+    removed = 0
+    for c in found:
+        try:
+            await engine.container_remove(c["Id"], force=True)
+            removed += 1
+            log.info("stale_container_removed", supervisor=name, names=c.get("Names"),
+                     state=c.get("State"))
+        except ContainerNotFound:
+            pass
+    return removed
