@@ -1,6 +1,7 @@
 """The `corral` command line.
 
-  corral run --config corral.toml      long-running supervisor (SIGTERM/SIGINT: graceful stop)
+  corral run --config corral.toml      long-running supervisor (SIGTERM/SIGINT: graceful stop;
+                                       a second signal: stop at once, containers still removed)
   corral ps | task | restart | stop    talk to a running `corral run` over its unix socket
   corral demo                          the end-to-end tour on the real engine
   corral chaos                         a pool under fire, invariants checked
@@ -19,7 +20,7 @@ import time
 import msgspec
 import trio
 
-from .errors import CorralError, SupervisorEscalation
+from .errors import ConfigError, CorralError, SupervisorEscalation
 from .logging import configure_logging, get_logger
 
 log = get_logger("corral.cli")
@@ -124,8 +125,8 @@ def cmd_images(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .api import open_supervisor
-    from .control import serve_control
+    from .configcheck import check_config
+    from .control import check_socket_path
     from .specs import load_config_file
 
     config = load_config_file(args.config)
@@ -134,37 +135,111 @@ def cmd_run(args) -> int:
     if args.engine:
         config = msgspec.structs.replace(config, engine_url=args.engine)
     sock = args.socket or config.control_socket or default_socket(config.name)
+    check_config(config)            # static errors: exit 2 before anything starts
+    check_socket_path(sock)
+    return trio.run(_run_service, config, sock)
 
-    async def main() -> int:
-        try:
-            async with open_supervisor(config) as sup:
-                async with trio.open_nursery() as n:
-                    await n.start(serve_control, sup, sock)
-                    log.info("corral_running", supervisor=config.name, socket=sock,
-                             workers=len(config.workers), pools=len(config.pools))
 
-                    async def announce() -> None:
-                        await sup.wait_configured()
-                        log.info("configured_children_started", supervisor=config.name)
-                    n.start_soon(announce)
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for signum in signals:
-                            log.info("shutting_down", signal=signal.Signals(signum).name)
-                            break
-                    n.cancel_scope.cancel()
-        except SupervisorEscalation as esc:
-            log.error("escalated", error=str(esc), reason=esc.reason,
-                      certificates=[msgspec.to_builtins(c) for c in esc.certificates[-5:]])
-            print(f"corral: supervisor escalated: {esc}", file=sys.stderr)
-            return 3
-        log.info("stopped", supervisor=config.name)
-        return 0
-    return trio.run(main)
+async def _run_service(config, sock: str) -> int:
+    """`corral run`: SIGTERM/SIGINT stop gracefully; a second one cuts the grace short (the
+    containers are still removed). Signals are handled until the very end."""
+    stopping, forced = trio.Event(), trio.Event()
+
+    async def watch_signals(signals) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not stopping.is_set():
+                log.info("shutting_down", signal=name)
+                stopping.set()
+            elif not forced.is_set():
+                log.warning("forced_stop", signal=name,
+                            hint="no grace period: containers are killed, then removed")
+                forced.set()
+            else:
+                log.warning("already_stopping", signal=name)
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as n:
+            n.start_soon(watch_signals, signals)
+            try:
+                return await _supervise(config, sock, stopping, forced)
+            finally:
+                n.cancel_scope.cancel()
+
+
+async def _supervise(config, sock: str, stopping: trio.Event, forced: trio.Event) -> int:
+    from .api import open_supervisor
+    from .control import serve_control
+    from .util import leaf_exceptions
+
+    try:
+        async with open_supervisor(config, force_stop=forced) as sup:
+            async with trio.open_nursery() as n:
+                await n.start(serve_control, sup, sock)
+                log.info("corral_running", supervisor=config.name, socket=sock,
+                         workers=len(config.workers), pools=len(config.pools))
+
+                async def announce() -> None:
+                    await sup.wait_configured()
+                    log.info("configured_children_started", supervisor=config.name)
+                n.start_soon(announce)
+                await stopping.wait()
+                n.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaves = [e for e in leaf_exceptions(group) if not isinstance(e, trio.Cancelled)]
+        if len(leaves) != 1 or not isinstance(leaves[0], CorralError):
+            raise
+        return _report_error(config, leaves[0])
+    except CorralError as exc:
+        return _report_error(config, exc)
+    log.info("stopped", supervisor=config.name, forced=forced.is_set())
+    return 0
+
+
+def _report_error(config, exc: CorralError) -> int:
+    if not isinstance(exc, SupervisorEscalation):
+        print(f"corral: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    log.error("escalated", error=str(exc), reason=exc.reason,
+              certificates=[msgspec.to_builtins(c) for c in exc.certificates[-10:]])
+    print(format_escalation(config.name, exc), file=sys.stderr, flush=True)
+    return 3
+
+
+def format_escalation(name: str, esc: SupervisorEscalation) -> str:
+    """What an operator reads when the supervisor gives up: why, and each death (last 10)."""
+    who = esc.supervisor or name
+    why = str(esc).removeprefix(f"supervisor {who}: ")
+    lines = [f"corral: supervisor {who} escalated ({esc.reason}): {why}"]
+    certs = esc.certificates[-10:]
+    if len(esc.certificates) > len(certs):
+        lines.append(f"  ({len(esc.certificates) - len(certs)} earlier death(s) not shown)")
+    for c in certs:
+        code = f", exit code {c.exit_code}" if c.exit_code is not None else ""
+        lines.append(f"  worker {c.worker_id} generation {c.generation}: {c.cause}{code}"
+                     + (f": {c.reason}" if c.reason else "")
+                     + (f" (container {c.container_id[:12]})" if c.container_id else ""))
+        tail = [line for line in (c.logs_tail or "").splitlines() if line.strip()][-3:]
+        lines.extend(f"    | {line}" for line in tail)
+    return "\n".join(lines)
 
 
 def _ctl(args, request: dict):
     from .control import call
+    for key, value in request.items():
+        if isinstance(value, str):
+            _utf8_arg(key, value)
     return trio.run(call, args.socket or default_socket(args.name), request)
+
+
+def _utf8_arg(what: str, value: str) -> None:
+    """An argument that was not UTF-8 reaches Python as lone surrogates: say so plainly."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = value[exc.start].encode("utf-8", "surrogateescape")
+        raise ConfigError(f"the {what} argument is not valid UTF-8 text (byte 0x{raw.hex()} at "
+                          f"position {exc.start})") from None
 
 
 def cmd_ps(args) -> int:
@@ -195,6 +270,9 @@ def cmd_ps(args) -> int:
 
 
 def cmd_task(args) -> int:
+    from .specs import Task
+    _utf8_arg("prompt", args.prompt)
+    Task(prompt=args.prompt, timeout_s=args.timeout)    # a bad prompt is ConfigError: exit 2
     req = {"op": "task", "prompt": args.prompt, "timeout_s": args.timeout}
     req["pool" if args.pool else "worker_id"] = args.pool or args.worker
     res = _ctl(args, req)
@@ -236,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a TTY")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("run", help="run a supervisor from a config file until SIGTERM/SIGINT")
+    s = sub.add_parser("run", help="run a supervisor from a config file until SIGTERM/SIGINT "
+                                   "(exit 0 stopped, 2 error before start, 3 escalated)")
     s.add_argument("--config", required=True, help="TOML (or .json) SupervisorConfig")
     s.add_argument("--name", help="override the supervisor name")
     s.add_argument("--socket", help="control socket path (default: config control_socket or "

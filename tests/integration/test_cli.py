@@ -1,6 +1,7 @@
 """The operator's entry points: `corral run` as a service, driven over its control socket."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,3 +136,136 @@ async def test_the_demo_runs_and_cleans_up(engine):
     assert "cause=killed" in out.stdout and "WorkerStartupError" in out.stdout
     assert "12 results, 12 ok" in out.stdout
     assert "containers left with label corral.supervisor=demo: 0" in out.stdout
+
+
+# -- static configuration errors, client-side errors and escalations, as the operator sees them ----
+def _no_traceback(out) -> str:
+    err = out.stderr.decode(errors="replace") if isinstance(out.stderr, bytes) else out.stderr
+    assert "Traceback" not in err, err
+    return err
+
+
+async def _corral(*args, timeout: float = 60):
+    with trio.fail_after(timeout):
+        return await trio.run_process([*CORRAL, *args], cwd=ROOT, check=False,
+                                      capture_stdout=True, capture_stderr=True)
+
+
+async def test_corral_run_finds_static_config_errors_before_starting_anything(engine, corral_name, tmp_path):
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f'''
+name = "{corral_name}"
+[[workers]]
+id = "solo"
+agent = "gpt"
+[[workers]]
+id = "shells-1"
+agent = "shell"
+[[workers]]
+id = "solo"
+agent = "shell"
+[[pools]]
+name = "shells"
+replicas = 1
+[pools.worker]
+agent = "shell"
+capabilities = ["kubectl"]
+''')
+    out = await _corral("run", "--config", str(cfg), "--socket", str(tmp_path / "ctl.sock"), timeout=30)
+    err = _no_traceback(out)
+    assert out.returncode == 2, err
+    assert err.startswith("corral: error: invalid config (4 problems)")
+    for needle in ("`$.workers[0].agent`: unknown agent 'gpt'", "`$.workers[2].id`: duplicate worker id 'solo'",
+                   "'shells-1' is the id of a member of pool 'shells'",
+                   "`$.pools[0].worker.capabilities`: unknown capability 'kubectl'"):
+        assert needle in err, err
+    assert not os.path.exists(tmp_path / "ctl.sock")
+    assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
+
+
+async def test_client_errors_are_messages_not_tracebacks(tmp_path):
+    from runtime import PoolSpec, SupervisorConfig, open_supervisor
+    from runtime.control import serve_control
+    from runtime.testing import FakeEngine
+
+    sock = str(tmp_path / "ctl.sock")
+    mute = str(tmp_path / "mute.sock")
+
+    async def answer_nothing(task_status=trio.TASK_STATUS_IGNORED):
+        """A `corral run` that dies mid-request: reads the request, closes without an answer."""
+        s = trio.socket.socket(trio.socket.AF_UNIX)
+        await s.bind(mute)
+        s.listen(16)
+        listener = trio.SocketListener(s)
+        task_status.started()
+        async with listener:
+            while True:
+                conn = await listener.accept()
+                async with conn:
+                    await conn.receive_some()
+
+    with trio.fail_after(60):
+        async with FakeEngine() as fake, \
+                open_supervisor(SupervisorConfig(name="t", pools=[PoolSpec(name="p")]), engine=fake) as sup:
+            async with trio.open_nursery() as n:
+                await n.start(serve_control, sup, sock)
+                await n.start(answer_nothing)
+                out = await _corral("task", "--pool", "p", "--socket", sock, b"caf\xe9 \xff")
+                assert out.returncode == 2 and _no_traceback(out).startswith(
+                    "corral: error: the prompt argument is not valid UTF-8 text (byte 0xe9 at position 3)")
+                out = await _corral("stop", "--socket", sock, b"w-\xff")
+                assert out.returncode == 2 and "worker_id argument is not valid UTF-8" in _no_traceback(out)
+                out = await _corral("task", "--pool", "p", "--socket", sock, "--timeout", "-1", "hi")
+                assert out.returncode == 2 and "$.timeout_s" in _no_traceback(out)
+                out = await _corral("task", "--pool", "p", "--socket", sock, "hi")
+                assert (out.returncode, out.stdout) == (0, b"stub-shell: hi\n"), out
+                out = await _corral("ps", "--socket", mute)
+                assert out.returncode == 2 and f"`corral run` at {mute} closed the connection before " \
+                    "answering (it stopped or crashed)" in _no_traceback(out)
+                n.cancel_scope.cancel()
+    missing = str(tmp_path / "no-such-dir" / "ctl.sock")
+    out = await _corral("ps", "--socket", missing)
+    assert out.returncode == 2 and f"cannot reach `corral run` at {missing}" in _no_traceback(out)
+
+
+async def test_corral_run_with_a_socket_in_a_missing_directory_says_so(engine, corral_name, tmp_path):
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f'name = "{corral_name}"\n[[workers]]\nid = "solo"\nagent = "shell"\n')
+    missing = tmp_path / "no-such-dir" / "ctl.sock"
+    out = await _corral("run", "--config", str(cfg), "--socket", str(missing), timeout=60)
+    err = _no_traceback(out)
+    assert out.returncode == 2, err
+    assert f"cannot create the control socket {missing}: directory {missing.parent} does not exist" in err
+    assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
+
+
+async def test_an_escalation_exits_3_printing_why_and_the_deaths(engine, corral_name, tmp_path):
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f'name = "{corral_name}"\nmax_restarts = 0\n[[workers]]\nid = "victim"\nagent = "shell"\n')
+    sock = str(tmp_path / "ctl.sock")
+    with trio.fail_after(120):
+        proc = await trio.lowlevel.open_process(CORRAL + ["run", "--config", str(cfg), "--socket", sock],
+                                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            while True:     # wait for the worker to be READY
+                if os.path.exists(sock):
+                    snap = await call(sock, {"op": "snapshot"})
+                    if [c["info"]["state"] for c in snap["children"]] == ["ready"]:
+                        break
+                await trio.sleep(0.2)
+            cid = snap["children"][0]["info"]["container_id"]
+            await engine.container_kill(cid, "SIGKILL")
+            err = b""
+            async for chunk in proc.stderr:
+                err += chunk
+            assert await proc.wait() == 3, err.decode()[-3000:]
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    text = err.decode()
+    assert "Traceback" not in text
+    assert f"corral: supervisor {corral_name} escalated (intensity): 1 restarts within 60.0 s " \
+        "exceed max_restarts=0" in text
+    assert re.search(rf"^  worker victim generation 1: killed, exit code 137: .+ \(container {cid[:12]}\)$",
+                     text, re.M), text

@@ -1,0 +1,259 @@
+"""`corral run` as an operator runs it: a real process on the real engine, driven by signals and
+its control socket. Every test ends its process and leaves no container (corral_name checks)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from runtime.control import call
+from runtime.errors import CorralError
+
+CORRAL = [sys.executable, "-m", "runtime.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+SHELLS = '''
+[[pools]]
+name = "shells"
+replicas = {replicas}
+[pools.worker]
+agent = "shell"
+'''
+
+
+class Service:
+    """A running `corral run`: its JSON log lines as they come, and its control socket."""
+
+    def __init__(self, proc: trio.Process, sock: str) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.logs: list[dict] = []
+        self.text: list[str] = []
+        self._more = trio.Event()
+        self.eof = False
+
+    async def read_stderr(self) -> None:
+        buf = b""
+        async for chunk in self.proc.stderr:
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            for raw in done:
+                line = raw.decode(errors="replace")
+                self.text.append(line)
+                try:
+                    self.logs.append(json.loads(line))
+                except ValueError:
+                    pass
+            self._more.set()
+            self._more = trio.Event()
+        self.eof = True
+        self._more.set()
+
+    async def wait_log(self, event: str, **fields) -> dict:
+        seen = 0
+        while True:
+            for entry in self.logs[seen:]:
+                if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+                    return entry
+            seen = len(self.logs)
+            if self.eof:
+                raise AssertionError(f"corral run ended without logging {event} {fields}:\n"
+                                     + self.stderr())
+            await self._more.wait()
+
+    def stderr(self) -> str:
+        return "\n".join(self.text[-60:])
+
+    async def worker(self, worker_id: str) -> dict:
+        snap = await call(self.sock, {"op": "snapshot"})
+        for child in snap["children"]:
+            for w in child.get("workers", [child]):
+                if w.get("type") == "worker" and w["info"]["id"] == worker_id:
+                    return w["info"]
+        raise AssertionError(f"no worker {worker_id} in {snap}")
+
+    async def wait_worker_state(self, worker_id: str, state: str) -> dict:
+        while True:     # the control API has no state-change feed: poll the snapshot
+            info = await self.worker(worker_id)
+            if info["state"] == state:
+                return info
+            await trio.sleep(0.1)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    async def wait(self) -> int:
+        rc = await self.proc.wait()
+        while not self.eof:
+            await self._more.wait()
+        return rc
+
+
+@asynccontextmanager
+async def corral_run(tmp_path: Path, name: str, body: str, *, sock: str | None = None):
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(f'name = "{name}"\n{body}')
+    sock = sock or str(tmp_path / "ctl.sock")
+    proc = await trio.lowlevel.open_process(
+        CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    svc = Service(proc, sock)
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(svc.read_stderr)
+            try:
+                yield svc
+            finally:
+                with trio.CancelScope(shield=True):
+                    if proc.returncode is None:
+                        proc.send_signal(signal.SIGTERM)
+                        with trio.move_on_after(60):
+                            await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                n.cancel_scope.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
+async def run_cli(*args: str | bytes, timeout: float = 60) -> subprocess.CompletedProcess:
+    with trio.fail_after(timeout):
+        return await trio.run_process([*CORRAL, *args], cwd=ROOT, check=False,
+                                      capture_stdout=True, capture_stderr=True)
+
+
+def no_traceback(out: subprocess.CompletedProcess) -> str:
+    err = out.stderr.decode(errors="replace")
+    assert "Traceback" not in err, err
+    return err
+
+
+# -- finding 3 ----------------------------------------------------------------------------------
+async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(engine, corral_name, tmp_path):
+    with trio.fail_after(120):
+        async with corral_run(tmp_path, corral_name, SHELLS.format(replicas=1)) as first:
+            await first.wait_log("configured_children_started")
+            before = {c["Id"]: c["State"] for c in
+                      await engine.container_list(labels={"corral.supervisor": corral_name})}
+            assert list(before.values()) == ["running"]
+            # the same name and even the same socket: refused before anything is touched
+            second = await run_cli("run", "--config", str(tmp_path / f"{corral_name}.toml"),
+                                   "--socket", first.sock)
+            err = no_traceback(second)
+            assert second.returncode == 2, err
+            assert f"supervisor '{corral_name}' is already running" in err
+            assert f"pid {first.proc.pid} holds" in err
+            after = {c["Id"]: c["State"] for c in
+                     await engine.container_list(labels={"corral.supervisor": corral_name})}
+            assert after == before
+            res = await call(first.sock, {"op": "task", "pool": "shells", "prompt": "echo still mine"})
+            assert res["output"] == "still mine\n"
+            first.signal(signal.SIGTERM)
+            assert await first.wait() == 0, first.stderr()
+
+
+async def test_running_containers_of_the_name_refuse_the_start_naming_them(engine, corral_name, tmp_path):
+    with trio.fail_after(120):
+        cid = await engine.container_create(
+            {"Image": "corral/worker-base:latest", "Cmd": ["sleep", "300"],
+             "Labels": {"corral.supervisor": corral_name},
+             "HostConfig": {"NetworkMode": "none", "Init": True}}, name=f"{corral_name}-elsewhere")
+        try:
+            await engine.container_start(cid)
+            out = await run_cli("run", "--config", str(_config(tmp_path, corral_name, SHELLS.format(replicas=1))),
+                                "--socket", str(tmp_path / "ctl.sock"))
+            err = no_traceback(out)
+            assert out.returncode == 2, err
+            assert f"{corral_name}-elsewhere" in err and "no corral process on this host holds its lock" in err
+            assert (await engine.container_inspect(cid))["State"]["Running"]     # not touched
+            assert [c["Id"] for c in await engine.container_list(
+                labels={"corral.supervisor": corral_name})] == [cid]           # nothing started
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.container_remove(cid, force=True)
+
+
+def _config(tmp_path: Path, name: str, body: str) -> Path:
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(f'name = "{name}"\n{body}')
+    return cfg
+
+
+# -- finding 6 ----------------------------------------------------------------------------------
+async def test_an_interrupted_client_cancels_its_task_in_the_container(engine, corral_name, tmp_path):
+    with trio.fail_after(120):
+        async with corral_run(tmp_path, corral_name, SHELLS.format(replicas=1)) as svc:
+            await svc.wait_log("configured_children_started")
+            client = await trio.lowlevel.open_process(
+                CORRAL + ["task", "--pool", "shells", "--socket", svc.sock, "sleep 600"],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await svc.wait_worker_state("shells-1", "busy")
+                client.send_signal(signal.SIGINT)           # Ctrl-C
+                assert await client.wait() == 130
+            finally:
+                if client.returncode is None:
+                    client.kill()
+            with trio.fail_after(20):
+                info = await svc.wait_worker_state("shells-1", "ready")
+            assert info["generation"] == 1                   # the task was cancelled, not the container
+            with trio.fail_after(20):
+                res = await call(svc.sock, {"op": "task", "pool": "shells", "prompt": "echo next"})
+            assert res["output"] == "next\n"
+
+
+# -- finding 9 ----------------------------------------------------------------------------------
+async def test_requests_sent_while_starting_wait_for_the_configured_tree(engine, corral_name, tmp_path):
+    with trio.fail_after(120):
+        async with corral_run(tmp_path, corral_name, SHELLS.format(replicas=3)) as svc:
+            await svc.wait_log("control_socket_listening")
+            res = await call(svc.sock, {"op": "task", "pool": "shells", "prompt": "echo early"})
+            assert res["output"] == "early\n"
+            assert any(e.get("event") == "configured_children_started" for e in svc.logs)
+
+
+# -- findings 8 and 10: signals while stopping, requests in flight -------------------------------
+async def test_in_flight_requests_at_sigterm_are_answered(engine, corral_name, tmp_path):
+    with trio.fail_after(120):
+        async with corral_run(tmp_path, corral_name, SHELLS.format(replicas=1)) as svc:
+            await svc.wait_log("configured_children_started")
+            errors = []
+
+            async def ask() -> None:
+                try:
+                    await call(svc.sock, {"op": "task", "pool": "shells", "prompt": "sleep 600"})
+                except CorralError as exc:
+                    errors.append(str(exc))
+            async with trio.open_nursery() as n:
+                n.start_soon(ask)
+                await svc.wait_worker_state("shells-1", "busy")
+                svc.signal(signal.SIGTERM)
+            assert errors == ["corral is shutting down"]
+            assert await svc.wait() == 0, svc.stderr()
+        assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
+
+
+async def test_a_second_signal_while_stopping_forces_the_stop_and_still_removes_containers(
+        engine, corral_name, tmp_path):
+    # workers stop one after another (reverse start order): a graceful stop of six takes a while
+    body = "".join(f'[[workers]]\nid = "w{i}"\nagent = "shell"\n' for i in range(6))
+    with trio.fail_after(180):
+        async with corral_run(tmp_path, corral_name, body) as svc:
+            await svc.wait_log("configured_children_started")
+            svc.signal(signal.SIGTERM)
+            await svc.wait_log("worker_state", state="stopping")
+            svc.signal(signal.SIGINT)
+            await svc.wait_log("forced_stop")
+            svc.signal(signal.SIGTERM)                   # a third one changes nothing
+            with trio.fail_after(60):
+                rc = await svc.wait()
+            assert rc == 0, svc.stderr()
+            assert any(e.get("event") == "stopped" and e.get("forced") for e in svc.logs), svc.stderr()
+            assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
+            assert not os.path.exists(svc.sock)
