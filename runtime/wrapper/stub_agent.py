@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """corral stub agent: stands in for claude / droid / codex and speaks their real output formats.
 
-Installed under the real CLI name; the flavour comes from the name it is called by. Prompt
-directives: ``!exit N``, ``!sleep S``, ``!crash-wrapper``, ``!oom``; anything else answers
-``stub-<agent>: <prompt>``. ``CORRAL_STUB_FAIL_PROBE=1`` makes ``--version`` fail.
+Installed under the real CLI name; the flavour comes from the name it is called by. It takes the
+prompt the ways the real CLIs do: on the command line; claude ``-p`` without a prompt argument
+reads it from stdin; codex ``exec ... -`` reads it from stdin; droid ``exec ... -f FILE`` reads it
+from FILE. Prompt directives: ``!exit N``, ``!sleep S``, ``!crash-wrapper``, ``!oom``; anything
+else answers ``stub-<agent>: <prompt>``. ``CORRAL_STUB_FAIL_PROBE=1`` makes ``--version`` fail.
 Standard library only.
 """
 
@@ -19,15 +21,28 @@ VERSIONS = {"claude": "2.0.0 (Claude Code) [corral stub]", "droid": "0.22.0 [cor
             "codex": "codex-cli 0.50.0 [corral stub]"}
 
 
+def _stdin_text():
+    return sys.stdin.buffer.read().decode("utf-8", "replace")
+
+
 def parse_prompt(cli, argv):
+    """The prompt, taken exactly the ways the real CLI takes it (and the wrapper passes it)."""
     if cli == "claude":
-        # claude -p PROMPT --output-format json
+        # claude -p PROMPT --output-format json ; claude -p --output-format json < PROMPT
         if "-p" in argv:
             i = argv.index("-p")
-            if i + 1 < len(argv):
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 return argv[i + 1]
+            return _stdin_text()
         return ""
-    # droid exec -o json ... PROMPT ; codex exec --json ... PROMPT
+    if cli == "droid" and "-f" in argv[:-1]:
+        # droid exec -o json ... -f FILE
+        i = len(argv) - 1 - argv[::-1].index("-f")
+        with open(argv[i + 1], "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    # droid exec -o json ... PROMPT ; codex exec --json ... PROMPT ; codex exec --json ... - < PROMPT
+    if cli == "codex" and len(argv) > 1 and argv[-1] == "-":
+        return _stdin_text()
     return argv[-1] if len(argv) > 1 else ""
 
 
