@@ -152,6 +152,11 @@ class Supervisor:
         self.children: dict[str, _Child] = {}
         self._order = itertools.count()
         self._intensity = RestartWindow(config.max_restarts, config.within_s)
+        self._group_pending: set[str] = set()
+        """children that a running or queued group restart has yet to start again"""
+        self._group_lock = trio.Semaphore(1)
+        """one group restart at a time (a Semaphore: a parent's hold and release may come from
+        different tasks)"""
         self._recent: Deque[tuple[float, DeathCertificate]] = collections.deque(maxlen=1000)
         self._certs: Deque[DeathCertificate] = collections.deque(maxlen=50)
         self._nursery: trio.Nursery | None = None
@@ -222,10 +227,14 @@ class Supervisor:
                     self._nursery.start_soon(self._stop_child, cid, reply)
                 case SnapshotRequest(reply=reply):
                     reply_value(reply, self.snapshot())
-                case ChildDied():
-                    esc = self._on_death(msg)
+                case ChildDied(reply=reply):
+                    # a child that a group restart is about to restart anyway: as in OTP, its
+                    # death is absorbed (not counted again); that group restart releases it
+                    absorbed = msg.restarting and msg.child_id in self._group_pending
+                    esc = self._on_death(msg, absorbed=absorbed)
                     if esc is not None:
-                        return esc
+                        return esc      # (the worker's question is answered by the drain)
+                    reply_value(reply, absorbed or self._group_restart(msg))
                 case ChildFailed(child_id=cid, certificates=certs, reason=reason, kind=kind):
                     self._certs.extend(c for c in certs if c not in self._certs)
                     what = "could not start" if kind == "start_failed" else "gave up"
@@ -243,7 +252,7 @@ class Supervisor:
                     reply_error(reply_to(msg), CorralError(f"supervisor cannot handle {type(msg).__name__}"))
         return None
 
-    def _on_death(self, msg: ChildDied) -> SupervisorEscalation | None:
+    def _on_death(self, msg: ChildDied, *, absorbed: bool = False) -> SupervisorEscalation | None:
         cert = msg.certificate
         now = trio.current_time()
         self._certs.append(cert)
@@ -261,7 +270,9 @@ class Supervisor:
                     certs, supervisor=cfg.name, reason="shared_cause")
         if not msg.restarting:
             return None
-        if msg.charged_to_task is not None:
+        if absorbed:
+            log.info("death_absorbed_by_group_restart", child=msg.child_id, cause=cert.cause)
+        elif msg.charged_to_task is not None:
             # the task running at the time brought the container down: the worker restarts it
             # (with backoff) and the task fails alone once its attempts are spent; bad data never
             # counts toward this supervisor's intensity
@@ -271,17 +282,63 @@ class Supervisor:
             esc = self._count_restart(msg, now)
             if esc is not None:
                 return esc
-        child = self.children.get(msg.child_id)
-        if child is not None and cfg.strategy != "one_for_one":
-            siblings = [c for c in self.children.values() if c is not child and c.kind == "worker"
-                        and (cfg.strategy == "one_for_all" or c.order > child.order)]
-            for s in sorted(siblings, key=lambda c: c.order):
-                log.info("sibling_restart", child=s.id, strategy=cfg.strategy, because=msg.child_id)
-                try:
-                    s.actor.mailbox.send_nowait(RestartRequest(reason=f"{cfg.strategy}: {msg.child_id} died"))
-                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
         return None
+
+    # -- group restarts (one_for_all, rest_for_one), as OTP's supervisor.erl does them ---------
+    def _group_restart(self, msg: ChildDied) -> bool:
+        """The answer to a dying child: False (one_for_one: restart yourself), or True: wait to
+        be released while the group is stopped in reverse start order and started again in
+        start order. A pool's member is not a child of its own: its pool restarts it."""
+        child = self.children.get(msg.child_id)
+        if child is None or not msg.restarting or self.config.strategy == "one_for_one":
+            return False
+        cfg = self.config
+        group = sorted((c for c in self.children.values()
+                        if c is child or cfg.strategy == "one_for_all" or c.order > child.order),
+                       key=lambda c: c.order)
+        self._group_pending.update(c.id for c in group)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_group_restart, child, group, msg.certificate.generation)
+        return True
+
+    async def _run_group_restart(self, dead: _Child, group: list[_Child], dead_gen: int) -> None:
+        cfg = self.config
+        async with self._group_lock:
+            log.info("group_restart", strategy=cfg.strategy, because=dead.id,
+                     children=[c.id for c in group])
+            why = f"{cfg.strategy}: {dead.id} died"
+            releases: dict[str, Any] = {}
+            for c in reversed(group):              # stop: reverse start order
+                if c is not dead:
+                    releases[c.id] = await _hold(c, why)
+            for c in group:                        # start: start order, each READY before the next
+                self._group_pending.discard(c.id)  # a death from here on is a new group restart
+                if c is dead:
+                    c.actor.release()
+                    await _wait_back(c.actor, dead_gen)
+                else:
+                    await releases[c.id]()
+
+    async def hold_all(self, why: str):
+        """Stop every child's containers (reverse start order) and hold them; returns the
+        coroutine function that starts them again in start order, each READY before the next
+        (a nested supervisor restarted by its parent's group restart)."""
+        await self._group_lock.acquire()
+        releases = []
+        try:
+            for c in sorted(self.children.values(), key=lambda c: c.order, reverse=True):
+                releases.append(await _hold(c, why))
+        except BaseException:
+            self._group_lock.release()
+            raise
+
+        async def release() -> None:
+            try:
+                for r in reversed(releases):
+                    await r()
+            finally:
+                self._group_lock.release()
+        return release
 
     def _count_restart(self, msg: ChildDied, now: float) -> SupervisorEscalation | None:
         """The intensity window: more than max_restarts within within_s escalates."""
@@ -414,3 +471,51 @@ class Supervisor:
                          root=self.root)
         await self._run_child(_Child(f"sup:{config.name}", "supervisor", sup, next(self._order)),
                               reply, sup.run)
+
+
+async def _noop() -> None:
+    pass
+
+
+async def _wait_back(worker: Worker, generation: int) -> None:
+    """Until ``worker`` has a container newer than ``generation`` READY, or is held again by a
+    new death (a later group restart takes it), or has ended."""
+    try:
+        await worker.wait_until(lambda i: i.generation > generation
+                                and i.state in ("ready", "busy", "held"))
+    except WorkerGone:
+        pass
+
+
+async def _hold_worker(worker: Worker, why: str):
+    gen = worker.generation
+    try:
+        await ask(worker.mailbox, lambda r: RestartRequest(reply=r, hold=True, reason=why))
+    except CorralError:
+        return _noop
+
+    async def release() -> None:
+        worker.release()
+        await _wait_back(worker, gen)
+    return release
+
+
+async def _hold(child: _Child, why: str):
+    """Stop a child's containers and hold it; returns how to start it again."""
+    if child.kind == "worker":
+        return await _hold_worker(child.actor, why)
+    if child.kind == "supervisor":
+        return await child.actor.hold_all(why)
+    releases = []                      # a pool: its members at once, in parallel
+
+    async def hold_one(w: Worker) -> None:
+        releases.append(await _hold_worker(w, why))
+    async with trio.open_nursery() as n:
+        for w in list(child.actor.members):
+            n.start_soon(hold_one, w)
+
+    async def release_pool() -> None:
+        async with trio.open_nursery() as n:
+            for r in releases:
+                n.start_soon(r)
+    return release_pool

@@ -66,6 +66,9 @@ from runtime.protocol import (
 from runtime.records import TASK_CAUSES, DeathCertificate, TaskResult, WorkerInfo, WorkerSnapshot
 from runtime.specs import Task, WorkerSpec, new_worker_id
 
+from .classify import ExitFacts, classify, signal_name
+from .watcher import ENGINE_CHECK_S, SETTLE_S
+
 log = structlog.get_logger("corral.worker")
 
 LOG_TAIL = 4096
@@ -239,6 +242,8 @@ class Worker:
         self._stop_event = trio.Event()
         self._removed: dict[str, str] = {}
         self._restart_waiters: list[Any] = []
+        self._hold: trio.Event | None = None
+        """while set and not yet released: wait before the next container (group restarts)"""
         self._spec_hash = hashlib.sha256(_spec_json(spec)).hexdigest()[:16]
 
     # -- views -------------------------------------------------------------------------------
@@ -267,6 +272,16 @@ class Worker:
             if self.finished.is_set():
                 raise WorkerGone(f"worker {self.id} ended ({self.state}) before the condition held")
             await self._changed.wait()
+
+    def hold(self) -> None:
+        """Wait before the next container until ``release()`` (its supervisor restarts a group
+        of children in order). Several holds before one release are one hold."""
+        if self._hold is None or self._hold.is_set():
+            self._hold = trio.Event()
+
+    def release(self) -> None:
+        if self._hold is not None:
+            self._hold.set()
 
     def _set_state(self, state: str) -> None:
         if state == self.state:
@@ -347,7 +362,9 @@ class Worker:
                     reply_value(reply, self.info())
                 case SnapshotRequest(reply=reply):
                     reply_value(reply, self.snapshot())
-                case RestartRequest(reply=reply, reason=reason):
+                case RestartRequest(reply=reply, reason=reason, hold=hold):
+                    if hold and not self._stop_event.is_set():
+                        self.hold()
                     if self._life is not None and not self._life.ended.is_set():
                         self._life.end("restart", reason)
                         if reply is not None:
@@ -360,6 +377,7 @@ class Worker:
                     else:
                         reply_value(reply_to(msg), None)
                     self._stop_event.set()
+                    self.release()
                     if self._life is not None:
                         self._life.end("stop", "stop requested")
                 case _:
@@ -500,6 +518,11 @@ class Worker:
     async def _lifecycle(self, task_status, handle) -> tuple[str, list[DeathCertificate]]:
         first = True
         while True:
+            if self._hold is not None and not self._stop_event.is_set():
+                self._set_state("held")
+                log.info("restart_held")
+                await self._hold.wait()        # release() (a stop request releases too)
+            self._hold = None
             if self._stop_event.is_set():
                 return "stopped", []
             self.generation += 1
@@ -530,13 +553,17 @@ class Worker:
                         ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
                         restart_in_s=cert.restart_in_s)
             if self.parent is not None:
+                # the supervisor answers at once: restart when ready, or wait for its gate
                 with trio.move_on_after(5):
                     try:
-                        await self.parent.send(ChildDied(
+                        gate = await ask(self.parent, lambda r: ChildDied(
                             child_id=self.id, certificate=cert, restarting=decision == "restart",
-                            charged_to_task=charged.task.task_id if charged is not None else None))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                            charged_to_task=charged.task.task_id if charged is not None else None,
+                            reply=r))
+                    except CorralError:     # the supervisor is stopping or escalating
+                        gate = False
+                    if gate and decision == "restart":
+                        self.hold()
             if decision == "give_up":
                 return "failed", list(self.deaths)
             if decision == "done":
@@ -788,6 +815,24 @@ class Worker:
                     except (trio.EndOfChannel, trio.ClosedResourceError):
                         break
                 if cs.cancelled_caught:
+                    # A frozen engine holds every container's output back: before blaming the
+                    # worker, the engine must answer, at once. If it does not, wait on (don't
+                    # kill): an engine that was slow to answer may have held frames back too.
+                    answered = False
+                    t_ping = trio.current_time()
+                    with trio.move_on_after(min(5.0, timeout)):
+                        try:
+                            await self.engine.ping()
+                            answered = trio.current_time() - t_ping < 1.0
+                        except EngineUnavailable:
+                            pass
+                        except EngineError:
+                            answered = True        # it answered, with an error
+                    if not answered:
+                        log.warning("engine_unresponsive", timeout_s=timeout,
+                                    silent_s=round(trio.current_time() - life.last_frame, 3))
+                        life.last_frame = trio.current_time()   # a new heartbeat period from now
+                        continue
                     log.error("heartbeat_missed", timeout_s=timeout)
                     life.end("hung", f"no heartbeat for {timeout} s")
                     return
@@ -832,68 +877,74 @@ class Worker:
                                 uptime_s=trio.current_time() - t0)
 
     async def _certify(self, life: _Life, watch, exc: BaseException | None) -> DeathCertificate:
-        """Classify how this container ended."""
+        """Gather the facts of how this container ended (the I/O), then classify them
+        (actors.classify: pure)."""
         cid = life.container_id
+        kind = life.end_kind or "died"
         exit_code: int | None = None
-        oom = False
-        engine_problem: BaseException | None = exc
-        removed = False
-        if exc is None and life.end_kind != "protocol" and life.started:
+        oom = removed = restarted = False
+        problem = str(exc) if exc is not None else None
+        unreachable = isinstance(exc, EngineUnavailable)
+        answered = True
+        if exc is None and kind != "protocol" and life.started:
             try:
                 with trio.fail_after(10):
                     exit_code = await self.engine.container_wait(cid)
+                if watch is not None and self.watcher.alive:
+                    with trio.move_on_after(0.5):     # the die event comes after any kill event
+                        await watch.died.wait()
                 state = (await self.engine.container_inspect(cid)).get("State", {})
-                oom = bool(state.get("OOMKilled"))
-                exit_code = state.get("ExitCode", exit_code)
+                if state.get("Running"):
+                    restarted = True                  # up again since it died: a docker restart
+                else:
+                    oom = bool(state.get("OOMKilled"))
+                    exit_code = state.get("ExitCode", exit_code)
             except ContainerNotFound:
                 removed = True
-            except (EngineError, trio.TooSlowError) as e:
-                engine_problem = e
-            if watch is not None and self.watcher.alive and not removed:
-                with trio.move_on_after(0.5):
-                    await watch.died.wait()
+            except EngineUnavailable as e:
+                problem, unreachable = str(e), True
+            except EngineError as e:
+                problem = str(e)
+            except trio.TooSlowError:
+                problem = "the container's exit was not reported within 10 s"
         if watch is not None:
             oom = oom or watch.oom
             removed = removed or watch.destroyed.is_set()
             if exit_code is None:
                 exit_code = watch.exit_code
-        external_kill = bool(watch and watch.kills) and not life.kill_sent
-        fatal = life.fatal_reason or ""
-        ready = life.ready
+        if kind == "died" and not removed and not unreachable:
+            if watch is not None and not life.kill_sent \
+                    and any(signal_name(s) != "SIGKILL" for s in watch.kills):
+                # a stop signal from outside: `docker stop`, `docker restart` (the engine starts
+                # the container again) or the engine shutting down (its events stream ends)
+                with trio.move_on_after(SETTLE_S):
+                    await self.watcher.wait_settled(watch)
+            # does the engine still answer? If not, it is what went away, not the worker
+            answered, why = False, f"no answer to a ping within {ENGINE_CHECK_S} s"
+            with trio.move_on_after(ENGINE_CHECK_S):
+                try:
+                    await self.engine.ping()
+                    why = f"its events stream ended and no new one was taken within {ENGINE_CHECK_S} s"
+                    if self.watcher is not None:
+                        await self.watcher.wait_alive()
+                    answered = True
+                except EngineUnavailable as e:
+                    why = str(e)
+                except EngineError:
+                    answered = True                   # it answered, with an error
+            if not answered:
+                problem = why
+        facts = ExitFacts(
+            end=kind, detail=life.end_reason, ready=life.ready, exit_code=exit_code, oom=oom,
+            oom_event=bool(watch and watch.oom), removed=removed, engine_problem=problem,
+            engine_unreachable=unreachable, fatal=life.fatal_reason, watched=watch is not None,
+            kill_signals=tuple(watch.kills) if watch is not None else (),
+            corral_killed=life.kill_sent, stopped=bool(watch and watch.stopped),
+            restarted=restarted or bool(watch and watch.restarted), engine_answered=answered)
+        cause, reason = classify(facts)
         uptime = trio.current_time() - (life.ready_at or life.created_at)
-        kind = life.end_kind
-        reason = fatal or life.end_reason
-        if kind == "hung":
-            cause = "hung"
-        elif kind == "protocol":
-            cause = "protocol_error"
-        elif kind == "startup_timeout":
-            cause = "startup_timeout"
-        elif removed:
-            cause, reason = "removed", "the container was removed out of band"
-        elif isinstance(engine_problem, EngineUnavailable) or (engine_problem and exit_code is None):
-            cause, reason = "engine_error", str(engine_problem)
-        elif fatal.startswith("oom_killed") or oom:
-            cause, oom = "oom_killed", True
-            reason = reason or "killed by the kernel OOM killer"
-        elif exit_code == EX_CONFIG or (fatal and not ready):
-            cause = "config_error"
-        elif external_kill and exit_code in (137, -9):
-            cause, reason = "killed", f"killed from outside (signal {watch.kills[-1]})"
-        elif not ready:
-            cause = "early_exit"
-            reason = reason if reason != "output closed" else f"exited with {exit_code} before READY"
-        elif exit_code == 0:
-            cause, reason = "exited", "exited with 0 while serving"
-        elif exit_code == 137 and watch is None:
-            cause, reason = "killed", "exit 137 (SIGKILL)"
-        else:
-            cause = "crashed"
-            if not reason or reason == "output closed":
-                reason = (f"exited with {exit_code} after READY"
-                          + (" (SIGKILL from inside the container, not through the engine)"
-                             if exit_code == 137 else ""))
         return DeathCertificate(worker_id=self.id, container_id=cid, generation=life.generation,
-                                cause=cause, reason=reason, exit_code=exit_code, oom_killed=oom,
-                                ready=ready, uptime_s=round(uptime, 6),
+                                cause=cause, reason=reason, exit_code=exit_code,
+                                oom_killed=oom or cause == "oom_killed", ready=life.ready,
+                                uptime_s=round(uptime, 6),
                                 logs_tail=life.tail.decode(errors="replace"), at=time.time())

@@ -53,6 +53,10 @@ class SnapshotRequest(Msg):
 class RestartRequest(Msg):
     reply: Any | None = None
     reason: str = "requested"
+    hold: bool = False
+    """replace the container only once the supervisor calls ``Worker.release()`` (a group
+    restart stops its children first, then starts them one by one); the reply comes when the
+    old container is gone"""
 
 
 class StopRequest(Msg):
@@ -93,6 +97,9 @@ class ChildDied(Msg):
     charged_to_task: str | None = None
     """the id of the task whose run caused this death (see records.TASK_CAUSES): such a death
     does not count against the supervisor's intensity"""
+    reply: Any | None = None
+    """answered False (restart when ready) or True: wait for ``Worker.release()`` before the
+    next container (the supervisor restarts a group of children in order)"""
 
 
 class ChildFailed(Msg):

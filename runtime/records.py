@@ -11,7 +11,9 @@ Cause = Literal["config_error", "startup_timeout", "early_exit", "oom_killed", "
 CAUSES: tuple[str, ...] = Cause.__args__  # type: ignore[attr-defined]
 
 WorkerState = Literal["pending", "building", "creating", "starting", "ready", "busy", "backoff",
-                      "stopping", "stopped", "failed"]
+                      "held", "stopping", "stopped", "failed"]
+"""``held``: between containers, waiting for its supervisor to restart it in start order
+(one_for_all / rest_for_one)"""
 TaskStatus = Literal["ok", "error", "timeout", "cancelled", "worker_died"]
 
 TASK_CAUSES: frozenset[str] = frozenset({"crashed", "exited", "oom_killed", "hung", "protocol_error"})

@@ -44,11 +44,14 @@ class _Validated(Struct, frozen=True, kw_only=True):
             return
         _checking = True
         try:
-            msgspec.convert(msgspec.to_builtins(self), type=type(self))
+            checked = msgspec.convert(msgspec.to_builtins(self), type=type(self))
         except msgspec.ValidationError as exc:
             raise ConfigError(f"invalid {type(self).__name__}: {exc}") from None
         finally:
             _checking = False
+        # keep the checked values: `restart={"max_restarts": 3}` becomes a RestartPolicy
+        for name in self.__struct_fields__:
+            msgspec.structs.force_setattr(self, name, getattr(checked, name))
         self._check()
 
     def _check(self) -> None:
