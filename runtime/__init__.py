@@ -13,6 +13,7 @@ from .errors import ProtocolError as ProtocolError
 from .errors import SupervisorEscalation as SupervisorEscalation
 from .errors import WorkerGone as WorkerGone
 from .errors import WorkerStartupError as WorkerStartupError
+from .instance import AlreadyRunning as AlreadyRunning
 from .records import DeathCertificate as DeathCertificate
 from .records import PoolSnapshot as PoolSnapshot
 from .records import SupervisorSnapshot as SupervisorSnapshot

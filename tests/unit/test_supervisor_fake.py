@@ -248,7 +248,7 @@ async def test_state_changes_are_logged_with_context(autojump_clock):
     assert ready["worker_id"] == "ctx" and ready["generation"] == 1 and ready["container_id"]
 
 
-async def test_leftovers_of_a_crashed_run_are_reaped_running_ones_kept(autojump_clock):
+async def test_leftovers_of_a_dead_instance_are_reaped_a_live_one_refuses_the_start(autojump_clock):
     async with FakeEngine() as engine:
         image = engine.add_image("corral/worker-shell:old")
         dead = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t"}},
@@ -261,10 +261,15 @@ async def test_leftovers_of_a_crashed_run_are_reaped_running_ones_kept(autojump_
             mine = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "u"}},
                                                  name="not-ours")
             from runtime import open_supervisor
-            with capture_logs() as logs:
+            from runtime.instance import AlreadyRunning
+            # a running container of the name: another instance lives; refuse, touch nothing
+            with pytest.raises(AlreadyRunning) as ei:
                 async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
                     pass
-            assert dead not in engine.containers          # exited leftover: removed
-            assert live in engine.containers              # running: someone else's, kept
+            assert "corral-t-other-1" in str(ei.value)
+            assert {dead, live, mine} <= set(engine.containers)
+            engine.crash(live, 0)                         # that instance is gone now
+            async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
+                pass
+            assert dead not in engine.containers and live not in engine.containers  # reaped
             assert mine in engine.containers              # another supervisor's: untouched
-            assert any(e["event"] == "foreign_running_container" for e in logs)
