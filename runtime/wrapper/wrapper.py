@@ -341,7 +341,8 @@ def become_subreaper():
 
 
 def sweep_scope():
-    """"namespace" when the wrapper is its container's main process, else "descendants"."""
+    """What the cleanup sweeps: "namespace" when the wrapper is its container's main process,
+    else (e.g. on a host) "descendants"."""
     if os.environ.get("CORRAL_SWEEP") == "descendants":
         return "descendants"
     if os.getpid() == 1:
@@ -448,6 +449,17 @@ def _text_problem(name, v):
     return None
 
 
+def _finite(v):
+    """A JSON number as a finite float, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 def parse_run_task(frame):
     """-> (Job, None) or (None, why the frame is unusable)."""
     problem = _text_problem("prompt", frame.get("prompt"))
@@ -464,10 +476,10 @@ def parse_run_task(frame):
             return None, problem
     timeout_s = frame.get("timeout_s")
     if timeout_s is not None:
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
-                or not math.isfinite(timeout_s) or timeout_s <= 0:
-            return None, "timeout_s must be a positive number of seconds or null, not %s" % _shown(timeout_s)
-        timeout_s = float(timeout_s)
+        timeout_s = _finite(timeout_s)
+        if timeout_s is None or timeout_s <= 0:
+            return None, ("timeout_s must be a positive number of seconds or null, not %s"
+                          % _shown(frame.get("timeout_s")))
     cap = frame.get("max_output_bytes")
     if cap is None:
         cap = DEFAULT_OUTPUT_BYTES
@@ -1008,12 +1020,11 @@ def handle_frame(runner, raw):
     elif kind == "cancel_task":
         runner.cancel(frame.get("task_id"))
     elif kind == "shutdown":
-        grace = frame.get("grace_s", 5.0)
-        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not math.isfinite(grace) \
-                or grace < 0:
-            log("shutdown with a bad grace_s %s: using 5 s" % _shown(grace))
+        grace = _finite(frame.get("grace_s", 5.0))
+        if grace is None or grace < 0:
+            log("shutdown with a bad grace_s %s: using 5 s" % _shown(frame.get("grace_s")))
             grace = 5.0
-        return ("shutdown", float(grace))
+        return ("shutdown", grace)
     else:
         log("ignoring unknown frame kind %s" % _shown(kind))
     return None

@@ -55,7 +55,8 @@ def pid_alive(pid: int) -> bool:
 class Wrapper:
     """One wrapper process: frames in on stdin, every stdout line decoded as a frame."""
 
-    def __init__(self, tmp: Path, agent: str = "shell", env: dict | None = None):
+    def __init__(self, tmp: Path, agent: str = "shell", env: dict | None = None,
+                 argv: list[str] | None = None):
         self.tmp = tmp
         self.bin = tmp / "bin"
         self.workspace = tmp / "workspace"
@@ -73,7 +74,7 @@ class Wrapper:
                     "TMPDIR": str(self.tmpdir), "PATH": f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         full_env.pop("CORRAL_SWEEP", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, str(WRAPPER)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv or [sys.executable, str(WRAPPER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
         self.frames: queue.Queue = queue.Queue()
         self.done: dict[str, list[TaskDone]] = {}
@@ -267,6 +268,7 @@ ANSWERED = [   # each gets one task_done with status "error" that says what is w
     answered("to-neg", "timeout_s", prompt="echo", timeout_s=-1),
     answered("to-zero", "timeout_s", prompt="echo", timeout_s=0),
     answered("to-bool", "timeout_s", prompt="echo", timeout_s=True),
+    answered("to-huge", "timeout_s", prompt="echo", timeout_s=10 ** 400),
     answered("mo-str", "max_output_bytes", prompt="echo", max_output_bytes="x"),
     answered("mo-neg", "max_output_bytes", prompt="echo", max_output_bytes=-5),
     answered("mo-float", "max_output_bytes", prompt="echo", max_output_bytes=1.5),
@@ -381,6 +383,41 @@ def test_a_task_that_forks_many_children_ends_and_leaves_nothing(shell):
                   timeout_s=20)
     assert (d.status, d.output) == ("ok", "started\n")
     assert descendants(shell.proc.pid) == []
+
+
+# the wrapper as it runs, but unable to kill a process named "immortal"
+IMMORTAL_WRAPPER = """
+import os, runpy, sys
+real_kill = os.kill
+def kill(pid, sig):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            if f.read().strip() == "immortal":
+                return
+    except OSError:
+        pass
+    real_kill(pid, sig)
+os.kill = kill
+os.killpg = lambda pgid, sig: None
+sys.argv = [sys.argv[1]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_processes_that_cannot_be_killed_end_the_wrapper_with_fatal(wrapper_factory):
+    w = wrapper_factory(argv=[sys.executable, "-c", IMMORTAL_WRAPPER, str(WRAPPER)])
+    shutil.copy("/bin/sleep", w.workspace / "immortal")
+    d = w.run("t-x", "./immortal 1000 >/dev/null 2>&1 & echo $!; sleep 1000 & echo $!")
+    immortal, mortal = (int(p) for p in d.output.split())
+    try:
+        assert d.status == "ok"                      # the task's answer comes first
+        assert w.proc.wait(20) == 70
+        fatal = [f for f in list(w.frames.queue) if type(f).__name__ == "Fatal"]
+        assert len(fatal) == 1 and fatal[0].reason.startswith(
+            f"cannot clean up after task t-x: 1 processes remain (pids {immortal})"), fatal
+        assert pid_alive(immortal) and not pid_alive(mortal)
+    finally:
+        os.kill(immortal, signal.SIGKILL)
 
 
 # --- fuzzing -----------------------------------------------------------------------------------
