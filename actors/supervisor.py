@@ -46,7 +46,7 @@ from runtime.specs import PoolSpec, SupervisorConfig, WorkerSpec
 from runtime.util import unwrap_single
 
 from .pool import Pool, PoolHandle
-from .restart import RestartWindow
+from .worker.restart import RestartWindow
 from .worker import Worker, WorkerHandle
 
 log = structlog.get_logger("corral.supervisor")

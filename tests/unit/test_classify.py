@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.classify import ExitFacts, classify, signal_name
+from actors.worker.classify import ExitFacts, classify, signal_name
 from runtime.records import CAUSES
 
 F = ExitFacts

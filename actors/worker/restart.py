@@ -11,7 +11,8 @@ import collections
 import random
 from typing import Deque
 
-from runtime.specs import Backoff
+from runtime.records import DeathCertificate
+from runtime.specs import Backoff, RestartPolicy
 
 
 class RestartWindow:
@@ -74,3 +75,27 @@ class BackoffState:
     def next_cap(self) -> float:
         """The bound of the delay if the next container fails too."""
         return backoff_cap(self.backoff, self.consecutive + 1)
+
+
+def decide(policy: RestartPolicy, cert: DeathCertificate, *, charged: bool, stopping: bool,
+           window: RestartWindow, backoff: BackoffState, now: float,
+           rng: random.Random) -> tuple[str, float]:
+    """After a death: ("restart", delay), ("done", 0) or ("give_up", 0).
+
+    - stopping, a temporary worker, or a transient one that exited 0: done.
+    - config_error: give up at once (the same config fails the same way; no hot loop).
+    - past ``max_restarts`` within ``within_s``: give up (the supervisor escalates).
+    - a death charged to a task (records.TASK_CAUSES while it ran) backs off like any other but
+      does not count against the budget: bad data never makes a worker give up.
+    - the delay: 0 after a container that was READY for ``stable_s``, else exponential with
+      full jitter (``Backoff``)."""
+    if stopping or policy.restart == "temporary":
+        return "done", 0.0
+    if policy.restart == "transient" and cert.cause == "exited":
+        return "done", 0.0
+    if cert.cause == "config_error":
+        return "give_up", 0.0
+    if not charged and not window.admit(now):
+        return "give_up", 0.0
+    stable = cert.ready and cert.uptime_s >= policy.backoff.stable_s
+    return "restart", backoff.next_delay(stable=stable, rng=rng)

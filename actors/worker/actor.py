@@ -1,0 +1,294 @@
+"""Worker actor: owns ONE container at a time, knows when its wrapper dies, says why, and
+restarts it (with backoff) or escalates to its supervisor with a DeathCertificate.
+
+States: pending -> building -> creating -> starting -> ready <-> busy -> backoff | held -> ...
+-> stopping -> stopped | failed.
+
+One concern per module: this one is the actor (mailbox, lifecycle loop, views); `life` is one
+container from create to removal, `session` the wrapper protocol, `tasks` the task book,
+`classify` why it died (pure), `restart` when it comes back (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+import trio
+
+from runtime.errors import CorralError, WorkerGone, WorkerStartupError
+from runtime.messages import (
+    CancelTaskRequest,
+    ChildDied,
+    ChildExited,
+    ChildFailed,
+    InfoRequest,
+    RestartRequest,
+    RunTaskRequest,
+    SnapshotRequest,
+    StopRequest,
+    ask,
+    drain_mailbox,
+    reply_error,
+    reply_to,
+    reply_value,
+)
+from runtime.records import DeathCertificate, WorkerInfo, WorkerSnapshot
+from runtime.specs import WorkerSpec, new_worker_id
+
+from .handle import WorkerHandle
+from .life import MAX_DEATHS, ContainerLife, _spec_json
+from .restart import BackoffState, RestartWindow, decide
+from .session import WrapperSession
+from .tasks import TaskBook, _Pending
+
+if TYPE_CHECKING:
+    from .life import _Life
+
+log = structlog.get_logger("corral.worker")
+
+
+class Worker(ContainerLife, WrapperSession, TaskBook):
+    def __init__(self, spec: WorkerSpec, *, engine, builder, supervisor: str = "corral",
+                 watcher=None, start_limiter: trio.CapacityLimiter | None = None,
+                 parent: trio.MemorySendChannel | None = None, pool: str | None = None,
+                 rng: random.Random | None = None, mailbox_size: int = 1024) -> None:
+        self.spec = spec
+        self.id = spec.id or new_worker_id()
+        self.engine = engine
+        self.builder = builder
+        self.supervisor = supervisor
+        self.watcher = watcher
+        self.start_limiter = start_limiter or trio.CapacityLimiter(16)
+        self.parent = parent
+        self.pool = pool
+        self.rng = rng or random.Random()
+        self.state = "pending"
+        self.generation = 0
+        self.restarts = 0
+        self.image_id: str | None = None
+        self.image_tag: str | None = None
+        self.deaths: list[DeathCertificate] = []
+        """the most recent deaths, oldest first (at most MAX_DEATHS)"""
+        self.deaths_by_cause: dict[str, int] = {}
+        """every death since the worker was spawned, by cause"""
+        self.current_backoff_s = 0.0
+        self.next_backoff_s = 0.0
+        self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
+        self.finished = trio.Event()
+        self._life: _Life | None = None
+        self._pending: list[_Pending] = []
+        self._current: _Pending | None = None
+        self._draining: _Pending | None = None
+        """a task corral ended at its deadline, whose task_done the wrapper still owes"""
+        self._changed = trio.Event()
+        self.listeners: list[Any] = []
+        """called with this worker at every state change (pools use it; must not block)"""
+        self._window = RestartWindow(spec.restart.max_restarts, spec.restart.within_s)
+        self._backoff = BackoffState(spec.restart.backoff)
+        self._stop: StopRequest | None = None
+        self._stop_event = trio.Event()
+        self._removed: dict[str, str] = {}
+        self._restart_waiters: list[Any] = []
+        self._hold: trio.Event | None = None
+        """while set and not yet released: wait before the next container (group restarts)"""
+        self._spec_hash = hashlib.sha256(_spec_json(spec)).hexdigest()[:16]
+
+    def info(self) -> WorkerInfo:
+        life = self._life
+        return WorkerInfo(id=self.id, state=self.state, agent=self.spec.agent,
+                          container_id=life.container_id if life else None,
+                          container_name=life.name if life else None, image_id=self.image_id,
+                          image_tag=self.image_tag, generation=self.generation, restarts=self.restarts,
+                          pool=self.pool, last_death=self.deaths[-1] if self.deaths else None)
+
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(info=self.info(), current_backoff_s=self.current_backoff_s,
+                              next_backoff_s=self.next_backoff_s, deaths=list(self.deaths),
+                              deaths_by_cause=dict(self.deaths_by_cause))
+
+    async def wait_ready(self) -> None:
+        await self.wait_until(lambda i: i.state in ("ready", "busy"))
+
+    async def wait_until(self, predicate) -> WorkerInfo:
+        """Wait until ``predicate(self.info())`` holds (checked at every state change)."""
+        while True:
+            info = self.info()
+            if predicate(info):
+                return info
+            if self.finished.is_set():
+                raise WorkerGone(f"worker {self.id} ended ({self.state}) before the condition held")
+            await self._changed.wait()
+
+    def hold(self) -> None:
+        """Wait before the next container until ``release()`` (its supervisor restarts a group
+        of children in order). Several holds before one release are one hold."""
+        if self._hold is None or self._hold.is_set():
+            self._hold = trio.Event()
+
+    def release(self) -> None:
+        if self._hold is not None:
+            self._hold.set()
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        old, self.state = self.state, state
+        log.info("worker_state", state=state, previous=old)
+        self._changed.set()
+        self._changed = trio.Event()
+        for listener in self.listeners:
+            listener(self)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Runs the worker; ``task_status.started(handle)`` once its first container is READY.
+        Raises WorkerStartupError (with the certificate) if that first container never is."""
+        structlog.contextvars.bind_contextvars(actor="worker", worker_id=self.id)
+        handle = WorkerHandle(self)
+        outcome_kind = "stopped"     # also when cancelled or when the first start fails
+        certs: list[DeathCertificate] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._mailbox_loop)
+                try:
+                    outcome_kind, certs = await self._lifecycle(task_status, handle)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._finish(outcome_kind, certs)
+            with trio.CancelScope(shield=True):
+                await self._notify_parent(outcome_kind, certs)
+
+    def _finish(self, kind: str, certs: list[DeathCertificate]) -> None:
+        self._set_state("failed" if kind == "failed" else "stopped")
+        why = f"worker {self.id} has {'failed' if kind == 'failed' else 'stopped'}"
+        self._end_all_tasks(why, certs[-1] if kind == "failed" and certs else None)
+        for r in self._restart_waiters:
+            reply_error(r, WorkerGone(why))
+        if self._stop is not None:
+            reply_value(self._stop.reply, None)
+        drain_mailbox(self._recv, why, worker_id=self.id)
+        self.finished.set()
+        self._changed.set()
+
+    async def _notify_parent(self, kind: str, certs: list[DeathCertificate]) -> None:
+        if self.parent is None:
+            return
+        with trio.move_on_after(5):
+            try:
+                if kind == "failed":
+                    why = ("config_error: not retried" if certs and certs[-1].cause == "config_error"
+                           else f"restart budget spent: more than {self.spec.restart.max_restarts} "
+                                f"restarts within {self.spec.restart.within_s} s")
+                    await self.parent.send(ChildFailed(child_id=self.id, certificates=certs, reason=why))
+                else:
+                    await self.parent.send(ChildExited(child_id=self.id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _mailbox_loop(self) -> None:
+        async for msg in self._recv:
+            match msg:
+                case RunTaskRequest(task=task, reply=reply):
+                    self._pending.append(_Pending(task, reply))
+                    await self._dispatch()
+                case CancelTaskRequest(task_id=tid):
+                    await self._cancel(tid)
+                case InfoRequest(reply=reply):
+                    reply_value(reply, self.info())
+                case SnapshotRequest(reply=reply):
+                    reply_value(reply, self.snapshot())
+                case RestartRequest(reply=reply, reason=reason, hold=hold):
+                    if hold and not self._stop_event.is_set():
+                        self.hold()
+                    if self._life is not None and not self._life.ended.is_set():
+                        self._life.end("restart", reason)
+                        if reply is not None:
+                            self._restart_waiters.append(reply)   # answered once it is replaced
+                    else:   # between containers already: the next one is the restart
+                        reply_value(reply, None)
+                case StopRequest():
+                    if self._stop is None:
+                        self._stop = msg
+                    else:
+                        reply_value(reply_to(msg), None)
+                    self._stop_event.set()
+                    self.release()
+                    if self._life is not None:
+                        self._life.end("stop", "stop requested")
+                case _:
+                    reply_error(reply_to(msg), CorralError(f"worker cannot handle {type(msg).__name__}"))
+
+    async def _lifecycle(self, task_status, handle) -> tuple[str, list[DeathCertificate]]:
+        first = True
+        while True:
+            if self._hold is not None and not self._stop_event.is_set():
+                self._set_state("held")
+                log.info("restart_held")
+                await self._hold.wait()        # release() (a stop request releases too)
+            self._hold = None
+            if self._stop_event.is_set():
+                return "stopped", []
+            self.generation += 1
+            structlog.contextvars.bind_contextvars(generation=self.generation)
+            end_kind, cert = await self._one_life(task_status if first else None, handle, first)
+            was_first, first = first, False
+            if end_kind == "stop":
+                return "stopped", []
+            if end_kind == "restart":
+                waiters, self._restart_waiters = self._restart_waiters, []
+                self.restarts += 1
+                for r in waiters:
+                    reply_value(r, None)
+                continue
+            assert cert is not None
+            if was_first and not cert.ready:
+                raise WorkerStartupError(
+                    f"worker {self.id} did not become ready: {cert.cause}"
+                    + (f": {cert.reason}" if cert.reason else ""), cert)
+            charged = self._charged_task(cert)
+            decision, delay = self._decide(cert, charged=charged is not None)
+            cert = msgspec.structs.replace(cert, restart_in_s=delay if decision == "restart" else None)
+            self.deaths.append(cert)
+            del self.deaths[:-MAX_DEATHS]
+            self.deaths_by_cause[cert.cause] = self.deaths_by_cause.get(cert.cause, 0) + 1
+            self._on_death(cert, charged)
+            log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
+                        ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
+                        restart_in_s=cert.restart_in_s)
+            if self.parent is not None:
+                # the supervisor answers at once: restart when ready, or wait for its gate
+                with trio.move_on_after(5):
+                    try:
+                        gate = await ask(self.parent, lambda r: ChildDied(
+                            child_id=self.id, certificate=cert, restarting=decision == "restart",
+                            charged_to_task=charged.task.task_id if charged is not None else None,
+                            reply=r))
+                    except CorralError:     # the supervisor is stopping or escalating
+                        gate = False
+                    if gate and decision == "restart":
+                        self.hold()
+            if decision == "give_up":
+                return "failed", list(self.deaths)
+            if decision == "done":
+                return "stopped", []
+            self.restarts += 1
+            if delay > 0:
+                self._set_state("backoff")
+                self.current_backoff_s = delay
+                log.info("restart_scheduled", delay_s=round(delay, 3), consecutive=self._backoff.consecutive)
+                with trio.move_on_after(delay):
+                    await self._stop_event.wait()
+                self.current_backoff_s = 0.0
+            else:
+                log.info("restart_scheduled", delay_s=0.0, consecutive=self._backoff.consecutive)
+
+    def _decide(self, cert: DeathCertificate, *, charged: bool = False) -> tuple[str, float]:
+        decision, delay = decide(self.spec.restart, cert, charged=charged,
+                                 stopping=self._stop_event.is_set(), window=self._window,
+                                 backoff=self._backoff, now=trio.current_time(), rng=self.rng)
+        if decision == "restart":
+            self.next_backoff_s = self._backoff.next_cap
+        return decision, delay

@@ -1,0 +1,352 @@
+"""One container's life: its spec, create (recovering a stale name), attach, start, the race of
+READY against exit and the startup deadline, a graceful or forced end, removal, and the facts of
+how it ended, classified by ``classify`` (pure) into a DeathCertificate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from runtime.errors import (
+    ContainerNotFound,
+    CorralError,
+    EngineError,
+    EngineUnavailable,
+    ImageNotFound,
+    NameConflict,
+)
+from runtime.protocol import Shutdown
+from runtime.records import DeathCertificate
+
+from ..watcher import ENGINE_CHECK_S, SETTLE_S
+from .classify import ExitFacts, classify, signal_name
+
+log = structlog.get_logger("corral.worker")
+
+LOG_TAIL = 4096
+MAX_DEATHS = 10
+EX_CONFIG = 78
+_spec_json = msgspec.json.Encoder(order="sorted").encode
+
+
+def container_name(supervisor: str, worker_id: str, generation: int) -> str:
+    return f"corral-{supervisor}-{worker_id}-{generation}"
+
+
+@dataclass(slots=True)
+class _Life:
+    """One container of this worker, from create to removal."""
+    container_id: str
+    name: str
+    generation: int
+    created_at: float
+    ready_at: float | None = None
+    ready: bool = False
+    settled: trio.Event = field(default_factory=trio.Event)   # ready, or ended before it
+    ended: trio.Event = field(default_factory=trio.Event)
+    end_kind: str | None = None        # died | hung | protocol | restart | stop | startup_timeout
+    end_reason: str = ""
+    fatal_reason: str | None = None
+    tail: bytearray = field(default_factory=bytearray)
+    last_frame: float = 0.0
+    att: Any = None
+    started: bool = False
+    kill_sent: bool = False
+    nursery: trio.Nursery | None = None
+    """runs the tasks that live as long as this container (the reader, task deadlines)"""
+
+    def end(self, kind: str, reason: str = "") -> None:
+        if self.end_kind is None:
+            self.end_kind, self.end_reason = kind, reason
+        self.settled.set()
+        self.ended.set()
+
+    def add_tail(self, data: bytes) -> None:
+        self.tail += data
+        if len(self.tail) > LOG_TAIL:
+            del self.tail[:-LOG_TAIL]
+
+
+class ContainerLife:
+    """The Worker's container concern."""
+
+    def container_config(self, image_id: str, generation: int) -> dict[str, Any]:
+        spec = self.spec
+        env = {**spec.env, "CORRAL_WORKER_ID": self.id, "CORRAL_AGENT": spec.agent,
+               "CORRAL_HEARTBEAT_S": str(spec.heartbeat_s), "CORRAL_WORKSPACE": "/workspace"}
+        if spec.required_env:
+            env["CORRAL_REQUIRED_ENV"] = ",".join(spec.required_env)
+        labels = {"corral.supervisor": self.supervisor, "corral.worker": self.id,
+                  "corral.generation": str(generation), "corral.spec": self._spec_hash,
+                  "corral.agent": spec.agent}
+        if self.pool:
+            labels["corral.pool"] = self.pool
+        host: dict[str, Any] = {
+            "NetworkMode": "none", "CapDrop": ["ALL"], "SecurityOpt": ["no-new-privileges"],
+            "Init": True, "PidsLimit": spec.pids_limit, "AutoRemove": False,
+            "RestartPolicy": {"Name": "no"},
+        }
+        if spec.memory:
+            host["Memory"] = spec.memory
+            host["MemorySwap"] = spec.memory
+        if spec.cpus:
+            host["NanoCpus"] = int(spec.cpus * 1e9)
+        size = f",size={spec.disk}" if spec.disk else ""
+        if spec.read_only_rootfs or spec.disk:
+            host["Tmpfs"] = {"/workspace": f"uid=1000,gid=1000,mode=0755{size}", "/tmp": f"mode=1777{size}"}
+        if spec.read_only_rootfs:
+            host["ReadonlyRootfs"] = True
+            host["Tmpfs"]["/home/worker"] = f"uid=1000,gid=1000,mode=0700{size}"
+        return {
+            "Image": image_id, "User": "worker", "WorkingDir": "/workspace",
+            "Env": [f"{k}={v}" for k, v in env.items()], "Labels": labels,
+            "AttachStdin": True, "AttachStdout": True, "AttachStderr": True,
+            "OpenStdin": True, "StdinOnce": True, "Tty": False, "HostConfig": host,
+        }
+
+    async def _create(self, config: dict[str, Any], name: str) -> str:
+        try:
+            return await self.engine.container_create(config, name=name)
+        except NameConflict:
+            # A leftover of ours (same supervisor, worker and generation: a crashed earlier run).
+            # Remove it only if it carries our labels; never touch anyone else's container.
+            existing = await self.engine.container_list(labels={"corral.supervisor": self.supervisor,
+                                                                "corral.worker": self.id})
+            for c in existing:
+                if f"/{name}" in (c.get("Names") or []):
+                    log.warning("stale_container_removed", name=name, container_id=c["Id"][:12])
+                    await self.engine.container_remove(c["Id"], force=True)
+                    return await self.engine.container_create(config, name=name)
+            raise
+
+    async def _one_life(self, task_status, handle, first: bool) -> tuple[str, DeathCertificate | None]:
+        """One container, from create to removal. Returns ("died", certificate), or ("restart" |
+        "stop", None) when it ended on request."""
+        gen = self.generation
+        name = container_name(self.supervisor, self.id, gen)
+        t_create = trio.current_time()
+        if self.image_id is None:
+            try:
+                await self._build_image()
+            except CorralError as exc:
+                if first:
+                    raise          # spawn() reports ConfigError / ImageBuildError as they are
+                return "died", self._engine_cert(None, gen, exc, t_create)
+        self._set_state("creating")
+        await self.start_limiter.acquire()
+        holding_slot = True
+        try:
+            # the startup deadline counts from here (waiting for a start slot is corral's own
+            # throttle) and covers create, attach, start and the wait for READY
+            deadline = trio.current_time() + self.spec.startup_timeout_s
+            try:
+                with trio.fail_after(self.spec.startup_timeout_s):
+                    try:
+                        cid = await self._create(self.container_config(self.image_id, gen), name)
+                    except ImageNotFound:
+                        # the image went away (pruned, engine reset): rebuild it once, no death
+                        log.warning("image_missing_rebuilding", image=self.image_tag)
+                        self.builder.invalidate(self.image_tag)
+                        await self._build_image()
+                        self._set_state("creating")
+                        cid = await self._create(self.container_config(self.image_id, gen), name)
+            except (CorralError, trio.TooSlowError) as exc:
+                if isinstance(exc, ImageNotFound):
+                    self.image_id = None
+                if isinstance(exc, trio.TooSlowError):
+                    exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
+                    await self._remove_container(name)   # in case the engine made it after all
+                return "died", self._engine_cert(None, gen, exc, t_create)
+            life = self._life = _Life(container_id=cid, name=name, generation=gen, created_at=t_create,
+                                      last_frame=t_create)
+            structlog.contextvars.bind_contextvars(container_id=cid[:12])
+            watch = self.watcher.watch(cid) if self.watcher is not None else None
+            try:
+                async with trio.open_nursery() as nursery:
+                    life.nursery = nursery
+                    try:
+                        with trio.move_on_at(deadline):
+                            try:
+                                await nursery.start(self._attached, life)
+                                self._set_state("starting")
+                                await self.engine.container_start(cid)
+                            except EngineError as exc:
+                                life.end("died", str(exc))
+                                return "died", await self._certify(life, watch, exc)
+                            life.started = True
+                            log.debug("container_started", name=name)
+                            await life.settled.wait()
+                        if not life.settled.is_set():
+                            life.end("startup_timeout", f"not READY within {self.spec.startup_timeout_s} s")
+                            await self._kill(cid)
+                        self.start_limiter.release()
+                        holding_slot = False
+                        if life.ready and not life.ended.is_set():
+                            self._set_state("ready")
+                            log.info("worker_ready", name=name,
+                                     startup_s=round(trio.current_time() - t_create, 3))
+                            if task_status is not None:
+                                task_status.started(handle)
+                            await self._dispatch()
+                            await life.ended.wait()
+                        return await self._end_of_life(life, watch)
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                if self.watcher is not None:
+                    self.watcher.forget(cid)
+                await self._remove_container(cid)
+        finally:
+            if holding_slot:
+                self.start_limiter.release()
+
+    async def _build_image(self) -> None:
+        self._set_state("building")
+        img = await self.builder.image_for(self.spec.agent, self.spec.capabilities, self.spec.stub_agent)
+        self.image_id, self.image_tag = img.image_id, img.tag
+
+    async def _end_of_life(self, life: _Life, watch) -> tuple[str, DeathCertificate | None]:
+        kind = life.end_kind
+        if kind in ("restart", "stop"):
+            self._set_state("stopping")
+            await self._graceful_end(life)
+            if self._current is not None and kind == "restart":
+                cert = await self._certify(life, watch, None)
+                self._on_death(msgspec.structs.replace(cert, restart_in_s=0.0))
+            return kind, None
+        if kind == "hung":
+            await self._kill(life.container_id)
+        cert = await self._certify(life, watch, None)
+        if await self._remove_container(life.container_id) == "gone" \
+                and cert.cause in ("killed", "crashed", "exited"):
+            # `docker rm -f` kills, then removes: the kill is what we saw first
+            cert = msgspec.structs.replace(cert, cause="removed",
+                                           reason="the container was removed out of band")
+        return "died", cert
+
+    async def _graceful_end(self, life: _Life) -> None:
+        grace = self._stop.grace_s if (self._stop and self._stop.grace_s is not None) else self.spec.stop_grace_s
+        if life.att is not None and life.end_kind != "died":
+            with trio.move_on_after(1.0):
+                await self._send(life, Shutdown(grace_s=grace))
+        with trio.move_on_after(grace + 1.0) as cs:
+            try:
+                await self.engine.container_wait(life.container_id)
+            except EngineError:
+                pass
+        if cs.cancelled_caught:
+            await self._kill(life.container_id)
+
+    async def _kill(self, cid: str) -> None:
+        if self._life is not None:
+            self._life.kill_sent = True
+        with trio.move_on_after(10):
+            try:
+                await self.engine.container_kill(cid, "SIGKILL")
+            except EngineError:
+                pass
+
+    async def _remove_container(self, cid: str) -> str:
+        """Remove our container (once). Returns "removed", "gone" (someone else removed it
+        first) or "failed"."""
+        if cid in self._removed:
+            return self._removed[cid]
+        result = "failed"
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(15):
+                try:
+                    await self.engine.container_remove(cid, force=True)
+                    log.debug("container_removed", container_id=cid[:12])
+                    result = "removed"
+                except ContainerNotFound:
+                    result = "gone"
+                except EngineError as exc:
+                    if exc.status == 409 and "already in progress" in str(exc):
+                        result = "gone"
+                    else:
+                        log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
+        self._removed = {cid: result}
+        return result
+
+    def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float) -> DeathCertificate:
+        return DeathCertificate(worker_id=self.id, container_id=cid, generation=gen,
+                                cause="engine_error", reason=str(exc), at=time.time(),
+                                uptime_s=trio.current_time() - t0)
+
+    async def _certify(self, life: _Life, watch, exc: BaseException | None) -> DeathCertificate:
+        """Gather the facts of how this container ended (the I/O), then classify them
+        (actors.classify: pure)."""
+        cid = life.container_id
+        kind = life.end_kind or "died"
+        exit_code: int | None = None
+        oom = removed = restarted = False
+        problem = str(exc) if exc is not None else None
+        unreachable = isinstance(exc, EngineUnavailable)
+        answered = True
+        if exc is None and kind != "protocol" and life.started:
+            try:
+                with trio.fail_after(10):
+                    exit_code = await self.engine.container_wait(cid)
+                if watch is not None and self.watcher.alive:
+                    with trio.move_on_after(0.5):     # the die event comes after any kill event
+                        await watch.died.wait()
+                state = (await self.engine.container_inspect(cid)).get("State", {})
+                if state.get("Running"):
+                    restarted = True                  # up again since it died: a docker restart
+                else:
+                    oom = bool(state.get("OOMKilled"))
+                    exit_code = state.get("ExitCode", exit_code)
+            except ContainerNotFound:
+                removed = True
+            except EngineUnavailable as e:
+                problem, unreachable = str(e), True
+            except EngineError as e:
+                problem = str(e)
+            except trio.TooSlowError:
+                problem = "the container's exit was not reported within 10 s"
+        if watch is not None:
+            oom = oom or watch.oom
+            removed = removed or watch.destroyed.is_set()
+            if exit_code is None:
+                exit_code = watch.exit_code
+        if kind == "died" and not removed and not unreachable:
+            if watch is not None and not life.kill_sent \
+                    and any(signal_name(s) != "SIGKILL" for s in watch.kills):
+                # a stop signal from outside: `docker stop`, `docker restart` (the engine starts
+                # the container again) or the engine shutting down (its events stream ends)
+                with trio.move_on_after(SETTLE_S):
+                    await self.watcher.wait_settled(watch)
+            # does the engine still answer? If not, it is what went away, not the worker
+            answered, why = False, f"no answer to a ping within {ENGINE_CHECK_S} s"
+            with trio.move_on_after(ENGINE_CHECK_S):
+                try:
+                    await self.engine.ping()
+                    why = f"its events stream ended and no new one was taken within {ENGINE_CHECK_S} s"
+                    if self.watcher is not None:
+                        await self.watcher.wait_alive()
+                    answered = True
+                except EngineUnavailable as e:
+                    why = str(e)
+                except EngineError:
+                    answered = True                   # it answered, with an error
+            if not answered:
+                problem = why
+        facts = ExitFacts(
+            end=kind, detail=life.end_reason, ready=life.ready, exit_code=exit_code, oom=oom,
+            oom_event=bool(watch and watch.oom), removed=removed, engine_problem=problem,
+            engine_unreachable=unreachable, fatal=life.fatal_reason, watched=watch is not None,
+            kill_signals=tuple(watch.kills) if watch is not None else (),
+            corral_killed=life.kill_sent, stopped=bool(watch and watch.stopped),
+            restarted=restarted or bool(watch and watch.restarted), engine_answered=answered)
+        cause, reason = classify(facts)
+        uptime = trio.current_time() - (life.ready_at or life.created_at)
+        return DeathCertificate(worker_id=self.id, container_id=cid, generation=life.generation,
+                                cause=cause, reason=reason, exit_code=exit_code,
+                                oom_killed=oom or cause == "oom_killed", ready=life.ready,
+                                uptime_s=round(uptime, 6),
+                                logs_tail=life.tail.decode(errors="replace"), at=time.time())

@@ -1,0 +1,173 @@
+"""The task book: what happens to a task. Queued while the worker is busy or restarting, one
+running at a time, ended by corral's own deadline if the wrapper does not end it, and caught
+in a container's death: redelivered while it has attempts left (``Task.max_attempts``), else
+it fails "worker_died" with the certificate (at-most-once by default). A task whose every
+attempt killed its container is a poison task: it fails alone, marked ``poison``, and its
+deaths count against no restart budget or intensity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from runtime.messages import reply_value
+from runtime.protocol import CancelTask, RunTask, TaskDone, encode_frame
+from runtime.records import TASK_CAUSES, DeathCertificate, TaskResult
+from runtime.specs import Task
+
+if TYPE_CHECKING:
+    from .life import _Life
+
+log = structlog.get_logger("corral.worker")
+
+
+@dataclass(slots=True)
+class _Pending:
+    task: Task
+    reply: Any
+    attempts: int = 0
+    started_at: float = 0.0
+    charged_deaths: int = 0
+    """deaths of a container while it ran this task, of a cause the task may have brought about"""
+    released: trio.Event | None = None
+    """past corral's own deadline: set once the wrapper reports the task done after all"""
+
+
+class TaskBook:
+    """The Worker's task concern (state: ``_pending``, ``_current``, ``_draining``)."""
+
+    def _end_all_tasks(self, why: str, death: DeathCertificate | None) -> None:
+        """The worker ends: every task it holds gets its result ("worker_died" with the last
+        certificate when it failed, else "cancelled")."""
+        for p in [q for q in (self._current, self._draining) if q is not None] + list(self._pending):
+            if death is not None:
+                reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
+                                                error=why, attempts=p.attempts, worker_id=self.id,
+                                                death=death))
+            else:
+                reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="cancelled",
+                                                error=why, attempts=p.attempts, worker_id=self.id))
+        self._current = self._draining = None
+        self._pending.clear()
+
+    async def _dispatch(self) -> None:
+        life = self._life
+        while True:
+            if self._current is not None or self._draining is not None or not self._pending \
+                    or life is None or not life.ready or life.ended.is_set() or self.state != "ready":
+                return
+            p = self._pending.pop(0)
+            p.attempts += 1
+            p.started_at = trio.current_time()
+            t = p.task
+            try:
+                data = encode_frame(RunTask(task_id=t.task_id, prompt=t.prompt, args=t.args,
+                                            timeout_s=t.timeout_s, max_output_bytes=t.max_output_bytes))
+            except (UnicodeError, ValueError, TypeError) as exc:
+                # Task validates itself when built; whatever slips past fails alone, here
+                reply_value(p.reply, TaskResult(task_id=t.task_id, status="error", attempts=p.attempts,
+                                                error=f"the task cannot be sent to the worker: {exc}",
+                                                worker_id=self.id))
+                continue
+            self._current = p
+            self._set_state("busy")
+            if t.timeout_s is not None and life.nursery is not None:
+                life.nursery.start_soon(self._enforce_deadline, life, p)
+            await self._send_bytes(life, data)
+            return
+
+    async def _enforce_deadline(self, life: _Life, p: _Pending) -> None:
+        """corral's own deadline for a task, whatever the wrapper does: at timeout_s +
+        task_grace_s the task ends "timeout" and the wrapper is told to cancel it. If the wrapper
+        has still not reported it done after another task_grace_s (its agent cannot be stopped,
+        or the wrapper is wedged while its heartbeats go on), the container is replaced."""
+        grace = self.spec.task_grace_s
+        assert p.task.timeout_s is not None
+        await trio.sleep_until(p.started_at + p.task.timeout_s + grace)
+        if self._current is not p or life.ended.is_set():
+            return
+        tid = p.task.task_id
+        log.warning("task_deadline_passed", task_id=tid, timeout_s=p.task.timeout_s, grace_s=grace)
+        self._current, self._draining = None, p
+        p.released = trio.Event()
+        reply_value(p.reply, TaskResult(
+            task_id=tid, status="timeout", attempts=p.attempts, worker_id=self.id,
+            duration_s=trio.current_time() - p.started_at,
+            error=f"no result {p.task.timeout_s} s (timeout_s) + {grace} s (task_grace_s) after it "
+                  f"started: corral ended the task"))
+        await self._send(life, CancelTask(task_id=tid))
+        with trio.move_on_after(grace):
+            await p.released.wait()
+        if self._draining is p and not life.ended.is_set():
+            life.end("hung", f"task {tid} did not end within timeout_s + 2 x task_grace_s "
+                             f"({p.task.timeout_s + 2 * grace:g} s): the wrapper could not stop it")
+
+    async def _cancel(self, task_id: str) -> None:
+        for p in list(self._pending):
+            if p.task.task_id == task_id:
+                self._pending.remove(p)
+                reply_value(p.reply, TaskResult(task_id=task_id, status="cancelled", error="cancelled",
+                                                attempts=p.attempts, worker_id=self.id))
+                return
+        if self._current and self._current.task.task_id == task_id and self._life:
+            await self._send(self._life, CancelTask(task_id=task_id))
+
+    async def _task_done(self, frame: TaskDone) -> None:
+        d = self._draining
+        if d is not None and d.task.task_id == frame.task_id:
+            # the wrapper did end the task after corral's deadline: the worker is free again
+            self._draining = None
+            assert d.released is not None
+            d.released.set()
+            if self.state == "busy":
+                self._set_state("ready")
+            await self._dispatch()
+            return
+        p = self._current
+        if p is None or p.task.task_id != frame.task_id:
+            log.warning("task_done_unknown", task_id=frame.task_id)
+            return
+        self._current = None
+        status = frame.status if frame.status in ("ok", "error", "timeout", "cancelled") else "error"
+        reply_value(p.reply, TaskResult(task_id=frame.task_id, status=status, output=frame.output,
+                                        exit_code=frame.exit_code, error=frame.error,
+                                        duration_s=frame.duration_s, attempts=p.attempts,
+                                        worker_id=self.id, truncated=frame.truncated))
+        log.debug("task_done", task_id=frame.task_id, status=status)
+        if self.state == "busy":
+            self._set_state("ready")
+        await self._dispatch()
+
+    def _charged_task(self, cert: DeathCertificate) -> _Pending | None:
+        """The task this death is charged to: the one running (or being ended) when the container
+        died of a cause that a task may bring about (records.TASK_CAUSES)."""
+        p = self._current or self._draining
+        return p if p is not None and cert.cause in TASK_CAUSES else None
+
+    def _on_death(self, cert: DeathCertificate, charged: _Pending | None = None) -> None:
+        """The in-flight task: redelivered after the restart if it has attempts left, else it
+        ends 'worker_died' with the certificate (at-most-once by default). A task whose every
+        attempt killed its container is a poison task: it fails alone, marked ``poison``."""
+        p, self._current = self._current, None
+        self._draining = None
+        if p is None:
+            return
+        if charged is p:
+            p.charged_deaths += 1
+        if p.attempts < p.task.max_attempts and cert.restart_in_s is not None:
+            self._pending.insert(0, p)
+        else:
+            poison = p.charged_deaths == p.attempts
+            if poison:
+                log.warning("poison_task", task_id=p.task.task_id, attempts=p.attempts, cause=cert.cause)
+            reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
+                                            error=f"worker died: {cert.cause}"
+                                                  + (f" (poison task: each of its {p.attempts} "
+                                                     f"attempt(s) killed the container running it)"
+                                                     if poison else ""),
+                                            attempts=p.attempts, worker_id=self.id, death=cert,
+                                            duration_s=trio.current_time() - p.started_at,
+                                            poison=poison))
