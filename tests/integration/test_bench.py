@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 async def test_bench_quick_runs_every_scenario(tmp_path, engine):
     out_file = tmp_path / "bench.json"
     proc = await trio.to_thread.run_sync(lambda: subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "--log-level", "ERROR", "bench", "--quick",
+        [sys.executable, "-m", "runtime.apps.cli", "--log-level", "ERROR", "bench", "--quick",
          "--json", str(out_file)], cwd=ROOT, capture_output=True, text=True, timeout=600))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out_file.read_text())

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from actors.builder import ImageBuilder, image_inputs, image_tag, open_image_builder, wrapper_sources
-from runtime.baseimage import BASE_REF
+from runtime.apps.baseimage import BASE_REF
 from runtime.errors import ConfigError, ImageBuildError, ImageNotFound
 
 

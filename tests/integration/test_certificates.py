@@ -8,7 +8,7 @@ import time
 import trio
 
 from runtime import SupervisorConfig, Task, WorkerSpec, open_supervisor
-from runtime.chaos import run_chaos
+from runtime.apps.chaos import run_chaos
 from runtime.testing import wait_for_generation
 
 

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 import trio
 
-from runtime.chaos import run_chaos
-from runtime.control import call
+from runtime.apps.chaos import run_chaos
+from runtime.apps.control import call
 
-CORRAL = [sys.executable, "-m", "runtime.cli"]
+CORRAL = [sys.executable, "-m", "runtime.apps.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -185,7 +185,7 @@ capabilities = ["kubectl"]
 
 async def test_client_errors_are_messages_not_tracebacks(tmp_path):
     from runtime import PoolSpec, SupervisorConfig, open_supervisor
-    from runtime.control import serve_control
+    from runtime.apps.control import serve_control
     from runtime.testing import FakeEngine
 
     sock = str(tmp_path / "ctl.sock")

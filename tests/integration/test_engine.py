@@ -6,7 +6,7 @@ import uuid
 import pytest
 import trio
 
-from runtime.baseimage import BASE_REF
+from runtime.apps.baseimage import BASE_REF
 from runtime.engine import open_engine
 from runtime.engine_api import STDOUT
 from runtime.errors import ContainerNotFound, EngineUnavailable, NameConflict

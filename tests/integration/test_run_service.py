@@ -11,10 +11,10 @@ from pathlib import Path
 
 import trio
 
-from runtime.control import call
+from runtime.apps.control import call
 from runtime.errors import CorralError
 
-CORRAL = [sys.executable, "-m", "runtime.cli"]
+CORRAL = [sys.executable, "-m", "runtime.apps.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 SHELLS = '''
 [[pools]]

@@ -36,3 +36,19 @@ def test_in_container_code_is_stdlib_only_and_python39_syntax():
         ast.parse(src, feature_version=(3, 9))          # no match statements, no 3.10+ syntax
         non_std = {m for m in imported_modules(path) if m not in sys.stdlib_module_names}
         assert non_std == set(), f"{path.name} imports {non_std}"
+
+
+def test_the_library_core_does_not_depend_on_the_applications():
+    """runtime/apps (cli, control, demo, chaos, bench, base image) stand on the library, never the
+    other way round."""
+    offenders = []
+    for path in [p for p in (ROOT / "runtime").rglob("*.py") if "apps" not in p.parts] \
+            + list((ROOT / "actors").rglob("*.py")):
+        src = path.read_text()
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("." * node.level) + (node.module or "")
+                if "apps" in mod.split(".") or mod.startswith("runtime.apps"):
+                    offenders.append(f"{path.relative_to(ROOT)}: {mod}")
+    assert offenders == []

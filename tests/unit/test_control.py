@@ -13,7 +13,7 @@ import trio
 
 from runtime import (ConfigError, CorralError, PoolSpec, SupervisorConfig, WorkerSpec,
                      open_supervisor)
-from runtime.control import call, handle, serve_control
+from runtime.apps.control import call, handle, serve_control
 from runtime.testing import FakeEngine, capture_logs
 
 from .helpers import fake_supervisor

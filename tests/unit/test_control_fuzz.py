@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from runtime import PoolSpec, SupervisorConfig, WorkerSpec, open_supervisor
-from runtime.control import handle
+from runtime.apps.control import handle
 from runtime.testing import FakeEngine
 
 CFG = SupervisorConfig(name="t", workers=[WorkerSpec(id="solo")], pools=[PoolSpec(name="p", replicas=2)])
@@ -124,7 +124,7 @@ def test_any_request_gets_a_clear_answer_and_leaves_the_tree_alone(batch):
 
 
 async def _fuzz_connection(chunks: list[bytes]) -> None:
-    from runtime.control import serve_connection
+    from runtime.apps.control import serve_connection
 
     data = b"".join(chunks)
     expected = sum(1 for line in data.split(b"\n")[:-1] if line.strip())

@@ -16,8 +16,8 @@ from typing import Callable
 
 import trio
 
-from .errors import ConfigError, ImageBuildError, ImageNotFound
-from .logging import get_logger
+from ..errors import ConfigError, ImageBuildError, ImageNotFound
+from ..logging import get_logger
 
 BASE_REPO = "corral/worker-base"
 BASE_TAG = "latest"

@@ -82,12 +82,12 @@ class Bench:
                 *extra, image]
 
     async def cleanup(self, engine) -> None:
-        from .testing import remove_containers
+        from ..testing import remove_containers
         await remove_containers(engine, self.name)
 
     # -- scenarios -----------------------------------------------------------------------------
     async def restart(self, sup, engine, image: str) -> None:
-        from .specs import Backoff, RestartPolicy, WorkerSpec
+        from ..specs import Backoff, RestartPolicy, WorkerSpec
         n = self.sizes["restart"]
         w = await sup.spawn(WorkerSpec(agent="shell", restart=RestartPolicy(
             max_restarts=1000, backoff=Backoff(stable_s=0.5))))
@@ -121,7 +121,7 @@ class Bench:
                     met=c["median"] <= 1.5 * d["median"] and c["median"] < 0.6)
 
     async def spawn(self, sup, engine, image: str) -> None:
-        from .specs import PoolSpec, WorkerSpec
+        from ..specs import PoolSpec, WorkerSpec
         n, rounds = self.sizes["spawn"], self.sizes["spawn_rounds"]
         corral, cli = [], []
 
@@ -149,7 +149,7 @@ class Bench:
                     target="corral rate >= 0.9x the CLI's", met=c_rate >= 0.9 * d_rate)
 
     async def task(self, sup, engine, image: str) -> None:
-        from .specs import Task, WorkerSpec
+        from ..specs import Task, WorkerSpec
         w = await sup.spawn(WorkerSpec(agent="shell"))
         for _ in range(3):
             await w.run(Task(prompt="true"))
@@ -171,7 +171,7 @@ class Bench:
                     target="corral >= 5x faster", met=d["median"] / c["median"] >= 5)
 
     async def idle(self, sup, engine, image: str) -> None:
-        from .specs import PoolSpec, WorkerSpec
+        from ..specs import PoolSpec, WorkerSpec
         n, secs = self.sizes["idle"], self.sizes["idle_s"]
         await sup.start_pool(PoolSpec(name="idle", replicas=n, worker=WorkerSpec(agent="shell")))
         await trio.sleep(2.0)
@@ -186,7 +186,7 @@ class Bench:
         n = self.sizes["fake"]
 
         def child(mode: str) -> dict[str, float]:
-            out = subprocess.run([sys.executable, "-m", "runtime.bench", "--scale-child", str(n), mode],
+            out = subprocess.run([sys.executable, "-m", "runtime.apps.bench", "--scale-child", str(n), mode],
                                  capture_output=True, text=True,
                                  env={**os.environ, "CORRAL_LOG_LEVEL": "ERROR"})
             if out.returncode != 0:
@@ -203,10 +203,10 @@ class Bench:
                     met=total["ready_s"] * (10_000 / n) < 20 and per_sup < 30)
 
     async def mailbox(self) -> None:
-        from .api import open_supervisor
-        from .messages import InfoRequest, ask
-        from .specs import SupervisorConfig, WorkerSpec
-        from .testing import FakeEngine
+        from ..api import open_supervisor
+        from ..messages import InfoRequest, ask
+        from ..specs import SupervisorConfig, WorkerSpec
+        from ..testing import FakeEngine
         m = self.sizes["mailbox"]
         async with FakeEngine() as engine:
             async with open_supervisor(SupervisorConfig(name="mb"), engine=engine) as sup:
@@ -235,9 +235,9 @@ class Bench:
                     target="reported (no target)", met=True)
 
     async def run(self, only: list[str] | None) -> dict[str, Any]:
-        from .api import open_supervisor
-        from .engine import open_engine
-        from .specs import SupervisorConfig
+        from ..api import open_supervisor
+        from ..engine import open_engine
+        from ..specs import SupervisorConfig
         want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox"])
         print(f"corral bench ({'quick' if self.sizes is QUICK else 'full'}) on {platform.node()}: "
               f"{os.cpu_count()} cores, python {platform.python_version()}", flush=True)
@@ -268,9 +268,9 @@ async def _scale_child(n: int, mode: str) -> None:
     engine's own share, which a real deployment keeps in dockerd, not in the supervisor)."""
     import gc
     from contextlib import AsyncExitStack
-    from .api import open_supervisor
-    from .specs import PoolSpec, SupervisorConfig, WorkerSpec
-    from .testing import FakeEngine
+    from ..api import open_supervisor
+    from ..specs import PoolSpec, SupervisorConfig, WorkerSpec
+    from ..testing import FakeEngine
     gc.collect()
     before = rss_kib()
     async with FakeEngine() as engine:
@@ -321,6 +321,6 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--scale-child":
-        from .logging import configure_logging
+        from ..logging import configure_logging
         configure_logging(os.environ.get("CORRAL_LOG_LEVEL", "ERROR"))
         trio.run(_scale_child, int(sys.argv[2]), sys.argv[3])

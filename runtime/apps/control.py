@@ -30,8 +30,8 @@ import structlog
 import trio
 from msgspec import Meta, Struct, field
 
-from .errors import ConfigError, CorralError
-from .specs import Name, Task, WorkerId, WorkerSpec
+from ..errors import ConfigError, CorralError
+from ..specs import Name, Task, WorkerId, WorkerSpec
 
 log = structlog.get_logger("corral.control")
 

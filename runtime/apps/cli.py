@@ -20,8 +20,8 @@ import time
 import msgspec
 import trio
 
-from .errors import ConfigError, CorralError, SupervisorEscalation
-from .logging import configure_logging, get_logger
+from ..errors import ConfigError, CorralError, SupervisorEscalation
+from ..logging import configure_logging, get_logger
 
 log = get_logger("corral.cli")
 
@@ -54,7 +54,7 @@ def _size(n: int) -> str:
 # -- commands ------------------------------------------------------------------------------------
 def cmd_base_image(args) -> int:
     from .baseimage import BASE_REF, build_base_image
-    from .engine import open_engine
+    from ..engine import open_engine
 
     async def main() -> None:
         async with open_engine(args.engine) as engine:
@@ -70,7 +70,7 @@ def cmd_base_image(args) -> int:
 
 def cmd_build(args) -> int:
     from actors.builder import describe_dockerfile, open_image_builder
-    from .engine import open_engine
+    from ..engine import open_engine
 
     async def main() -> None:
         async with open_engine(args.engine) as engine:
@@ -93,7 +93,7 @@ async def _corral_images(engine) -> tuple[list[dict], set[str]]:
 
 
 def cmd_images(args) -> int:
-    from .engine import open_engine
+    from ..engine import open_engine
 
     async def main() -> int:
         async with open_engine(args.engine) as engine:
@@ -125,9 +125,9 @@ def cmd_images(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .configcheck import check_config
+    from ..configcheck import check_config
     from .control import check_socket_path
-    from .specs import load_config_file
+    from ..specs import load_config_file
 
     config = load_config_file(args.config)
     if args.name:
@@ -168,9 +168,9 @@ async def _run_service(config, sock: str) -> int:
 
 
 async def _supervise(config, sock: str, stopping: trio.Event, forced: trio.Event) -> int:
-    from .api import open_supervisor
+    from ..api import open_supervisor
     from .control import serve_control
-    from .util import leaf_exceptions
+    from ..util import leaf_exceptions
 
     try:
         async with open_supervisor(config, force_stop=forced) as sup:
@@ -270,7 +270,7 @@ def cmd_ps(args) -> int:
 
 
 def cmd_task(args) -> int:
-    from .specs import Task
+    from ..specs import Task
     _utf8_arg("prompt", args.prompt)
     Task(prompt=args.prompt, timeout_s=args.timeout)    # a bad prompt is ConfigError: exit 2
     req = {"op": "task", "prompt": args.prompt, "timeout_s": args.timeout}
