@@ -29,7 +29,7 @@ async def test_one_for_one_restarts_only_the_dead(autojump_clock):
         ws = await spawn_three(sup)
         engine.kill(engine.container_of("w1").id)
         await wait_for_generation(ws[1], 2)
-        await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()   # settled: nothing more happens
         assert gens(ws) == [1, 2, 1]
 
 
@@ -40,7 +40,7 @@ async def test_one_for_all_restarts_everyone(autojump_clock):
         engine.kill(engine.container_of("w1").id)
         for w in ws:
             await wait_for_generation(w, 2)
-        await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()   # settled: nothing more happens
         assert gens(ws) == [2, 2, 2]
         assert all(w.info_nowait().container_id != old[w.id] for w in ws)
         # siblings restarted on purpose are not deaths, and count once in the intensity window
@@ -54,7 +54,7 @@ async def test_rest_for_one_restarts_the_dead_and_those_started_after_it(autojum
         engine.kill(engine.container_of("w1").id)
         await wait_for_generation(ws[1], 2)
         await wait_for_generation(ws[2], 2)
-        await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()   # settled: nothing more happens
         assert gens(ws) == [1, 2, 2]
 
 

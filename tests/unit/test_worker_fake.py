@@ -117,7 +117,7 @@ async def test_missed_heartbeats_mean_hung(autojump_clock):
         engine.hang(engine.container_of(w.id).id)
         await wait_for_generation(w, 2)
         assert (await w.info()).last_death.cause == "hung"
-        assert 4 <= trio.current_time() - t0 <= 5
+        assert trio.current_time() - t0 == 5     # the READY frame was the last one, at t0
 
 
 @pytest.mark.parametrize("control,cause", [("oom", "oom_killed"), ("remove", "removed"),
