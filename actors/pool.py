@@ -247,7 +247,7 @@ class Pool:
             if gone:                 # the worker was stopped (scale-down) before running it
                 job.attempts -= 1
                 self._requeue(job)
-            elif res.status == "worker_died" and job.attempts < job.task.max_attempts:
+            elif self._should_redeliver(job, res):
                 log.info("task_redelivered", task_id=job.task.task_id, attempts=job.attempts)
                 self._requeue(job)
             else:
@@ -259,6 +259,10 @@ class Pool:
                                    f"task: each of its {job.attempts} attempt(s) killed the "
                                    f"container running it)")
                 reply_value(job.reply, msgspec.structs.replace(res, attempts=job.attempts, poison=poison))
+
+    def _should_redeliver(self, job: _Job, res: TaskResult) -> bool:
+        """A task whose worker died under it runs again while it has attempts left."""
+        return res.status == "worker_died" and job.attempts < job.task.max_attempts
 
     def _requeue(self, job: _Job) -> None:
         try:

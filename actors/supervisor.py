@@ -138,8 +138,9 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig, *, engine, builder, watcher=None,
                  start_limiter: trio.CapacityLimiter | None = None,
                  parent: trio.MemorySendChannel | None = None, rng: random.Random | None = None,
-                 root: str | None = None, mailbox_size: int = 4096) -> None:
+                 root: str | None = None, mailbox_size: int = 4096, ledger=None) -> None:
         self.config = config
+        self.ledger = ledger
         self.root = root or config.name
         """the top-level supervisor's name: the corral.supervisor label of every container"""
         self.engine = engine
@@ -423,7 +424,7 @@ class Supervisor:
     def _make_worker(self, spec: WorkerSpec, pool: str | None = None) -> Worker:
         return Worker(spec, engine=self.engine, builder=self.builder, supervisor=self.root,
                       watcher=self.watcher, start_limiter=self.start_limiter, parent=self.mailbox,
-                      pool=pool, rng=self.rng)
+                      pool=pool, rng=self.rng, ledger=self.ledger)
 
     async def _run_child(self, child: _Child, reply: Any, fn) -> None:
         """Start ``fn`` as a child; reply with its handle once started, or with its start error.
@@ -468,7 +469,7 @@ class Supervisor:
     async def _start_supervisor(self, config: SupervisorConfig, reply: Any) -> None:
         sup = Supervisor(config, engine=self.engine, builder=self.builder, watcher=self.watcher,
                          start_limiter=self.start_limiter, parent=self.mailbox, rng=self.rng,
-                         root=self.root)
+                         root=self.root, ledger=self.ledger)
         await self._run_child(_Child(f"sup:{config.name}", "supervisor", sup, next(self._order)),
                               reply, sup.run)
 

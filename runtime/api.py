@@ -23,7 +23,8 @@ log = structlog.get_logger("corral.api")
 @asynccontextmanager
 async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None,
                           rng: random.Random | None = None,
-                          force_stop: trio.Event | None = None) -> AsyncIterator["SupervisorHandle"]:
+                          force_stop: trio.Event | None = None,
+                          ledger=None) -> AsyncIterator["SupervisorHandle"]:
     """Run a supervisor tree for the duration of the block.
 
     ``engine``: None opens the real Docker engine (``config.engine_url``, else DOCKER_HOST, else
@@ -39,6 +40,9 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None
 
     ``force_stop``: set it to cut the graceful stop short: the children are cancelled at once
     (no grace period for their tasks); their containers are still killed and removed.
+
+    ``ledger``: a `runtime.executions.ExecutionLedger` that counts every task execution the
+    wrappers report (tests and chaos runs check delivery guarantees with it).
     """
     from actors.builder import ImageBuilder
     from actors.supervisor import Supervisor
@@ -57,7 +61,8 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None
                 builder = await nursery.start(ImageBuilder(engine, base_image=config.base_image,
                                                            build_network=config.build_network).run)
                 watcher = await nursery.start(Watcher(engine, supervisor=config.name).run)
-                sup = Supervisor(config, engine=engine, builder=builder, watcher=watcher, rng=rng)
+                sup = Supervisor(config, engine=engine, builder=builder, watcher=watcher, rng=rng,
+                                 ledger=ledger)
                 handle = await nursery.start(sup.run)
                 try:
                     yield handle

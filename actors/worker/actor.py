@@ -54,8 +54,10 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
     def __init__(self, spec: WorkerSpec, *, engine, builder, supervisor: str = "corral",
                  watcher=None, start_limiter: trio.CapacityLimiter | None = None,
                  parent: trio.MemorySendChannel | None = None, pool: str | None = None,
-                 rng: random.Random | None = None, mailbox_size: int = 1024) -> None:
+                 rng: random.Random | None = None, mailbox_size: int = 1024, ledger=None) -> None:
         self.spec = spec
+        self.ledger = ledger
+        """an ExecutionLedger (runtime.executions), or None: executions are not counted"""
         self.id = spec.id or new_worker_id()
         self.engine = engine
         self.builder = builder

@@ -112,7 +112,10 @@ class WrapperSession:
                 life.settled.set()
             case TaskDone():
                 await self._task_done(frame)
-            case TaskStarted() | TaskOutput():
+            case TaskStarted(task_id=tid):
+                if self.ledger is not None:
+                    self.ledger.record(tid, self.id, life.generation)
+            case TaskOutput():
                 pass
             case Fatal(reason=reason):
                 life.fatal_reason = reason

@@ -17,6 +17,7 @@ import msgspec
 import trio
 
 from ..api import open_supervisor
+from ..executions import ExecutionLedger, check_deliveries
 from ..errors import EngineError
 from ..specs import Backoff, PoolSpec, RestartPolicy, SupervisorConfig, Task, WorkerSpec
 
@@ -36,11 +37,17 @@ class ChaosReport(msgspec.Struct, kw_only=True):
     causes: dict[str, int]
     """those deaths by cause (from each worker's deaths_by_cause: every death since its spawn)"""
     containers_left: int
+    executions: int = 0
+    """task executions the wrappers reported (task_started frames), redeliveries included"""
+    delivery_violations: list[str] = []
+    """runtime.executions.check_deliveries: exactly one result each, never more executions than
+    max_attempts, exactly one with max_attempts=1 when it succeeded"""
 
     @property
     def ok(self) -> bool:
         return (self.tasks_without_result == 0 and self.tasks_with_several_results == 0
-                and self.containers_left == 0 and self.results.get("worker_died", 0) == 0)
+                and self.containers_left == 0 and self.results.get("worker_died", 0) == 0
+                and not self.delivery_violations)
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -64,7 +71,9 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
     hit: dict[str, Any] = {}
     """every worker the monkey acted on, by id (a worker the pool no longer has still counts)"""
     t_start = time.monotonic()
-    async with open_supervisor(config) as sup:
+    ledger = ExecutionLedger()
+    tasks: dict[str, Task] = {}
+    async with open_supervisor(config, ledger=ledger) as sup:
         engine = sup.engine
         pool = await sup.start_pool(PoolSpec(name="chaos", replicas=workers, queue_size=4 * workers,
                                              worker=WorkerSpec(agent=agent, stub_agent=True, restart=policy)))
@@ -79,6 +88,7 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
                     n += 1
                     task = Task(prompt=f"!sleep 0.1 task {n}", max_attempts=10)
                     submitted[task.task_id] = n
+                    tasks[task.task_id] = task
 
                     async def one(task=task) -> None:
                         try:
@@ -133,4 +143,6 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
         tasks_submitted=len(submitted), results=dict(statuses),
         tasks_without_result=sum(1 for t in submitted if not results.get(t)),
         tasks_with_several_results=sum(1 for rs in results.values() if len(rs) > 1),
-        deaths=sum(causes.values()), causes=dict(causes), containers_left=left)
+        deaths=sum(causes.values()), causes=dict(causes), containers_left=left,
+        executions=sum(ledger.counts.values()),
+        delivery_violations=check_deliveries(tasks, results, ledger))
