@@ -72,7 +72,7 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
     """every worker the monkey acted on, by id (a worker the pool no longer has still counts)"""
     t_start = time.monotonic()
     ledger = ExecutionLedger()
-    tasks: dict[str, Task] = {}
+    by_id: dict[str, Task] = {}
     async with open_supervisor(config, ledger=ledger) as sup:
         engine = sup.engine
         pool = await sup.start_pool(PoolSpec(name="chaos", replicas=workers, queue_size=4 * workers,
@@ -88,7 +88,7 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
                     n += 1
                     task = Task(prompt=f"!sleep 0.1 task {n}", max_attempts=10)
                     submitted[task.task_id] = n
-                    tasks[task.task_id] = task
+                    by_id[task.task_id] = task
 
                     async def one(task=task) -> None:
                         try:
@@ -145,4 +145,4 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
         tasks_with_several_results=sum(1 for rs in results.values() if len(rs) > 1),
         deaths=sum(causes.values()), causes=dict(causes), containers_left=left,
         executions=sum(ledger.counts.values()),
-        delivery_violations=check_deliveries(tasks, results, ledger))
+        delivery_violations=check_deliveries(by_id, results, ledger))
