@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from runtime.agents import CAPABILITIES, get_agent, normalise_capabilities
+from runtime.engines import Engine
 from runtime.errors import ImageBuildError, ImageNotFound
 from runtime.messages import ImageRequest, ask, drain_mailbox, reply_error, reply_value
 
@@ -153,7 +154,7 @@ class ImageBuilderHandle:
 
 
 class ImageBuilder:
-    def __init__(self, engine, *, base_image: str = "corral/worker-base:latest",
+    def __init__(self, engine: Engine, *, base_image: str = "corral/worker-base:latest",
                  build_network: bool = False, mailbox_size: int = 256) -> None:
         self.engine = engine
         self.base_image = base_image
@@ -182,7 +183,7 @@ class ImageBuilder:
 
     async def _base_id(self) -> str:
         try:
-            return (await self.engine.image_inspect(self.base_image))["Id"]
+            return (await self.engine.image_inspect(self.base_image)).id
         except ImageNotFound:
             raise ImageBuildError(f"base image {self.base_image} is missing: build it with "
                                   "'corral base-image' (or scripts/setup)") from None
@@ -205,7 +206,7 @@ class ImageBuilder:
                     raise self._failed[tag]
                 continue
             try:
-                self._known[tag] = (await self.engine.image_inspect(tag))["Id"]
+                self._known[tag] = (await self.engine.image_inspect(tag)).id
                 continue
             except ImageNotFound:
                 pass
@@ -230,7 +231,7 @@ class ImageBuilder:
             self.stats.failures += 1
             raise ImageBuildError(
                 f"cannot build {tag}: {', '.join(needs)} needs network at build time, but builds run "
-                "without network (NetworkMode none). Bake it into the base image, or enable build "
+                "without network. Bake it into the base image, or enable build "
                 "network with build_network = true in the supervisor config.")
         labels = {
             "corral.image": "1", "corral.agent": inputs["agent"]["name"],
@@ -249,7 +250,7 @@ class ImageBuilder:
             log.debug("image_build_progress", tag=tag, line=line)
         try:
             image_id = await self.engine.image_build(
-                ctx, tag=tag, labels=labels, network_mode="host" if self.build_network else "none",
+                ctx, tag=tag, labels=labels, network=self.build_network,
                 on_progress=progress)
         except ImageBuildError as exc:
             self.stats.failures += 1
@@ -260,7 +261,7 @@ class ImageBuilder:
 
 
 @asynccontextmanager
-async def open_image_builder(engine, **kwargs) -> AsyncIterator[ImageBuilderHandle]:
+async def open_image_builder(engine: Engine, **kwargs) -> AsyncIterator[ImageBuilderHandle]:
     async with trio.open_nursery() as nursery:
         handle = await nursery.start(ImageBuilder(engine, **kwargs).run)
         try:

@@ -23,6 +23,7 @@ import outcome
 import structlog
 import trio
 
+from runtime.engines import Engine
 from runtime.errors import CorralError, SupervisorEscalation, WorkerGone
 from runtime.messages import (
     ChildDied,
@@ -77,7 +78,7 @@ class SupervisorHandle:
         return self._sup.builder
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         return self._sup.engine
 
     async def spawn(self, spec: WorkerSpec | None = None, **kwargs) -> WorkerHandle:
@@ -135,7 +136,7 @@ class SupervisorHandle:
 
 
 class Supervisor:
-    def __init__(self, config: SupervisorConfig, *, engine, builder, watcher=None,
+    def __init__(self, config: SupervisorConfig, *, engine: Engine, builder, watcher=None,
                  start_limiter: trio.CapacityLimiter | None = None,
                  parent: trio.MemorySendChannel | None = None, rng: random.Random | None = None,
                  root: str | None = None, mailbox_size: int = 4096, ledger=None) -> None:
@@ -143,7 +144,7 @@ class Supervisor:
         self.ledger = ledger
         self.root = root or config.name
         """the top-level supervisor's name: the corral.supervisor label of every container"""
-        self.engine = engine
+        self.engine: Engine = engine
         self.builder = builder
         self.watcher = watcher
         self.start_limiter = start_limiter or trio.CapacityLimiter(config.max_concurrent_starts)

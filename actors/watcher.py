@@ -4,7 +4,8 @@ Workers register the containers they create; the watcher records what the engine
 each (kill signals, oom, die with exit code, stop, a start after the die, restart, destroy). The
 worker's classification uses it to tell a `docker kill`, `docker stop` or `docker restart` from a
 crash and to catch OOM kills. If the stream ends, the watcher resubscribes from the last event it
-saw, so nothing in between is lost; while it cannot, the engine is taken to be gone (`alive`).
+saw, so nothing in between is lost (what is replayed twice counts once); while it cannot, the
+engine is taken to be gone (`alive`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from runtime.engines import ContainerEvent, Engine, EventKind
 from runtime.errors import EngineError
 
 log = structlog.get_logger("corral.watcher")
@@ -21,6 +23,11 @@ log = structlog.get_logger("corral.watcher")
 SETTLE_S = 2.0
 """after a stop signal from outside killed a container: how long the engine has to show that it
 restarts it (`docker restart`) or is going away itself (its events stream ends)"""
+WATCHED: frozenset[EventKind] = frozenset(
+    ("killed", "oom", "died", "stopped", "started", "restarted", "removed"))
+REPLAY_MARGIN_NS = 1_000_000
+"""a resubscription asks for the events from this much before the last one seen: ``since`` is a
+float of seconds, too coarse to name one nanosecond; what comes twice is recognised and dropped"""
 ENGINE_CHECK_S = 2.0
 """after a container's death: how quickly the engine must answer a ping (and take an events
 subscription) for corral to call it present"""
@@ -30,7 +37,7 @@ subscription) for corral to call it present"""
 class ContainerWatch:
     container_id: str
     kills: list[str] = field(default_factory=list)
-    """signals sent through the engine API (docker kill / stop), in order"""
+    """numbers of the signals sent through the engine API (docker kill / stop), in order"""
     oom: bool = False
     exit_code: int | None = None
     stopped: bool = False
@@ -48,14 +55,18 @@ class ContainerWatch:
 
 
 class Watcher:
-    def __init__(self, engine, *, supervisor: str) -> None:
+    def __init__(self, engine: Engine, *, supervisor: str) -> None:
         self.engine = engine
         self.supervisor = supervisor
         self._watches: dict[str, ContainerWatch] = {}
         self.alive = False
         """subscribed to the engine's events right now"""
         self.events_seen = 0
-        self._last_time: float | None = None
+        self._last_ns: int | None = None
+        self._recent: set[ContainerEvent] = set()
+        """the events seen within REPLAY_MARGIN_NS of the last one: a replay repeats them"""
+        self.subscriptions = 0
+        """how many times the events stream was taken (1 + resubscriptions)"""
         self._up = trio.Event()
         """set while ``alive``"""
 
@@ -90,14 +101,14 @@ class Watcher:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         structlog.contextvars.bind_contextvars(actor="watcher")
-        filters = {"type": ["container"], "label": [f"corral.supervisor={self.supervisor}"],
-                   "event": ["kill", "die", "oom", "stop", "start", "restart", "destroy"]}
+        labels = {"corral.supervisor": self.supervisor}
         started = False
         delay = 0.1
         while True:
-            since = self._last_time
+            since = None if self._last_ns is None else (self._last_ns - REPLAY_MARGIN_NS) / 1e9
             try:
-                async with self.engine.events(filters=filters, since=since) as stream:
+                async with self.engine.events(labels=labels, kinds=WATCHED, since=since) as stream:
+                    self.subscriptions += 1
                     self._set_alive(True)
                     delay = 0.1
                     if not started:
@@ -116,34 +127,43 @@ class Watcher:
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _route(self, ev: dict) -> None:
+    def _route(self, ev: ContainerEvent) -> None:
+        if not self._fresh(ev):
+            return
         self.events_seen += 1
-        if "timeNano" in ev:
-            self._last_time = ev["timeNano"] / 1e9
-        elif "time" in ev:
-            self._last_time = float(ev["time"])
-        actor = ev.get("Actor") or {}
-        cid = actor.get("ID") or ev.get("id")
-        w = self._watches.get(cid)
+        w = self._watches.get(ev.container_id)
         if w is None:
             return
-        action = ev.get("Action") or ev.get("status") or ""
-        attrs = actor.get("Attributes") or {}
-        if action == "kill":
-            w.kills.append(str(attrs.get("signal", "")))
-        elif action == "oom":
-            w.oom = True
-        elif action == "die":
-            try:
-                w.exit_code = int(attrs.get("exitCode"))
-            except (TypeError, ValueError):
-                pass
-            w.died.set()
-        elif action == "stop":
-            w.stopped = True
-        elif action == "restart" or (action == "start" and w.died.is_set()):
-            w.restarted = True
-        elif action == "destroy":
-            w.destroyed.set()
-            w.died.set()
+        match ev.kind:
+            case "killed":
+                w.kills.append(str(ev.signal) if ev.signal is not None else "")
+            case "oom":
+                w.oom = True
+            case "died":
+                if ev.exit_code is not None:
+                    w.exit_code = ev.exit_code
+                w.died.set()
+            case "stopped":
+                w.stopped = True
+            case "restarted":
+                w.restarted = True
+            case "started" if w.died.is_set():
+                w.restarted = True
+            case "removed":
+                w.destroyed.set()
+                w.died.set()
         w._poke()
+
+    def _fresh(self, ev: ContainerEvent) -> bool:
+        """False for an event seen already (a resubscription replays from a little before the
+        last event seen)."""
+        if ev in self._recent:
+            return False
+        if self._last_ns is not None and ev.time_ns < self._last_ns - REPLAY_MARGIN_NS:
+            return False
+        if self._last_ns is None or ev.time_ns > self._last_ns:
+            self._last_ns = ev.time_ns
+            floor = ev.time_ns - REPLAY_MARGIN_NS
+            self._recent = {e for e in self._recent if e.time_ns >= floor}
+        self._recent.add(ev)
+        return True

@@ -11,6 +11,7 @@ import trio
 import structlog
 
 from .configcheck import check_config
+from .engines import Engine, open_engine
 from .errors import SupervisorEscalation
 from .instance import claim_engine, hold_instance
 from .specs import SupervisorConfig
@@ -21,7 +22,7 @@ log = structlog.get_logger("corral.api")
 
 
 @asynccontextmanager
-async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None,
+async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Engine | None = None,
                           rng: random.Random | None = None,
                           force_stop: trio.Event | None = None,
                           ledger=None) -> AsyncIterator["SupervisorHandle"]:
@@ -53,7 +54,6 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine=None
     try:
         async with AsyncExitStack() as stack:
             if engine is None:
-                from .engine import open_engine
                 engine = await stack.enter_async_context(open_engine(config.engine_url))
             stack.enter_context(hold_instance(engine, config.name))
             await claim_engine(engine, config.name)

@@ -43,6 +43,14 @@ class NameConflict(EngineError):
     """A container with that name exists already (HTTP 409)."""
 
 
+class ContainerNotRunning(EngineError):
+    """The operation needs a running container (kill, exec) and this one is not (HTTP 409)."""
+
+
+class RemovalInProgress(EngineError):
+    """Someone else is removing this container already (HTTP 409): for its owner, it is gone."""
+
+
 class ImageBuildError(CorralError):
     """An image could not be built. ``step`` is the failing step, ``output_tail`` its last output."""
 

@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 import structlog
 
-from .errors import ConfigError, ContainerNotFound, CorralError
+from .engines import Engine
+from .errors import ConfigError, ContainerNotFound, CorralError, RemovalInProgress
 
 log = structlog.get_logger("corral.instance")
 
@@ -140,13 +141,13 @@ def acquire_file_lock(engine_url: str, name: str, *, directory: str | None = Non
 _in_memory: dict[tuple[int, str], int] = {}
 
 
-def _is_local_engine(engine: Any) -> bool:
+def _is_local_engine(engine: Engine) -> bool:
     url = getattr(engine, "url", "") or ""
     return url.startswith(("unix://", "tcp://", "http://", "https://", "ssh://", "npipe://"))
 
 
 @contextmanager
-def hold_instance(engine: Any, name: str) -> Iterator[None]:
+def hold_instance(engine: Engine, name: str) -> Iterator[None]:
     """Hold the instance lock of supervisor ``name`` on ``engine`` for the block."""
     if not _is_local_engine(engine):        # an in-memory engine: lock per engine object
         key = (id(engine), name)
@@ -166,13 +167,13 @@ def hold_instance(engine: Any, name: str) -> Iterator[None]:
         lock.release()
 
 
-async def claim_engine(engine: Any, name: str) -> int:
+async def claim_engine(engine: Engine, name: str) -> int:
     """With the lock held: refuse if containers of ``name`` still run (naming them), else remove
     the ones that no longer run (what a crashed earlier run left behind). Returns how many."""
     found = await engine.container_list(labels={"corral.supervisor": name})
-    live = [c for c in found if c.get("State") in LIVE_STATES]
+    live = [c for c in found if c.status in LIVE_STATES]
     if live:
-        names = sorted(((c.get("Names") or ["?"])[0]).lstrip("/") for c in live)
+        names = sorted(c.name for c in live)
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         raise AlreadyRunning(
             f"supervisor {name!r} is in use on engine {getattr(engine, 'url', '?')}: "
@@ -184,10 +185,9 @@ async def claim_engine(engine: Any, name: str) -> int:
     removed = 0
     for c in found:
         try:
-            await engine.container_remove(c["Id"], force=True)
+            await engine.container_remove(c.id, force=True)
             removed += 1
-            log.info("stale_container_removed", supervisor=name, names=c.get("Names"),
-                     state=c.get("State"))
-        except ContainerNotFound:
+            log.info("stale_container_removed", supervisor=name, name=c.name, state=c.status)
+        except (ContainerNotFound, RemovalInProgress):
             pass
     return removed

@@ -138,7 +138,7 @@ class SupervisorConfig(_Config):
     engine_url: str | None = None
     base_image: str = "corral/worker-base:latest"
     build_network: bool = False
-    """let image builds use the host network (they run with NetworkMode none otherwise)"""
+    """let image builds use the host network (they run without network otherwise)"""
     control_socket: str | None = None
     """`corral run`: a unix socket for `corral ps` / `corral spawn` / `corral stop`"""
     workers: list[WorkerSpec] = field(default_factory=list)

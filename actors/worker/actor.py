@@ -18,6 +18,7 @@ import msgspec
 import structlog
 import trio
 
+from runtime.engines import Engine
 from runtime.errors import CorralError, WorkerGone, WorkerStartupError
 from runtime.messages import (
     CancelTaskRequest,
@@ -51,7 +52,7 @@ log = structlog.get_logger("corral.worker")
 
 
 class Worker(ContainerLife, WrapperSession, TaskBook):
-    def __init__(self, spec: WorkerSpec, *, engine, builder, supervisor: str = "corral",
+    def __init__(self, spec: WorkerSpec, *, engine: Engine, builder, supervisor: str = "corral",
                  watcher=None, start_limiter: trio.CapacityLimiter | None = None,
                  parent: trio.MemorySendChannel | None = None, pool: str | None = None,
                  rng: random.Random | None = None, mailbox_size: int = 1024, ledger=None) -> None:
@@ -59,7 +60,7 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         self.ledger = ledger
         """an ExecutionLedger (runtime.executions), or None: executions are not counted"""
         self.id = spec.id or new_worker_id()
-        self.engine = engine
+        self.engine: Engine = engine
         self.builder = builder
         self.supervisor = supervisor
         self.watcher = watcher

@@ -31,7 +31,7 @@ class ExitFacts:
     ready: bool = False
     exit_code: int | None = None
     oom: bool = False
-    """State.OOMKilled, from inspect"""
+    """the engine says the OOM killer struck in the container (its state, from inspect)"""
     oom_event: bool = False
     """the engine sent an oom event for the container"""
     removed: bool = False

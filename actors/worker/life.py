@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 import structlog
 import trio
 
+from runtime.engines import Attachment, ContainerSpec, TmpfsMount
 from runtime.errors import (
     ContainerNotFound,
     CorralError,
@@ -19,6 +19,7 @@ from runtime.errors import (
     EngineUnavailable,
     ImageNotFound,
     NameConflict,
+    RemovalInProgress,
 )
 from runtime.protocol import Shutdown
 from runtime.records import DeathCertificate
@@ -54,7 +55,7 @@ class _Life:
     fatal_reason: str | None = None
     tail: bytearray = field(default_factory=bytearray)
     last_frame: float = 0.0
-    att: Any = None
+    att: Attachment | None = None
     started: bool = False
     kill_sent: bool = False
     nursery: trio.Nursery | None = None
@@ -75,7 +76,9 @@ class _Life:
 class ContainerLife:
     """The Worker's container concern."""
 
-    def container_config(self, image_id: str, generation: int) -> dict[str, Any]:
+    def container_spec(self, image_id: str, generation: int) -> ContainerSpec:
+        """The container of this worker's ``generation``; the engine adds the fixed hardening
+        (no network, no capabilities, no-new-privileges, an init)."""
         spec = self.spec
         env = {**spec.env, "CORRAL_WORKER_ID": self.id, "CORRAL_AGENT": spec.agent,
                "CORRAL_HEARTBEAT_S": str(spec.heartbeat_s), "CORRAL_WORKSPACE": "/workspace"}
@@ -86,42 +89,31 @@ class ContainerLife:
                   "corral.agent": spec.agent}
         if self.pool:
             labels["corral.pool"] = self.pool
-        host: dict[str, Any] = {
-            "NetworkMode": "none", "CapDrop": ["ALL"], "SecurityOpt": ["no-new-privileges"],
-            "Init": True, "PidsLimit": spec.pids_limit, "AutoRemove": False,
-            "RestartPolicy": {"Name": "no"},
-        }
-        if spec.memory:
-            host["Memory"] = spec.memory
-            host["MemorySwap"] = spec.memory
-        if spec.cpus:
-            host["NanoCpus"] = int(spec.cpus * 1e9)
-        size = f",size={spec.disk}" if spec.disk else ""
+        tmpfs: list[TmpfsMount] = []
         if spec.read_only_rootfs or spec.disk:
-            host["Tmpfs"] = {"/workspace": f"uid=1000,gid=1000,mode=0755{size}", "/tmp": f"mode=1777{size}"}
+            tmpfs += [TmpfsMount(path="/workspace", size=spec.disk, mode=0o755, uid=1000, gid=1000),
+                      TmpfsMount(path="/tmp", size=spec.disk, mode=0o1777)]
         if spec.read_only_rootfs:
-            host["ReadonlyRootfs"] = True
-            host["Tmpfs"]["/home/worker"] = f"uid=1000,gid=1000,mode=0700{size}"
-        return {
-            "Image": image_id, "User": "worker", "WorkingDir": "/workspace",
-            "Env": [f"{k}={v}" for k, v in env.items()], "Labels": labels,
-            "AttachStdin": True, "AttachStdout": True, "AttachStderr": True,
-            "OpenStdin": True, "StdinOnce": True, "Tty": False, "HostConfig": host,
-        }
+            tmpfs.append(TmpfsMount(path="/home/worker", size=spec.disk, mode=0o700, uid=1000, gid=1000))
+        return ContainerSpec(
+            image=image_id, name=container_name(self.supervisor, self.id, generation), env=env,
+            labels=labels, user="worker", working_dir="/workspace", memory=spec.memory,
+            cpus=spec.cpus, pids_limit=spec.pids_limit, read_only_rootfs=spec.read_only_rootfs,
+            tmpfs=tuple(tmpfs))
 
-    async def _create(self, config: dict[str, Any], name: str) -> str:
+    async def _create(self, cspec: ContainerSpec) -> str:
         try:
-            return await self.engine.container_create(config, name=name)
+            return await self.engine.container_create(cspec)
         except NameConflict:
             # A leftover of ours (same supervisor, worker and generation: a crashed earlier run).
             # Remove it only if it carries our labels; never touch anyone else's container.
             existing = await self.engine.container_list(labels={"corral.supervisor": self.supervisor,
                                                                 "corral.worker": self.id})
             for c in existing:
-                if f"/{name}" in (c.get("Names") or []):
-                    log.warning("stale_container_removed", name=name, container_id=c["Id"][:12])
-                    await self.engine.container_remove(c["Id"], force=True)
-                    return await self.engine.container_create(config, name=name)
+                if c.name == cspec.name:
+                    log.warning("stale_container_removed", name=c.name, container_id=c.id[:12])
+                    await self.engine.container_remove(c.id, force=True)
+                    return await self.engine.container_create(cspec)
             raise
 
     async def _one_life(self, task_status, handle, first: bool) -> tuple[str, DeathCertificate | None]:
@@ -147,14 +139,14 @@ class ContainerLife:
             try:
                 with trio.fail_after(self.spec.startup_timeout_s):
                     try:
-                        cid = await self._create(self.container_config(self.image_id, gen), name)
+                        cid = await self._create(self.container_spec(self.image_id, gen))
                     except ImageNotFound:
                         # the image went away (pruned, engine reset): rebuild it once, no death
                         log.warning("image_missing_rebuilding", image=self.image_tag)
                         self.builder.invalidate(self.image_tag)
                         await self._build_image()
                         self._set_state("creating")
-                        cid = await self._create(self.container_config(self.image_id, gen), name)
+                        cid = await self._create(self.container_spec(self.image_id, gen))
             except (CorralError, trio.TooSlowError) as exc:
                 if isinstance(exc, ImageNotFound):
                     self.image_id = None
@@ -263,13 +255,10 @@ class ContainerLife:
                     await self.engine.container_remove(cid, force=True)
                     log.debug("container_removed", container_id=cid[:12])
                     result = "removed"
-                except ContainerNotFound:
+                except (ContainerNotFound, RemovalInProgress):
                     result = "gone"
                 except EngineError as exc:
-                    if exc.status == 409 and "already in progress" in str(exc):
-                        result = "gone"
-                    else:
-                        log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
+                    log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
         self._removed = {cid: result}
         return result
 
@@ -295,12 +284,13 @@ class ContainerLife:
                 if watch is not None and self.watcher.alive:
                     with trio.move_on_after(0.5):     # the die event comes after any kill event
                         await watch.died.wait()
-                state = (await self.engine.container_inspect(cid)).get("State", {})
-                if state.get("Running"):
+                state = await self.engine.container_inspect(cid)
+                if state.running:
                     restarted = True                  # up again since it died: a docker restart
                 else:
-                    oom = bool(state.get("OOMKilled"))
-                    exit_code = state.get("ExitCode", exit_code)
+                    oom = state.oom_killed
+                    if state.exit_code is not None:
+                        exit_code = state.exit_code
             except ContainerNotFound:
                 removed = True
             except EngineUnavailable as e:

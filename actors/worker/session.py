@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from runtime.engine_api import STDOUT
+from runtime.engines import STDOUT, Attachment
 from runtime.errors import EngineError, EngineUnavailable, ProtocolError
 from runtime.protocol import (
     Fatal,
@@ -51,7 +51,7 @@ class WrapperSession:
             task_status.started()
             await self._reader(life, att)
 
-    async def _reader(self, life: _Life, att) -> None:
+    async def _reader(self, life: _Life, att: Attachment) -> None:
         splitter = LineSplitter()
         timeout = self.spec.heartbeat_timeout_s
         try:

@@ -89,7 +89,7 @@ async def build_base_image(engine, *, mirror: str | None = None, if_missing: boo
     """Build corral/worker-base and return its image id (reused when ``if_missing`` and present)."""
     if if_missing:
         try:
-            return (await engine.image_inspect(BASE_REF))["Id"]
+            return (await engine.image_inspect(BASE_REF)).id
         except ImageNotFound:
             pass
     if os.geteuid() != 0:

@@ -95,7 +95,7 @@ class Bench:
         for _ in range(n):
             await trio.sleep(1.0)      # a stable period: the next restart is the "first" one
             info = await w.info()
-            pid = (await engine.container_inspect(info.container_id))["State"]["Pid"]
+            pid = (await engine.container_inspect(info.container_id)).pid
             t0 = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
             await w.wait_until(lambda i: i.generation > info.generation and i.state == "ready")
@@ -105,14 +105,14 @@ class Bench:
         for _ in range(n):
             cid = await self.docker(*self.docker_run_args(image, "--restart", "on-failure"))
             await trio.sleep(1.0)
-            pid = (await engine.container_inspect(cid))["State"]["Pid"]
-            async with engine.events(filters={"type": ["container"], "event": ["start"],
-                                              "container": [cid]}) as events:
+            pid = (await engine.container_inspect(cid)).pid
+            async with engine.events(labels={"corral.bench": "1"}, kinds=["started"]) as events:
                 t0 = time.perf_counter()
                 os.kill(pid, signal.SIGKILL)
                 async for ev in events.receive:
-                    docker.append(time.perf_counter() - t0)
-                    break
+                    if ev.container_id == cid:
+                        docker.append(time.perf_counter() - t0)
+                        break
             await engine.container_remove(cid, force=True)
         c, d = summary(corral), summary(docker)
         self.report("restart", corral_s=c, docker_restart_policy_s=d,
@@ -236,7 +236,7 @@ class Bench:
 
     async def run(self, only: list[str] | None) -> dict[str, Any]:
         from ..api import open_supervisor
-        from ..engine import open_engine
+        from ..engines import open_engine
         from ..specs import SupervisorConfig
         want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox"])
         print(f"corral bench ({'quick' if self.sizes is QUICK else 'full'}) on {platform.node()}: "
@@ -247,8 +247,8 @@ class Bench:
             await trio.to_thread.run_sync(self.scale_fake)
         async with open_engine(self.engine_url) as engine:
             v = await engine.version()
-            self.results["engine"] = {"version": v.get("Version"), "api": v.get("ApiVersion"),
-                                      "kernel": v.get("KernelVersion")}
+            self.results["engine"] = {"version": v.version, "api": v.api_version,
+                                      "kernel": v.kernel_version}
             try:
                 async with open_supervisor(SupervisorConfig(name=self.name, engine_url=self.engine_url,
                                                             max_restarts=10_000), engine=engine) as sup:
@@ -270,6 +270,7 @@ async def _scale_child(n: int, mode: str) -> None:
     from contextlib import AsyncExitStack
     from ..api import open_supervisor
     from ..specs import PoolSpec, SupervisorConfig, WorkerSpec
+    from ..engines import ContainerSpec
     from ..testing import FakeEngine
     gc.collect()
     before = rss_kib()
@@ -279,10 +280,11 @@ async def _scale_child(n: int, mode: str) -> None:
             image = engine.add_image("corral/worker-shell:bench")
             async with AsyncExitStack() as stack:
                 for i in range(n):
-                    cid = await engine.container_create(
-                        {"Image": image, "Labels": {"corral.supervisor": "scale", "corral.worker": f"s-{i}"},
-                         "Env": [f"CORRAL_WORKER_ID=s-{i}", "CORRAL_AGENT=shell", "CORRAL_HEARTBEAT_S=5.0"]},
-                        name=f"corral-scale-s-{i}-1")
+                    cid = await engine.container_create(ContainerSpec(
+                        image=image, name=f"corral-scale-s-{i}-1",
+                        labels={"corral.supervisor": "scale", "corral.worker": f"s-{i}"},
+                        env={"CORRAL_WORKER_ID": f"s-{i}", "CORRAL_AGENT": "shell",
+                             "CORRAL_HEARTBEAT_S": "5.0"}))
                     await stack.enter_async_context(engine.attach(cid))
                     await engine.container_start(cid)
                 await trio.sleep(0.5)

@@ -130,7 +130,7 @@ async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", worke
         causes: Counter[str] = Counter()
         for w in {**hit, **{w.id: w for w in pool.workers}}.values():
             causes.update(w.snapshot_nowait().deaths_by_cause)
-    from ..engine import open_engine
+    from ..engines import open_engine
     async with open_engine(engine_url) as engine:
         left = len(await engine.container_list(labels={"corral.supervisor": name}))
     statuses = Counter(r.status for rs in results.values() for r in rs)

@@ -20,6 +20,7 @@ import time
 import msgspec
 import trio
 
+from ..engines import Engine, ImageSummary
 from ..errors import ConfigError, CorralError, SupervisorEscalation
 from ..logging import configure_logging, get_logger
 
@@ -54,7 +55,7 @@ def _size(n: int) -> str:
 # -- commands ------------------------------------------------------------------------------------
 def cmd_base_image(args) -> int:
     from .baseimage import BASE_REF, build_base_image
-    from ..engine import open_engine
+    from ..engines import open_engine
 
     async def main() -> None:
         async with open_engine(args.engine) as engine:
@@ -70,12 +71,12 @@ def cmd_base_image(args) -> int:
 
 def cmd_build(args) -> int:
     from actors.builder import describe_dockerfile, open_image_builder
-    from ..engine import open_engine
+    from ..engines import open_engine
 
     async def main() -> None:
         async with open_engine(args.engine) as engine:
             if args.dry_run:
-                base_id = (await engine.image_inspect(args.base))["Id"]
+                base_id = (await engine.image_inspect(args.base)).id
                 _out(describe_dockerfile(args.agent, args.cap, args.stub, base_id))
                 return
             async with open_image_builder(engine, base_image=args.base,
@@ -86,14 +87,14 @@ def cmd_build(args) -> int:
     return 0
 
 
-async def _corral_images(engine) -> tuple[list[dict], set[str]]:
+async def _corral_images(engine: Engine) -> tuple[list[ImageSummary], set[str]]:
     images = await engine.image_list(labels={"corral.image": "1"})
-    used = {c.get("ImageID") for c in await engine.container_list(all=True)}
+    used = {c.image_id for c in await engine.container_list(all=True)}
     return images, used
 
 
 def cmd_images(args) -> int:
-    from ..engine import open_engine
+    from ..engines import open_engine
 
     async def main() -> int:
         async with open_engine(args.engine) as engine:
@@ -101,25 +102,25 @@ def cmd_images(args) -> int:
             if args.action == "prune":
                 removed = 0
                 for img in images:
-                    if img["Id"] in used:
+                    if img.id in used:
                         continue
-                    for ref in img.get("RepoTags") or [img["Id"]]:
+                    for ref in img.tags or [img.id]:
                         try:
                             await engine.image_remove(ref)
                         except CorralError as exc:
                             _out(f"kept {ref}: {exc}")
                             continue
                     removed += 1
-                    _out(f"removed {', '.join(img.get('RepoTags') or [img['Id'][:19]])}")
+                    _out(f"removed {', '.join(img.tags or [img.id[:19]])}")
                 _out(f"{removed} image(s) removed, {len(images) - removed} kept")
                 return 0
             _out(f"{'IMAGE':40} {'AGENT':8} {'CAPABILITIES':20} {'STUB':4} {'AGE':>5} {'SIZE':>7} IN USE")
-            for img in sorted(images, key=lambda i: -i.get("Created", 0)):
-                lab = img.get("Labels") or {}
-                tag = (img.get("RepoTags") or ["<none>"])[0]
+            for img in sorted(images, key=lambda i: -i.created):
+                lab = img.labels
+                tag = (img.tags or ["<none>"])[0]
                 _out(f"{tag:40} {lab.get('corral.agent', '?'):8} {lab.get('corral.capabilities', '') or '-':20} "
-                     f"{'yes' if lab.get('corral.stub') == '1' else 'no':4} {_age(img.get('Created', 0)):>5} "
-                     f"{_size(img.get('Size', 0)):>7} {'yes' if img['Id'] in used else 'no'}")
+                     f"{'yes' if lab.get('corral.stub') == '1' else 'no':4} {_age(img.created):>5} "
+                     f"{_size(img.size):>7} {'yes' if img.id in used else 'no'}")
             return 0
     return trio.run(main)
 

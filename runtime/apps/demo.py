@@ -106,7 +106,7 @@ async def demo(engine_url: str | None = None, name: str = "demo") -> int:
                     i = ws.info
                     say(f"     worker {i.id:10} {i.state:7} gen={i.generation} restarts={i.restarts}")
         say("\n8. Leaving the supervisor block: every worker stops, every container is removed")
-    from ..engine import open_engine
+    from ..engines import open_engine
     async with open_engine(engine_url) as engine:
         left = await engine.container_list(labels={"corral.supervisor": name})
     say(f"   containers left with label corral.supervisor={name}: {len(left)}")

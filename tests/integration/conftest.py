@@ -6,7 +6,7 @@ import uuid
 import pytest
 import trio
 
-from runtime.engine import open_engine
+from runtime.engines import open_engine
 from runtime.errors import EngineError
 from runtime.testing import remove_containers
 
@@ -45,7 +45,7 @@ async def corral_name(engine):
     with trio.CancelScope(shield=True):
         left = await engine.container_list(labels={"corral.supervisor": name})
         await remove_containers(engine, name)
-    assert not left, f"corral left containers behind: {[c['Names'] for c in left]}"
+    assert not left, f"corral left containers behind: {[c.name for c in left]}"
 
 
 @pytest.fixture

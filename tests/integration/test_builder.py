@@ -51,9 +51,9 @@ async def test_different_agents_get_different_images(engine):
             factory = await b.image_for("factory", ["git"], stub_agent=True)
     assert claude.tag.startswith("corral/worker-claude:") and factory.tag.startswith("corral/worker-factory:")
     assert claude.image_id != factory.image_id
-    labels = (await engine.image_inspect(claude.tag))["Config"]["Labels"]
+    labels = (await engine.image_inspect(claude.tag)).labels
     assert labels["corral.agent"] == "claude" and labels["corral.capabilities"] == "git"
-    assert labels["corral.base"] == (await engine.image_inspect(BASE_REF))["Id"]
+    assert labels["corral.base"] == (await engine.image_inspect(BASE_REF)).id
     assert len(labels["corral.spec"]) == 64
 
 
@@ -102,9 +102,9 @@ async def test_capability_order_and_duplicates_do_not_matter(engine):
 
 async def test_changed_base_or_wrapper_gives_a_new_tag(engine, scratch_images):
     derive, made = scratch_images
-    base_id = (await engine.image_inspect(BASE_REF))["Id"]
+    base_id = (await engine.image_inspect(BASE_REF)).id
     tag0, _ = image_tag(image_inputs(agent="shell", capabilities=[], stub_agent=False, base_image_id=base_id))
-    other_base = (await engine.image_inspect(await derive()))["Id"]
+    other_base = (await engine.image_inspect(await derive())).id
     tag1, _ = image_tag(image_inputs(agent="shell", capabilities=[], stub_agent=False, base_image_id=other_base))
     sources = dict(wrapper_sources())
     sources["wrapper.py"] += b"\n# changed\n"

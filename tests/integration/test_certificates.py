@@ -24,7 +24,7 @@ async def _replaced(engine, w, old_cid):
     assert info.container_id != old_cid
     assert (await w.run(Task(prompt="back"))).output == "stub-claude: back"
     left = await engine.container_list(labels={"corral.worker": w.id})
-    assert [c["Id"] for c in left] == [info.container_id]
+    assert [c.id for c in left] == [info.container_id]
     return info.last_death
 
 
@@ -64,7 +64,7 @@ async def test_a_host_kill_of_the_init_process_is_told_as_such(engine, corral_na
     with trio.fail_after(60):
         async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
             w, cid = await _spawn(sup)
-            pid = (await engine.container_inspect(cid))["State"]["Pid"]
+            pid = (await engine.container_inspect(cid)).pid
             assert pid > 0
             os.kill(pid, 9)
             death = await _replaced(engine, w, cid)

@@ -124,9 +124,9 @@ async def test_images_prune_removes_only_unused_corral_images(engine, corral_nam
             assert out.returncode == 0, out.stderr
             assert f"removed {unused}" in out.stdout
             assert in_use not in out.stdout.replace("kept", "")
-            assert (await engine.image_inspect(in_use))["Id"]
+            assert (await engine.image_inspect(in_use)).id
             base = await engine.image_inspect("corral/worker-base:latest")   # never a prune target
-            assert base["Id"]
+            assert base.id
 
 
 async def test_the_demo_runs_and_cleans_up(engine):

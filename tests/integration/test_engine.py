@@ -1,4 +1,6 @@
-"""The engine adapter against the real Docker engine."""
+"""What is particular to the Docker adapter, against the real engine (the port's contract runs in
+tests/contract for every adapter): the base image, both attach implementations, the hardening
+policy as Docker sees it, unreachable engines."""
 
 import time
 import uuid
@@ -7,16 +9,13 @@ import pytest
 import trio
 
 from runtime.apps.baseimage import BASE_REF
-from runtime.engine import open_engine
-from runtime.engine_api import STDOUT
-from runtime.errors import ContainerNotFound, EngineUnavailable, NameConflict
+from runtime.engines import STDOUT, ContainerSpec, TmpfsMount, open_engine
+from runtime.errors import ContainerNotFound, EngineUnavailable
 
 
-def config(sup_name, cmd, **extra):
-    return {"Image": BASE_REF, "Cmd": cmd, "User": "worker", "Labels": {"corral.supervisor": sup_name},
-            "AttachStdin": True, "AttachStdout": True, "AttachStderr": True, "OpenStdin": True,
-            "StdinOnce": True, "Tty": False,
-            "HostConfig": {"NetworkMode": "none", "CapDrop": ["ALL"], "Init": True}, **extra}
+def config(sup_name, cmd, *, name, **extra):
+    return ContainerSpec(image=BASE_REF, command=cmd, user="worker", name=name,
+                         labels={"corral.supervisor": sup_name}, **extra)
 
 
 async def run_collect(engine, cid):
@@ -32,7 +31,7 @@ async def test_worker_base_runs_as_worker_with_python_git_curl(engine, sup_name)
     with trio.fail_after(60):
         cid = await engine.container_create(config(sup_name, [
             "sh", "-c", "id -un; id -u; python3 --version; git --version; curl --version | head -1; "
-                        "test -w /workspace && echo workspace-writable"]), name=f"{sup_name}-base")
+                        "test -w /workspace && echo workspace-writable"], name=f"{sup_name}-base"))
         out, code = await run_collect(engine, cid)
     assert code == 0, out
     lines = out.splitlines()
@@ -50,7 +49,7 @@ async def test_attach_round_trip_of_100_lines(engine, sup_name, impl):
     engine.native_attach = impl == "native"
     for round_ in range(6):
         with trio.fail_after(60):
-            cid = await engine.container_create(config(sup_name, ["cat"]), name=f"{sup_name}-cat{round_}")
+            cid = await engine.container_create(config(sup_name, ["cat"], name=f"{sup_name}-cat{round_}"))
             received = b""
             async with engine.attach(cid) as att:
                 await engine.container_start(cid)
@@ -70,33 +69,7 @@ async def test_attach_round_trip_of_100_lines(engine, sup_name, impl):
             await engine.container_remove(cid)
 
 
-async def test_events_subscription_sees_die_with_exit_code(engine, sup_name):
-    with trio.fail_after(60):
-        filters = {"type": ["container"], "label": [f"corral.supervisor={sup_name}"], "event": ["die"]}
-        async with engine.events(filters=filters) as events:
-            cid = await engine.container_create(config(sup_name, ["sh", "-c", "exit 7"]),
-                                                name=f"{sup_name}-die")
-            await engine.container_start(cid)
-            async for ev in events.receive:
-                if ev["Actor"]["ID"] == cid:
-                    assert ev["Action"] == "die"
-                    assert ev["Actor"]["Attributes"]["exitCode"] == "7"
-                    break
-        assert events.ended == "unsubscribed"
 
-
-async def test_name_collision_raises_name_conflict(engine, sup_name):
-    with trio.fail_after(30):
-        name = f"{sup_name}-dup"
-        await engine.container_create(config(sup_name, ["true"]), name=name)
-        with pytest.raises(NameConflict) as ei:
-            await engine.container_create(config(sup_name, ["true"]), name=name)
-        assert "already in use" in str(ei.value)
-
-
-async def test_missing_container_raises_container_not_found(engine):
-    with pytest.raises(ContainerNotFound):
-        await engine.container_inspect("corral-no-such-container-" + uuid.uuid4().hex)
 
 
 @pytest.mark.parametrize("url", ["unix:///nonexistent/corral.sock", "tcp://127.0.0.1:9"])
@@ -110,17 +83,6 @@ async def test_unreachable_engine_raises_within_5s_naming_the_url(url):
     assert url in str(ei.value)
 
 
-async def test_events_since_replays_what_happened_before_subscribing(engine, sup_name):
-    with trio.fail_after(60):
-        t0 = time.time() - 1
-        cid = await engine.container_create(config(sup_name, ["sh", "-c", "exit 5"]), name=f"{sup_name}-old")
-        await engine.container_start(cid)
-        assert await engine.container_wait(cid) == 5
-        filters = {"type": ["container"], "label": [f"corral.supervisor={sup_name}"], "event": ["die"]}
-        async with engine.events(filters=filters, since=t0) as events:
-            ev = await events.receive.receive()
-        assert ev["Actor"]["ID"] == cid and ev["Actor"]["Attributes"]["exitCode"] == "5"
-
 
 @pytest.mark.parametrize("impl", ["native", "aiodocker"])
 async def test_attach_to_a_missing_container(engine, impl):
@@ -129,3 +91,23 @@ async def test_attach_to_a_missing_container(engine, impl):
         with pytest.raises(ContainerNotFound):
             async with engine.attach("corral-no-such-" + uuid.uuid4().hex):
                 pass
+
+
+
+async def test_every_container_gets_the_hardening_policy(engine, sup_name):
+    """No network, no capabilities, no-new-privileges, an init, no restart, memory without swap:
+    the adapter's fixed policy, whatever the spec (Docker's own view of the container)."""
+    with trio.fail_after(30):
+        cid = await engine.container_create(config(
+            sup_name, ["true"], name=f"{sup_name}-hard", memory=64 << 20, cpus=0.5, pids_limit=64,
+            read_only_rootfs=True, tmpfs=(TmpfsMount(path="/workspace", size=1 << 20, mode=0o755,
+                                                     uid=1000, gid=1000),)))
+        raw = await engine.container_inspect_raw(cid)
+    host = raw["HostConfig"]
+    assert host["NetworkMode"] == "none" and host["CapDrop"] == ["ALL"] and host["Init"] is True
+    assert host["SecurityOpt"] == ["no-new-privileges"] and host["RestartPolicy"]["Name"] == "no"
+    assert host["Memory"] == host["MemorySwap"] == 64 << 20 and host["NanoCpus"] == 500_000_000
+    assert host["PidsLimit"] == 64 and host["ReadonlyRootfs"] is True
+    assert host["Tmpfs"] == {"/workspace": "uid=1000,gid=1000,mode=0755,size=1048576"}
+    assert raw["Config"]["OpenStdin"] is True and raw["Config"]["StdinOnce"] is True
+    assert raw["Config"]["Tty"] is False

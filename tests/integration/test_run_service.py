@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from runtime.apps.control import call
+from runtime.engines import ContainerSpec
 from runtime.errors import CorralError
 
 CORRAL = [sys.executable, "-m", "runtime.apps.cli"]
@@ -139,7 +140,7 @@ async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(en
     with trio.fail_after(120):
         async with corral_run(tmp_path, corral_name, SHELLS.format(replicas=1)) as first:
             await first.wait_log("configured_children_started")
-            before = {c["Id"]: c["State"] for c in
+            before = {c.id: c.status for c in
                       await engine.container_list(labels={"corral.supervisor": corral_name})}
             assert list(before.values()) == ["running"]
             # the same name and even the same socket: refused before anything is touched
@@ -149,7 +150,7 @@ async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(en
             assert second.returncode == 2, err
             assert f"supervisor '{corral_name}' is already running" in err
             assert f"pid {first.proc.pid} holds" in err
-            after = {c["Id"]: c["State"] for c in
+            after = {c.id: c.status for c in
                      await engine.container_list(labels={"corral.supervisor": corral_name})}
             assert after == before
             res = await call(first.sock, {"op": "task", "pool": "shells", "prompt": "echo still mine"})
@@ -160,10 +161,9 @@ async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(en
 
 async def test_running_containers_of_the_name_refuse_the_start_naming_them(engine, corral_name, tmp_path):
     with trio.fail_after(120):
-        cid = await engine.container_create(
-            {"Image": "corral/worker-base:latest", "Cmd": ["sleep", "300"],
-             "Labels": {"corral.supervisor": corral_name},
-             "HostConfig": {"NetworkMode": "none", "Init": True}}, name=f"{corral_name}-elsewhere")
+        cid = await engine.container_create(ContainerSpec(
+            image="corral/worker-base:latest", command=["sleep", "300"],
+            labels={"corral.supervisor": corral_name}, name=f"{corral_name}-elsewhere"))
         try:
             await engine.container_start(cid)
             out = await run_cli("run", "--config", str(_config(tmp_path, corral_name, SHELLS.format(replicas=1))),
@@ -171,8 +171,8 @@ async def test_running_containers_of_the_name_refuse_the_start_naming_them(engin
             err = no_traceback(out)
             assert out.returncode == 2, err
             assert f"{corral_name}-elsewhere" in err and "no corral process on this host holds its lock" in err
-            assert (await engine.container_inspect(cid))["State"]["Running"]     # not touched
-            assert [c["Id"] for c in await engine.container_list(
+            assert (await engine.container_inspect(cid)).running     # not touched
+            assert [c.id for c in await engine.container_list(
                 labels={"corral.supervisor": corral_name})] == [cid]           # nothing started
         finally:
             with trio.CancelScope(shield=True):

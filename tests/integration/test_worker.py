@@ -29,13 +29,13 @@ async def test_claude_worker_with_git(engine, corral_name):
             info = await w.info()
             assert w.id == info.id and w.id.startswith("w-")
             assert info.container_id and not info.container_id.startswith(w.id)
-            state = (await engine.container_inspect(info.container_id))["State"]
-            assert state["Running"] is True
+            state = await engine.container_inspect(info.container_id)
+            assert state.running is True
             code, out = await engine.container_exec(info.container_id, ["sh", "-c", "id -un; git --version"])
             assert code == 0 and out.splitlines()[0] == "worker" and "git version" in out
-            labels = (await engine.container_inspect(info.container_id))["Config"]["Labels"]
+            labels = (await engine.container_inspect(info.container_id)).labels
             assert labels["corral.worker"] == w.id and labels["corral.supervisor"] == corral_name
-            host = (await engine.container_inspect(info.container_id))["HostConfig"]
+            host = (await engine.container_inspect_raw(info.container_id))["HostConfig"]   # the adapter's policy
             assert host["NetworkMode"] == "none" and host["CapDrop"] == ["ALL"]
             assert "no-new-privileges" in host["SecurityOpt"] and host["Init"] is True
 
@@ -45,7 +45,7 @@ async def test_factory_worker_with_curl(engine, corral_name):
         async with open_supervisor(cfg(corral_name), engine=engine) as sup:
             w = await sup.spawn(WorkerSpec(agent="factory", capabilities=["curl"], stub_agent=True))
             cid = (await w.info()).container_id
-            assert (await engine.container_inspect(cid))["State"]["Running"]
+            assert (await engine.container_inspect(cid)).running
             code, out = await engine.container_exec(cid, ["curl", "--version"])
             assert code == 0 and out.startswith("curl ")
             r = await w.run(Task(prompt="hi"))
@@ -104,7 +104,7 @@ async def test_docker_kill_brings_a_new_generation_back_fast(engine, corral_name
             assert new.container_name.endswith("-2")
             assert new.last_death.cause == "killed" and new.last_death.exit_code == 137
             left = await engine.container_list(labels={"corral.worker": w.id})
-            assert [c["Id"] for c in left] == [new.container_id]
+            assert [c.id for c in left] == [new.container_id]
 
 
 async def test_crash_wrapper_during_task(engine, corral_name):
@@ -173,7 +173,7 @@ async def test_resource_limits_and_read_only_root(engine, corral_name):
         async with open_supervisor(cfg(corral_name), engine=engine) as sup:
             w = await sup.spawn(WorkerSpec(agent="shell", read_only_rootfs=True, cpus=0.5,
                                            memory=128 * 1024 * 1024, pids_limit=64))
-            host = (await engine.container_inspect((await w.info()).container_id))["HostConfig"]
+            host = (await engine.container_inspect_raw((await w.info()).container_id))["HostConfig"]
             assert host["ReadonlyRootfs"] is True and host["NanoCpus"] == 500_000_000
             assert host["Memory"] == 128 * 1024 * 1024 and host["PidsLimit"] == 64
             r = await w.run(Task(prompt="echo ok > /workspace/f && cat /workspace/f"))

@@ -19,15 +19,55 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_engine_py_touches_asyncio_aiodocker_trio_asyncio():
+DOCKER_ADAPTER = ROOT / "runtime" / "engines" / "docker.py"
+DOCKER_JSON = ("HostConfig", "NetworkMode", "OOMKilled", "Attributes", "CapDrop", "StatusCode",
+               "RepoTags", "NanoCpus", "PidsLimit", "ReadonlyRootfs", "SecurityOpt", "MemorySwap",
+               "ExitCode", "exitCode", "timeNano", "\"Actor\"", "StdinOnce", "OpenStdin", "ImageID",
+               "\"Names\"", "\"Id\"", "\"State\"", "\"Env\"", "\"Labels\"", "\"Image\"",
+               "\"Action\"", "already in progress", "already in use", "No such container")
+
+
+def core_modules() -> list[Path]:
+    return list((ROOT / "runtime").rglob("*.py")) + list((ROOT / "actors").rglob("*.py"))
+
+
+def test_only_the_docker_adapter_touches_asyncio_aiodocker_trio_asyncio():
     offenders = []
-    for path in list((ROOT / "runtime").rglob("*.py")) + list((ROOT / "actors").rglob("*.py")):
-        if path.name == "engine.py" and path.parent.name == "runtime":
+    for path in core_modules():
+        if path == DOCKER_ADAPTER:
             continue
         bad = imported_modules(path) & {"asyncio", "aiodocker", "trio_asyncio", "aiohttp"}
         if bad:
             offenders.append(f"{path.relative_to(ROOT)}: {sorted(bad)}")
     assert offenders == []
+
+
+def test_docker_json_stays_in_the_docker_adapter():
+    """The engine port is typed: HostConfig, event Attributes, State.OOMKilled, Docker's error
+    texts and the rest of Docker's JSON are spoken in runtime/engines/docker.py and nowhere else
+    (the wrapper, running inside containers, is no engine client)."""
+    offenders = []
+    for path in core_modules():
+        if path == DOCKER_ADAPTER or WRAPPER in path.parents:
+            continue
+        text = path.read_text()
+        found = [word for word in DOCKER_JSON if word in text]
+        if found:
+            offenders.append(f"{path.relative_to(ROOT)}: {found}")
+    assert offenders == []
+
+
+def test_actors_take_a_typed_engine():
+    """Every actor that talks to the engine takes it as an `Engine` (the port), not untyped."""
+    untyped = []
+    for path in (ROOT / "actors").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in node.args.args + node.args.kwonlyargs:
+                    if arg.arg == "engine" and not (arg.annotation is not None
+                                                    and "Engine" in ast.unparse(arg.annotation)):
+                        untyped.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert untyped == []
 
 
 def test_in_container_code_is_stdlib_only_and_python39_syntax():

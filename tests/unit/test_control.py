@@ -14,6 +14,7 @@ import trio
 from runtime import (ConfigError, CorralError, PoolSpec, SupervisorConfig, WorkerSpec,
                      open_supervisor)
 from runtime.apps.control import call, handle, serve_control
+from runtime.engines import ContainerSpec
 from runtime.testing import FakeEngine, capture_logs
 
 from .helpers import fake_supervisor
@@ -229,18 +230,18 @@ async def test_one_instance_per_supervisor_name_per_engine(autojump_clock):
 async def test_running_containers_of_the_name_refuse_the_start_exited_ones_are_reaped(autojump_clock):
     async with FakeEngine() as engine:
         image = engine.add_image("corral/worker-shell:old")
-        dead = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t"}},
-                                             name="corral-t-w-old-1")
+        dead = await engine.container_create(ContainerSpec(
+            image=image, name="corral-t-w-old-1", labels={"corral.supervisor": "t"}))
         async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
             pass
         assert dead not in engine.containers              # a dead instance's leftover: removed
-        live = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t",
-                                              "corral.worker": "other"},
-                                              "Env": ["CORRAL_WORKER_ID=other"]}, name="corral-t-other-1")
-        dead = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t"}},
-                                             name="corral-t-w-old-2")
-        mine = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "u"}},
-                                             name="not-ours")
+        live = await engine.container_create(ContainerSpec(
+            image=image, name="corral-t-other-1", env={"CORRAL_WORKER_ID": "other"},
+            labels={"corral.supervisor": "t", "corral.worker": "other"}))
+        dead = await engine.container_create(ContainerSpec(
+            image=image, name="corral-t-w-old-2", labels={"corral.supervisor": "t"}))
+        mine = await engine.container_create(ContainerSpec(
+            image=image, name="not-ours", labels={"corral.supervisor": "u"}))
         async with engine.attach(live):
             await engine.container_start(live)
             with pytest.raises(CorralError, match=r"running container\(s\).*corral-t-other-1"):

@@ -155,5 +155,5 @@ async def test_tasks_queue_behind_a_wedged_task_and_run_after_the_replacement(au
 async def test_disk_limit_mounts_sized_tmpfs(autojump_clock):
     async with fake_supervisor() as (sup, engine):
         w = await sup.spawn(WorkerSpec(disk=64 << 20))
-        tmpfs = engine.container_of(w.id).config["HostConfig"]["Tmpfs"]
-        assert tmpfs["/workspace"].endswith(f"size={64 << 20}") and tmpfs["/tmp"].endswith(f"size={64 << 20}")
+        tmpfs = {m.path: m for m in engine.container_of(w.id).spec.tmpfs}
+        assert tmpfs["/workspace"].size == tmpfs["/tmp"].size == 64 << 20

@@ -13,13 +13,10 @@ START = 1.0          # each container start takes 1 s (virtual): order shows in 
 
 
 async def record(engine, log, *, task_status=trio.TASK_STATUS_IGNORED):
-    async with engine.events(filters={"label": ["corral.supervisor=t"]}) as es:
+    async with engine.events(labels={"corral.supervisor": "t"}, kinds=["started", "removed"]) as es:
         task_status.started()
         async for ev in es.receive:
-            if ev["Action"] in ("start", "destroy"):
-                attrs = ev["Actor"]["Attributes"]
-                log.append((round(trio.current_time(), 6), ev["Action"], attrs["corral.worker"],
-                            int(attrs["corral.generation"])))
+            log.append((round(trio.current_time(), 6), ev.kind, ev.worker_id, ev.generation))
 
 
 async def test_rest_for_one_stops_in_reverse_and_starts_in_order(autojump_clock):
@@ -35,12 +32,12 @@ async def test_rest_for_one_stops_in_reverse_and_starts_in_order(autojump_clock)
             n.cancel_scope.cancel()
         rel = [(round(t - t0, 6), what, w, g) for t, what, w, g in log]
         assert rel == [
-            (0.0, "destroy", "b", 1),            # the dead one, removed by its worker
-            (0.0, "destroy", "d", 1),            # then the rest in reverse start order
-            (0.0, "destroy", "c", 1),
-            (1.0, "start", "b", 2),              # then in start order, each READY first
-            (2.0, "start", "c", 2),
-            (3.0, "start", "d", 2),
+            (0.0, "removed", "b", 1),            # the dead one, removed by its worker
+            (0.0, "removed", "d", 1),            # then the rest in reverse start order
+            (0.0, "removed", "c", 1),
+            (1.0, "started", "b", 2),              # then in start order, each READY first
+            (2.0, "started", "c", 2),
+            (3.0, "started", "d", 2),
         ]
         assert (await ws[0].info()).generation == 1
         snap = await sup.snapshot()
@@ -64,10 +61,10 @@ async def test_one_for_all_includes_pools_and_nested_supervisors(autojump_clock)
             await last.wait_until(lambda i: i.generation == 2 and i.state == "ready")
             n.cancel_scope.cancel()
         rel = [(round(t - t0, 6), what, w) for t, what, w, g in log]
-        destroys = [w for _, what, w in rel if what == "destroy"]
+        destroys = [w for _, what, w in rel if what == "removed"]
         assert destroys[:2] == ["last", "inner"] and sorted(destroys[2:4]) == ["p-1", "p-2"] \
             and destroys[4:] == ["first"]
-        starts = sorted((t, w) for t, what, w in rel if what == "start")
+        starts = sorted((t, w) for t, what, w in rel if what == "started")
         assert starts == [(1.0, "first"), (2.0, "p-1"), (2.0, "p-2"), (3.0, "inner"), (4.0, "last")]
         for h in (first, inner, last, *pool.workers):
             assert (await h.info()).generation == 2

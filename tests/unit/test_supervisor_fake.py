@@ -8,6 +8,7 @@ import trio.testing
 
 from runtime import (Backoff, PoolSpec, RestartPolicy, SupervisorConfig, SupervisorEscalation,
                      Task, WorkerSpec)
+from runtime.engines import ContainerSpec
 from runtime.testing import FakeEngine, capture_logs, wait_for_generation
 
 from .helpers import fake_supervisor
@@ -251,15 +252,15 @@ async def test_state_changes_are_logged_with_context(autojump_clock):
 async def test_leftovers_of_a_dead_instance_are_reaped_a_live_one_refuses_the_start(autojump_clock):
     async with FakeEngine() as engine:
         image = engine.add_image("corral/worker-shell:old")
-        dead = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t"}},
-                                             name="corral-t-w-old-1")
-        live = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "t",
-                                              "corral.worker": "other"},
-                                              "Env": ["CORRAL_WORKER_ID=other"]}, name="corral-t-other-1")
+        dead = await engine.container_create(ContainerSpec(
+            image=image, name="corral-t-w-old-1", labels={"corral.supervisor": "t"}))
+        live = await engine.container_create(ContainerSpec(
+            image=image, name="corral-t-other-1", env={"CORRAL_WORKER_ID": "other"},
+            labels={"corral.supervisor": "t", "corral.worker": "other"}))
         async with engine.attach(live):
             await engine.container_start(live)
-            mine = await engine.container_create({"Image": image, "Labels": {"corral.supervisor": "u"}},
-                                                 name="not-ours")
+            mine = await engine.container_create(ContainerSpec(
+            image=image, name="not-ours", labels={"corral.supervisor": "u"}))
             from runtime import open_supervisor
             from runtime.instance import AlreadyRunning
             # a running container of the name: another instance lives; refuse, touch nothing

@@ -22,9 +22,8 @@ async def test_spawn_returns_ready_worker_with_worker_id(autojump_clock):
         assert info.container_name == f"corral-t-{w.id}-1"
         c = engine.container_of(w.id)
         assert c.labels["corral.supervisor"] == "t" and c.labels["corral.worker"] == w.id
-        host = c.config["HostConfig"]
-        assert host["NetworkMode"] == "none" and host["CapDrop"] == ["ALL"] and host["Init"] is True
-        assert c.config["User"] == "worker"
+        assert c.spec.user == "worker" and c.spec.working_dir == "/workspace"
+        assert c.spec.pids_limit == 512 and c.spec.env["CORRAL_WORKER_ID"] == w.id
 
 
 async def test_task_results(autojump_clock):

@@ -1,6 +1,10 @@
-"""The real engine: Docker through aiodocker, bridged into trio with trio-asyncio.
+"""The Docker adapter of the engine port: Docker through aiodocker, bridged into trio with
+trio-asyncio.
 
-This is the ONLY module that imports asyncio, aiodocker or trio_asyncio. Everything here is
+This is the ONLY module that imports asyncio, aiodocker, aiohttp or trio_asyncio, and the only one
+that speaks Docker's JSON: ContainerSpec -> a create body with HostConfig (and corral's fixed
+hardening), inspect/list/event JSON -> ContainerState / ContainerSummary / ContainerEvent, image
+JSON -> ImageSummary, Docker's error statuses and texts -> runtime.errors. Everything here is
 trio-flavoured to its callers; every aiodocker/aiohttp error becomes a corral exception that keeps
 the engine's own message.
 """
@@ -11,8 +15,10 @@ import asyncio
 import json
 import os
 import re
+import signal as _signal
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Collection, Sequence
 
 import aiodocker
 import aiohttp
@@ -22,15 +28,32 @@ from aiodocker.stream import Stream
 from trio_asyncio import aio_as_trio
 from yarl import URL
 
-from .engine_api import STDERR, STDOUT, label_filters
-from .util import unwrap_single
-from .errors import (
+from ..errors import (
     ContainerNotFound,
+    ContainerNotRunning,
     EngineError,
     EngineUnavailable,
     ImageBuildError,
     ImageNotFound,
     NameConflict,
+    RemovalInProgress,
+)
+from ..util import unwrap_single
+from .base import (
+    EVENT_KINDS,
+    STDERR,
+    STDOUT,
+    ContainerEvent,
+    ContainerSpec,
+    ContainerState,
+    ContainerSummary,
+    EngineVersion,
+    EventKind,
+    ImageSummary,
+    LabelFilter,
+    TmpfsMount,
+    event_labels,
+    label_filters,
 )
 
 DEFAULT_URL = "unix:///var/run/docker.sock"
@@ -39,6 +62,144 @@ _STEP_RE = re.compile(r"^Step \d+/\d+ : (.*)$")
 
 def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get("DOCKER_HOST") or DEFAULT_URL
+
+
+# -- Docker's JSON, both ways ---------------------------------------------------------------------
+
+_ACTION_KIND: dict[str, EventKind] = {"start": "started", "die": "died", "kill": "killed",
+                                      "oom": "oom", "stop": "stopped", "restart": "restarted",
+                                      "destroy": "removed"}
+_KIND_ACTION = {kind: action for action, kind in _ACTION_KIND.items()}
+_STATUSES = frozenset({"created", "running", "paused", "restarting", "removing", "exited", "dead"})
+
+
+def _tmpfs_options(m: TmpfsMount) -> str:
+    opts = []
+    if m.uid is not None:
+        opts.append(f"uid={m.uid}")
+    if m.gid is not None:
+        opts.append(f"gid={m.gid}")
+    opts.append(f"mode={m.mode:04o}")
+    if m.size is not None:
+        opts.append(f"size={m.size}")
+    return ",".join(opts)
+
+
+def create_body(spec: ContainerSpec) -> dict[str, Any]:
+    """A ContainerSpec as the body of ``POST /containers/create``, with corral's fixed
+    hardening: no network, no capabilities, no-new-privileges, an init, no restart policy."""
+    host: dict[str, Any] = {
+        "NetworkMode": "none", "CapDrop": ["ALL"], "SecurityOpt": ["no-new-privileges"],
+        "Init": True, "AutoRemove": False, "RestartPolicy": {"Name": "no"},
+    }
+    if spec.pids_limit is not None:
+        host["PidsLimit"] = spec.pids_limit
+    if spec.memory:
+        host["Memory"] = spec.memory
+        host["MemorySwap"] = spec.memory
+    if spec.cpus:
+        host["NanoCpus"] = int(spec.cpus * 1e9)
+    if spec.read_only_rootfs:
+        host["ReadonlyRootfs"] = True
+    if spec.tmpfs:
+        host["Tmpfs"] = {m.path: _tmpfs_options(m) for m in spec.tmpfs}
+    body: dict[str, Any] = {
+        "Image": spec.image, "Env": [f"{k}={v}" for k, v in spec.env.items()],
+        "Labels": dict(spec.labels),
+        "AttachStdin": True, "AttachStdout": True, "AttachStderr": True,
+        "OpenStdin": True, "StdinOnce": spec.stdin_once, "Tty": False, "HostConfig": host,
+    }
+    if spec.command is not None:
+        body["Cmd"] = list(spec.command)
+    if spec.entrypoint is not None:
+        body["Entrypoint"] = list(spec.entrypoint)
+    if spec.user:
+        body["User"] = spec.user
+    if spec.working_dir:
+        body["WorkingDir"] = spec.working_dir
+    return body
+
+
+def _time(text: str | None) -> float | None:
+    """Docker's RFC 3339 times; its zero time (never) is None."""
+    if not text or text.startswith("0001-01-01"):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _signum(value: Any) -> int | None:
+    """dockerd reports a kill's signal as its number; a name is taken too."""
+    num = _int(value)
+    if num is not None or not value:
+        return num
+    name = str(value).upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    return int(_signal.Signals[name]) if name in _signal.Signals.__members__ else None
+
+
+def _status(value: Any) -> Any:
+    return value if value in _STATUSES else "dead"
+
+
+def container_state(raw: dict[str, Any]) -> ContainerState:
+    """``GET /containers/{id}/json`` as a ContainerState."""
+    state = raw.get("State") or {}
+    running = bool(state.get("Running"))
+    finished = _time(state.get("FinishedAt"))
+    return ContainerState(
+        id=raw["Id"], name=str(raw.get("Name") or "").lstrip("/"), image=raw.get("Image") or "",
+        labels=(raw.get("Config") or {}).get("Labels") or {}, status=_status(state.get("Status")),
+        running=running, pid=state.get("Pid") or None,
+        exit_code=None if running or finished is None else int(state.get("ExitCode") or 0),
+        oom_killed=bool(state.get("OOMKilled")), started_at=_time(state.get("StartedAt")),
+        finished_at=finished)
+
+
+def container_summary(raw: dict[str, Any]) -> ContainerSummary:
+    names = raw.get("Names") or []
+    return ContainerSummary(id=raw["Id"], name=names[0].lstrip("/") if names else "",
+                            labels=raw.get("Labels") or {}, status=_status(raw.get("State")),
+                            image_id=raw.get("ImageID") or "")
+
+
+def image_summary(raw: dict[str, Any]) -> ImageSummary:
+    """An image from ``GET /images/json`` or ``GET /images/{ref}/json``."""
+    tags = [t for t in raw.get("RepoTags") or [] if t != "<none>:<none>"]
+    labels = raw.get("Labels") if "Labels" in raw else (raw.get("Config") or {}).get("Labels")
+    created = raw.get("Created")
+    created = float(created) if isinstance(created, (int, float)) else (_time(created) or 0.0)
+    created = float(int(created))      # whole seconds, as the listing has them
+    return ImageSummary(id=raw["Id"], tags=tags, labels=labels or {}, created=created,
+                        size=int(raw.get("Size") or 0))
+
+
+def container_event(raw: dict[str, Any]) -> ContainerEvent | None:
+    """A line of ``GET /events`` as a ContainerEvent; None for what corral does not follow."""
+    if raw.get("Type", "container") != "container":
+        return None
+    kind = _ACTION_KIND.get(raw.get("Action") or raw.get("status") or "")
+    if kind is None:
+        return None
+    actor = raw.get("Actor") or {}
+    attrs = actor.get("Attributes") or {}
+    t = raw.get("timeNano")
+    if t is None:
+        t = int(float(raw.get("time") or 0) * 1e9)
+    return ContainerEvent(kind=kind, container_id=actor.get("ID") or raw.get("id") or "",
+                          time_ns=int(t),
+                          exit_code=_int(attrs.get("exitCode")) if kind == "died" else None,
+                          signal=_signum(attrs.get("signal")) if kind == "killed" else None,
+                          **event_labels(attrs))  # type: ignore[arg-type]
 
 
 class _Attachment:
@@ -144,7 +305,7 @@ async def _pumping(att: Any, close: Callable[[], Any]) -> AsyncIterator[Any]:
 
 class _EventStream:
     def __init__(self) -> None:
-        send, self.receive = trio.open_memory_channel[dict[str, Any]](1024)
+        send, self.receive = trio.open_memory_channel[ContainerEvent](1024)
         self._send = send
         self.ended: str | None = None
 
@@ -177,6 +338,10 @@ class DockerEngine:
                 return ContainerNotFound(f"{what}: {msg}" if what else msg, status=404)
         if status == 409 and "already in use" in msg:
             return NameConflict(msg, status=409)
+        if status == 409 and "is not running" in msg:
+            return ContainerNotRunning(f"{what}: {msg}" if what else msg, status=409)
+        if status == 409 and "already in progress" in msg:
+            return RemovalInProgress(f"{what}: {msg}" if what else msg, status=409)
         return EngineError(f"{what}: {msg}" if what else msg, status=status)
 
     async def _call(self, fn: Callable[..., Any], *args: Any, what: str = "", kind: str = "",
@@ -194,18 +359,23 @@ class DockerEngine:
     async def ping(self) -> None:
         await self.version()
 
-    async def version(self) -> dict[str, Any]:
-        return await self._call(self._docker.version)
+    async def version(self) -> EngineVersion:
+        v = await self._call(self._docker.version)
+        return EngineVersion(version=str(v.get("Version", "")), api_version=str(v.get("ApiVersion", "")),
+                             kernel_version=str(v.get("KernelVersion", "")))
 
     # -- images ----------------------------------------------------------------------------
-    async def image_inspect(self, ref: str) -> dict[str, Any]:
+    async def image_inspect(self, ref: str) -> ImageSummary:
+        return image_summary(await self._image_inspect_raw(ref))
+
+    async def _image_inspect_raw(self, ref: str) -> dict[str, Any]:
         return await self._json(f"images/{ref}/json", what=f"image {ref}", kind="image")
 
-    async def image_list(self, *, labels: dict[str, str] | list[str] | None = None) -> list[dict[str, Any]]:
+    async def image_list(self, *, labels: LabelFilter | None = None) -> list[ImageSummary]:
         params = {}
         if labels:
             params["filters"] = json.dumps({"label": label_filters(labels)})
-        return await self._json("images/json", params=params)
+        return [image_summary(raw) for raw in await self._json("images/json", params=params)]
 
     async def image_remove(self, ref: str, *, force: bool = False) -> None:
         await self._json(f"images/{ref}", "DELETE", params={"force": force}, what=f"image {ref}",
@@ -233,7 +403,7 @@ class DockerEngine:
             raise self._map(exc) from None
 
     async def image_build(self, context_tar: bytes, *, tag: str, labels: dict[str, str],
-                          network_mode: str = "none",
+                          network: bool = False,
                           on_progress: Callable[[str], None] | None = None) -> str:
         """Build from a tar context holding a Dockerfile. Returns the image id.
         A failing step raises ImageBuildError with that step and the tail of its output."""
@@ -256,7 +426,7 @@ class DockerEngine:
                         on_progress(line)
             if "error" in obj:
                 state["error"] = obj.get("error") or str(obj.get("errorDetail"))
-        params = {"t": tag, "labels": json.dumps(labels), "networkmode": network_mode,
+        params = {"t": tag, "labels": json.dumps(labels), "networkmode": "host" if network else "none",
                   "rm": "1", "forcerm": "1"}
         try:
             await self._stream_json("build", params=params, data=context_tar,
@@ -270,21 +440,20 @@ class DockerEngine:
             await self._remove_dangling(layers)
             raise ImageBuildError(f"building {tag} failed: {state['error']}", step=state["step"],
                                   output_tail="\n".join(output))
-        info = await self.image_inspect(tag)
-        return info["Id"]
+        return (await self._image_inspect_raw(tag))["Id"]
 
     async def _remove_dangling(self, layers: list[str]) -> None:
         """A failed build leaves its intermediate images untagged: remove those it made."""
         for layer in reversed(layers[1:]):   # layers[0] is the FROM image itself
             try:
-                info = await self.image_inspect(layer)
+                info = await self._image_inspect_raw(layer)
                 if not info.get("RepoTags"):
                     await self.image_remove(layer)
             except EngineError:
                 pass
 
     async def image_import(self, tar_path: str, *, repo: str, tag: str,
-                           changes: list[str] = (), message: str = "") -> str:
+                           changes: Sequence[str] = (), message: str = "") -> str:
         """`docker import`: make an image from a root filesystem tarball. Returns the image id."""
         query = [("fromSrc", "-"), ("repo", repo), ("tag", tag)]
         query += [("changes", c) for c in changes]
@@ -302,12 +471,13 @@ class DockerEngine:
                                     on_line=on_line)
         if errors:
             raise EngineError(f"docker import failed: {errors[-1]}")
-        return (await self.image_inspect(f"{repo}:{tag}"))["Id"]
+        return (await self._image_inspect_raw(f"{repo}:{tag}"))["Id"]
 
     # -- containers ------------------------------------------------------------------------
-    async def container_create(self, config: dict[str, Any], *, name: str | None = None) -> str:
+    async def container_create(self, spec: ContainerSpec) -> str:
+        name = spec.name
         params = {"name": name} if name else None
-        data = await self._json("containers/create", "POST", data=config, params=params,
+        data = await self._json("containers/create", "POST", data=create_body(spec), params=params,
                                 what=f"create {name or ''}".strip(), kind="image")
         return data["Id"]
 
@@ -315,7 +485,11 @@ class DockerEngine:
         await self._json(f"containers/{cid}/start", "POST", what=f"start {cid[:12]}",
                          kind="container")
 
-    async def container_inspect(self, cid: str) -> dict[str, Any]:
+    async def container_inspect(self, cid: str) -> ContainerState:
+        return container_state(await self.container_inspect_raw(cid))
+
+    async def container_inspect_raw(self, cid: str) -> dict[str, Any]:
+        """Docker's own inspect JSON: for tests of this adapter only (not part of the port)."""
         return await self._json(f"containers/{cid}/json", what=f"container {cid[:12]}",
                                 kind="container")
 
@@ -324,20 +498,28 @@ class DockerEngine:
                                 what=f"wait {cid[:12]}", kind="container")
         return int(data.get("StatusCode", -1))
 
-    async def container_kill(self, cid: str, signal: str = "SIGKILL") -> None:
-        await self._json(f"containers/{cid}/kill", "POST", params={"signal": signal},
+    async def container_kill(self, cid: str, signal: str | int = "SIGKILL") -> None:
+        await self._json(f"containers/{cid}/kill", "POST", params={"signal": str(signal)},
                          what=f"kill {cid[:12]}", kind="container")
+
+    async def container_stop(self, cid: str, *, grace_s: float = 10.0) -> None:
+        await self._json(f"containers/{cid}/stop", "POST", params={"t": max(0, round(grace_s))},
+                         timeout=None, what=f"stop {cid[:12]}", kind="container")
+
+    async def container_restart(self, cid: str, *, grace_s: float = 10.0) -> None:
+        await self._json(f"containers/{cid}/restart", "POST", params={"t": max(0, round(grace_s))},
+                         timeout=None, what=f"restart {cid[:12]}", kind="container")
 
     async def container_remove(self, cid: str, *, force: bool = True) -> None:
         await self._json(f"containers/{cid}", "DELETE", params={"force": force, "v": True},
                          what=f"remove {cid[:12]}", kind="container")
 
-    async def container_list(self, *, labels: dict[str, str] | list[str] | None = None,
-                             all: bool = True) -> list[dict[str, Any]]:
+    async def container_list(self, *, labels: LabelFilter | None = None,
+                             all: bool = True) -> list[ContainerSummary]:
         params: dict[str, Any] = {"all": all}
         if labels:
             params["filters"] = json.dumps({"label": label_filters(labels)})
-        return await self._json("containers/json", params=params)
+        return [container_summary(raw) for raw in await self._json("containers/json", params=params)]
 
     async def container_logs(self, cid: str, *, tail_bytes: int = 4096) -> str:
         async def run() -> list[str]:
@@ -426,12 +608,17 @@ class DockerEngine:
             yield att
 
     @asynccontextmanager
-    async def events(self, *, filters: dict[str, list[str]] | None = None,
+    async def events(self, *, labels: LabelFilter | None = None,
+                     kinds: Collection[EventKind] | None = None,
                      since: float | None = None) -> AsyncIterator[_EventStream]:
-        """Subscribe to engine events. ``receive`` closes when the stream ends (``ended`` says why)."""
-        params: dict[str, Any] = {}
-        if filters:
-            params["filters"] = json.dumps(filters)
+        """Subscribe to container events. ``receive`` closes when the stream ends (``ended``
+        says why)."""
+        filters: dict[str, list[str]] = {
+            "type": ["container"],
+            "event": sorted(_KIND_ACTION[k] for k in (EVENT_KINDS if kinds is None else kinds))}
+        if labels:
+            filters["label"] = label_filters(labels)
+        params: dict[str, Any] = {"filters": json.dumps(filters)}
         if since is not None:
             params["since"] = f"{since:.9f}"
         es = _EventStream()
@@ -448,7 +635,9 @@ class DockerEngine:
                         if not raw:
                             return
                         if raw.strip():
-                            es._send.send_nowait(json.loads(raw))
+                            ev = container_event(json.loads(raw))
+                            if ev is not None:
+                                es._send.send_nowait(ev)
             async with es._send:
                 try:
                     await self._aio(run)()
