@@ -87,8 +87,12 @@ def cmd_build(args) -> int:
     return 0
 
 
-async def _corral_images(engine: Engine) -> tuple[list[ImageSummary], set[str]]:
-    images = await engine.image_list(labels={"corral.image": "1"})
+async def _corral_images(engine: Engine, base: str | None = None) -> tuple[list[ImageSummary], set[str]]:
+    """corral-built images (those built on ``base`` only, if given) and the image ids in use."""
+    labels = {"corral.image": "1"}
+    if base:
+        labels["corral.base"] = (await engine.image_inspect(base)).id
+    images = await engine.image_list(labels=labels)
     used = {c.image_id for c in await engine.container_list(all=True)}
     return images, used
 
@@ -98,7 +102,7 @@ def cmd_images(args) -> int:
 
     async def main() -> int:
         async with open_engine(args.engine) as engine:
-            images, used = await _corral_images(engine)
+            images, used = await _corral_images(engine, args.base)
             if args.action == "prune":
                 removed = 0
                 for img in images:
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("images", help="list corral-built images; `images prune` removes unused ones")
     s.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
+    s.add_argument("--base", help="only images built on this base image")
     s.set_defaults(fn=cmd_images)
 
     s = sub.add_parser("base-image", help="build corral/worker-base offline from Debian packages")

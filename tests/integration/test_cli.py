@@ -1,10 +1,12 @@
 """The operator's entry points: `corral run` as a service, driven over its control socket."""
 
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -110,23 +112,37 @@ async def test_build_and_images_commands(engine):
 
 
 async def test_images_prune_removes_only_unused_corral_images(engine, corral_name):
+    """Scoped to this test's own images: built on a base image of its own (a LABEL on top of
+    corral/worker-base), so the prune cannot touch images other tests or users rely on."""
     from runtime import SupervisorConfig, WorkerSpec, open_supervisor
 
     def corral(*args):
         return subprocess.run(CORRAL + ["--log-level", "ERROR", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
+    base = f"{corral_name}/base:latest"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        df = f"FROM corral/worker-base:latest\nLABEL corral.test={corral_name}\n".encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(df)
+        tar.addfile(info, io.BytesIO(df))
     with trio.fail_after(240):
-        unused = (await trio.to_thread.run_sync(lambda: corral("build", "--agent", "shell"))).stdout.split()[0]
-        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
-            w = await sup.spawn(WorkerSpec(agent="factory", stub_agent=True))
-            in_use = (await w.info()).image_tag
-            out = await trio.to_thread.run_sync(lambda: corral("images", "prune"))
-            assert out.returncode == 0, out.stderr
-            assert f"removed {unused}" in out.stdout
-            assert in_use not in out.stdout.replace("kept", "")
-            assert (await engine.image_inspect(in_use)).id
-            base = await engine.image_inspect("corral/worker-base:latest")   # never a prune target
-            assert base.id
+        await engine.image_build(context.getvalue(), tag=base, labels={})
+        try:
+            built = await trio.to_thread.run_sync(lambda: corral("build", "--agent", "shell", "--base", base))
+            unused = built.stdout.split()[0]
+            async with open_supervisor(SupervisorConfig(name=corral_name, base_image=base), engine=engine) as sup:
+                w = await sup.spawn(WorkerSpec(agent="factory", stub_agent=True))
+                in_use = (await w.info()).image_tag
+                out = await trio.to_thread.run_sync(lambda: corral("images", "prune", "--base", base))
+                assert out.returncode == 0, out.stderr
+                assert out.stdout.splitlines() == [f"removed {unused}", "1 image(s) removed, 1 kept"]
+                assert (await engine.image_inspect(in_use)).id
+            out = await trio.to_thread.run_sync(lambda: corral("images", "prune", "--base", base))
+            assert out.stdout.splitlines() == [f"removed {in_use}", "1 image(s) removed, 0 kept"]
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.image_remove(base, force=True)
 
 
 async def test_the_demo_runs_and_cleans_up(engine):
