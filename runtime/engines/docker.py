@@ -303,6 +303,20 @@ async def _pumping(att: Any, close: Callable[[], Any]) -> AsyncIterator[Any]:
             await close()
 
 
+class _ExitedAttachment:
+    """An attachment to a container that has exited: no output, no stdin."""
+
+    def __init__(self) -> None:
+        send, self.output = trio.open_memory_channel[tuple[int, bytes]](0)
+        send.close()
+
+    async def send(self, data: bytes) -> None:
+        raise EngineError("attach stdin closed: the container has exited")
+
+    async def close_stdin(self) -> None:
+        pass
+
+
 class _EventStream:
     def __init__(self) -> None:
         send, self.receive = trio.open_memory_channel[ContainerEvent](1024)
@@ -542,9 +556,16 @@ class DockerEngine:
         return await self._call(run, what=f"exec in {cid[:12]}", kind="container")
 
     @asynccontextmanager
-    async def attach(self, cid: str) -> AsyncIterator[_Attachment | _NativeAttachment]:
+    async def attach(self, cid: str) -> AsyncIterator[_Attachment | _NativeAttachment | _ExitedAttachment]:
         """Attach stdin/stdout/stderr (non-TTY, demultiplexed). Attach before start to see
-        everything the container writes; ``output`` closes when the container's output ends."""
+        everything the container writes; ``output`` closes when the container's output ends.
+
+        Docker holds an attach to a container that has exited open until it runs again: the
+        port says its output ends at once, so such a container gets a closed attachment. (One
+        that exits between that look and the attach itself still holds it open.)"""
+        if (await self.container_inspect(cid)).status in ("exited", "dead"):
+            yield _ExitedAttachment()
+            return
         if self.native_attach:
             async with self._native_attach(cid) as att:
                 yield att

@@ -1,0 +1,111 @@
+"""The Watcher on every engine: when its events stream drops, it resubscribes from the last event
+it saw, and what happened in between reaches the containers' watches, once."""
+
+from contextlib import asynccontextmanager
+
+import trio
+
+from actors.watcher import Watcher
+from runtime.engines import ContainerEvent, Engine
+
+from .helpers import DEADLINE, worker_spec
+
+
+class _Dropped:
+    def __init__(self, receive: trio.MemoryReceiveChannel[ContainerEvent]) -> None:
+        self.receive = receive
+        self.ended: str | None = None
+
+
+class DroppingEngine:
+    """An engine whose events streams the test can cut (the subscription to the real engine is
+    closed), and whose new subscriptions it can hold back; every other call goes through."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._cut = trio.Event()
+        self._open = trio.Event()
+        self._open.set()
+        self.subscribed = trio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def drop(self) -> None:
+        """End the current streams, and hold new subscriptions until `let_in()`."""
+        self._open = trio.Event()
+        self._cut.set()
+        self._cut = trio.Event()
+        self.subscribed = trio.Event()
+
+    def let_in(self) -> None:
+        self._open.set()
+
+    @asynccontextmanager
+    async def events(self, **kwargs):
+        await self._open.wait()
+        cut = self._cut
+        async with self._engine.events(**kwargs) as inner:
+            send, recv = trio.open_memory_channel[ContainerEvent](1024)
+            outer = _Dropped(recv)
+
+            async def pump(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                async with send:
+                    with trio.CancelScope() as scope:
+                        task_status.started(scope)
+                        async for ev in inner.receive:
+                            await send.send(ev)
+                    outer.ended = "dropped by the test" if scope.cancel_called else inner.ended
+
+            async with trio.open_nursery() as nursery:
+                scope = await nursery.start(pump)
+                nursery.start_soon(self._cut_when, cut, scope)
+                self.subscribed.set()
+                try:
+                    yield outer
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _cut_when(cut: trio.Event, scope: trio.CancelScope) -> None:
+        await cut.wait()
+        scope.cancel()
+
+
+async def test_the_watcher_resubscribes_and_replays_what_it_missed(engine, sup_name, image):
+    dropping = DroppingEngine(engine)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            watcher = await nursery.start(Watcher(dropping, supervisor=sup_name).run)
+            assert watcher.alive and watcher.subscriptions == 1
+            cids = {}
+            for wid in "ab":
+                cids[wid] = await engine.container_create(worker_spec(image, sup_name, wid))
+            wa, wb = watcher.watch(cids["a"]), watcher.watch(cids["b"])
+            for w in (wa, wb):
+                changed = w.changed
+                await engine.container_start(w.container_id)
+                await changed.wait()                   # its start event came through
+
+            await engine.container_kill(cids["a"])
+            await wa.died.wait()                       # seen live
+
+            changed = wb.changed
+            dropping.drop()                            # the stream ends; no new one yet
+            await changed.wait()                       # (the watcher tells every watch)
+            assert not watcher.alive
+            await engine.container_stop(cids["b"], grace_s=5)
+            assert (wb.kills, wb.exit_code, wb.stopped) == ([], None, False)
+
+            dropping.let_in()
+            await watcher.wait_alive()
+            while not wb.stopped:                      # replayed: kill, die, then stop
+                await wb.changed.wait()
+            nursery.cancel_scope.cancel()
+    assert watcher.subscriptions == 2
+    assert (wa.kills, wa.exit_code, wa.stopped) == (["9"], 137, False)
+    assert (wb.kills, wb.exit_code, wb.stopped) == (["15"], 143, True)
+    assert not wa.restarted and not wb.restarted
+    # every event once, though the replay starts a little before the last one seen (a's death):
+    # started a, b; killed, died a; killed, died, stopped b
+    assert watcher.events_seen == 7
