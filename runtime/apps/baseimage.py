@@ -16,6 +16,7 @@ from typing import Callable
 
 import trio
 
+from ..engines import Engine
 from ..errors import ConfigError, ImageBuildError, ImageNotFound
 from ..logging import get_logger
 
@@ -84,7 +85,7 @@ async def _run(cmd: list[str], step: str, progress: Callable[[str], None]) -> No
                               output_tail="\n".join(tail))
 
 
-async def build_base_image(engine, *, mirror: str | None = None, if_missing: bool = False,
+async def build_base_image(engine: Engine, *, mirror: str | None = None, if_missing: bool = False,
                            progress: Callable[[str], None] | None = None) -> str:
     """Build corral/worker-base and return its image id (reused when ``if_missing`` and present)."""
     if if_missing:
