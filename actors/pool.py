@@ -19,7 +19,7 @@ import outcome
 import structlog
 import trio
 
-from runtime.errors import WorkerGone
+from runtime.errors import PoolStopped
 from runtime.messages import CancelTaskRequest, RunTaskRequest, reply_value
 from runtime.records import PoolSnapshot, TaskResult
 from runtime.specs import PoolSpec, Task
@@ -52,12 +52,12 @@ class PoolHandle:
         try:
             await self._pool.jobs_send.send(_Job(task, send))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise WorkerGone(f"pool {self.name} has stopped") from None
+            raise PoolStopped(f"pool {self.name} has stopped") from None
         try:
             with recv:
                 return (await recv.receive()).unwrap()
         except trio.EndOfChannel:
-            raise WorkerGone(f"pool {self.name} has stopped") from None
+            raise PoolStopped(f"pool {self.name} has stopped") from None
         except trio.Cancelled:
             self._pool.cancel(task.task_id)
             raise

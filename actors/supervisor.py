@@ -24,7 +24,14 @@ import structlog
 import trio
 
 from runtime.engines import Engine
-from runtime.errors import CorralError, SupervisorEscalation, WorkerGone
+from runtime.errors import (
+    ActorStopped,
+    CorralError,
+    NoSuchChild,
+    SupervisorEscalation,
+    SupervisorStopped,
+    WorkerGone,
+)
 from runtime.messages import (
     ChildDied,
     ChildExited,
@@ -86,19 +93,19 @@ class SupervisorHandle:
         DeathCertificate), ConfigError or ImageBuildError; never hangs past the startup deadline."""
         spec = spec or WorkerSpec(**kwargs)
         return await ask(self._sup.mailbox, lambda r: SpawnRequest(spec=spec, reply=r),
-                         gone=f"supervisor {self.name} has stopped")
+                         gone=SupervisorStopped(f"supervisor {self.name} has stopped"))
 
     async def start_pool(self, spec: PoolSpec) -> PoolHandle:
         return await ask(self._sup.mailbox, lambda r: StartPoolRequest(spec=spec, reply=r),
-                         gone=f"supervisor {self.name} has stopped")
+                         gone=SupervisorStopped(f"supervisor {self.name} has stopped"))
 
     async def start_supervisor(self, config: SupervisorConfig) -> "SupervisorHandle":
         return await ask(self._sup.mailbox, lambda r: StartSupervisorRequest(config=config, reply=r),
-                         gone=f"supervisor {self.name} has stopped")
+                         gone=SupervisorStopped(f"supervisor {self.name} has stopped"))
 
     async def stop_child(self, child_id: str) -> None:
         await ask(self._sup.mailbox, lambda r: StopChildRequest(child_id=child_id, reply=r),
-                  gone=f"supervisor {self.name} has stopped")
+                  gone=SupervisorStopped(f"supervisor {self.name} has stopped"))
 
     async def snapshot(self) -> SupervisorSnapshot:
         return self._sup.snapshot()
@@ -111,13 +118,13 @@ class SupervisorHandle:
     def worker(self, worker_id: str) -> WorkerHandle:
         w = self._sup.find_worker(worker_id)
         if w is None:
-            raise WorkerGone(f"no worker {worker_id!r} under supervisor {self.name}")
+            raise NoSuchChild(f"no worker {worker_id!r} under supervisor {self.name}")
         return WorkerHandle(w)
 
     def pool(self, name: str) -> PoolHandle:
         child = self._sup.children.get(f"pool:{name}")
         if child is None or child.handle is None:
-            raise WorkerGone(f"no pool {name!r} under supervisor {self.name}")
+            raise NoSuchChild(f"no pool {name!r} under supervisor {self.name}")
         return child.handle
 
     def workers(self) -> list[WorkerHandle]:
@@ -129,8 +136,8 @@ class SupervisorHandle:
             return
         try:
             await ask(self._sup.mailbox, lambda r: StopRequest(reply=r),
-                      gone=f"supervisor {self.name} has stopped")
-        except (WorkerGone, SupervisorEscalation):
+                      gone=SupervisorStopped(f"supervisor {self.name} has stopped"))
+        except (ActorStopped, SupervisorEscalation):
             pass
         await self._sup.finished.wait()
 
@@ -206,7 +213,7 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             self.state = "escalated" if escalation else "stopped"
-            drain_mailbox(self._recv, f"supervisor {self.config.name} has stopped")
+            drain_mailbox(self._recv, SupervisorStopped(f"supervisor {self.config.name} has stopped"))
             self.finished.set()
             if self._stop_reply is not None:
                 reply_value(self._stop_reply, None)
@@ -371,7 +378,7 @@ class Supervisor:
                     await child.done.wait()
                 elif child.kind == "supervisor" and child.handle is not None:
                     await child.handle.shutdown()
-            except (WorkerGone, SupervisorEscalation):
+            except (ActorStopped, SupervisorEscalation):
                 pass
         child.scope.cancel()
         with trio.move_on_after(15):
@@ -387,7 +394,7 @@ class Supervisor:
     async def _stop_child(self, cid: str, reply: Any) -> None:
         child = self.children.get(cid)
         if child is None:
-            reply_error(reply, WorkerGone(f"no child {cid!r} under supervisor {self.config.name}"))
+            reply_error(reply, NoSuchChild(f"no child {cid!r} under supervisor {self.config.name}"))
             return
         await self._stop_one(child)
         reply_value(reply, None)

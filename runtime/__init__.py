@@ -11,6 +11,11 @@ from .errors import ImageNotFound as ImageNotFound
 from .errors import NameConflict as NameConflict
 from .errors import ProtocolError as ProtocolError
 from .errors import SupervisorEscalation as SupervisorEscalation
+from .errors import ActorStopped as ActorStopped
+from .errors import BuilderStopped as BuilderStopped
+from .errors import NoSuchChild as NoSuchChild
+from .errors import PoolStopped as PoolStopped
+from .errors import SupervisorStopped as SupervisorStopped
 from .errors import WorkerGone as WorkerGone
 from .errors import WorkerStartupError as WorkerStartupError
 from .instance import AlreadyRunning as AlreadyRunning

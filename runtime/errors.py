@@ -73,8 +73,29 @@ class WorkerStartupError(CorralError):
         self.certificate = certificate
 
 
-class WorkerGone(CorralError):
+class ActorStopped(CorralError):
+    """An actor (a worker, a pool, a supervisor, the image builder) has stopped: it takes no
+    more requests."""
+
+
+class WorkerGone(ActorStopped):
     """The worker was stopped or has failed for good; it takes no more requests."""
+
+
+class PoolStopped(ActorStopped):
+    """The pool was stopped; it takes no more tasks."""
+
+
+class SupervisorStopped(ActorStopped):
+    """The supervisor has stopped (or escalated); it takes no more requests."""
+
+
+class BuilderStopped(ActorStopped):
+    """The image builder has stopped."""
+
+
+class NoSuchChild(CorralError, LookupError):
+    """No worker, pool or nested supervisor of that name under this supervisor."""
 
 
 class ProtocolError(CorralError):

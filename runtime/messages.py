@@ -12,7 +12,7 @@ import outcome
 import trio
 from msgspec import Struct
 
-from .errors import WorkerGone
+from .errors import ActorStopped
 from .records import DeathCertificate, TaskResult
 from .specs import PoolSpec, SupervisorConfig, Task, WorkerSpec
 
@@ -141,24 +141,34 @@ def reply_to(msg: Msg) -> Any:
     return getattr(msg, "reply", None)
 
 
-async def ask(mailbox: trio.MemorySendChannel, make: Any, *, gone: str = "the actor has stopped") -> Any:
-    """Send ``make(reply)`` to ``mailbox`` and wait for the answer (value or raised error)."""
+def _stopped(gone: str | ActorStopped) -> ActorStopped:
+    return gone if isinstance(gone, ActorStopped) else ActorStopped(gone)
+
+
+async def ask(mailbox: trio.MemorySendChannel, make: Any, *,
+              gone: str | ActorStopped = "the actor has stopped") -> Any:
+    """Send ``make(reply)`` to ``mailbox`` and wait for the answer (value or raised error).
+    ``gone`` is raised if the actor has stopped (an ActorStopped: WorkerGone, PoolStopped...)."""
     send, recv = trio.open_memory_channel[outcome.Outcome](1)
     try:
         await mailbox.send(make(send))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        raise WorkerGone(gone) from None
+        raise _stopped(gone) from None
     with recv:
         try:
             result = await recv.receive()
         except trio.EndOfChannel:
-            raise WorkerGone(gone) from None
+            raise _stopped(gone) from None
     return result.unwrap()
 
 
-def drain_mailbox(recv: trio.MemoryReceiveChannel, why: str, *, worker_id: str | None = None) -> None:
+def drain_mailbox(recv: trio.MemoryReceiveChannel, why: str | ActorStopped, *,
+                  worker_id: str | None = None) -> None:
     """An actor that ends answers everything still queued, then closes its mailbox: a task gets a
-    TaskResult ("cancelled"), never an exception; any other request gets WorkerGone."""
+    TaskResult ("cancelled"), never an exception; any other request gets ``why`` (an
+    ActorStopped)."""
+    gone = _stopped(why)
+    why = str(gone)
     while True:
         try:
             msg = recv.receive_nowait()
@@ -168,5 +178,5 @@ def drain_mailbox(recv: trio.MemoryReceiveChannel, why: str, *, worker_id: str |
             reply_value(msg.reply, TaskResult(task_id=msg.task.task_id, status="cancelled", error=why,
                                               attempts=0, worker_id=worker_id))
         else:
-            reply_error(reply_to(msg), WorkerGone(why))
+            reply_error(reply_to(msg), gone)
     recv.close()

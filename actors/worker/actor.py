@@ -172,7 +172,7 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
             reply_error(r, WorkerGone(why))
         if self._stop is not None:
             reply_value(self._stop.reply, None)
-        drain_mailbox(self._recv, why, worker_id=self.id)
+        drain_mailbox(self._recv, WorkerGone(why), worker_id=self.id)
         self.finished.set()
         self._changed.set()
 

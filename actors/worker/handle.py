@@ -85,6 +85,6 @@ class WorkerHandle:
         await self._actor.finished.wait()
 
     async def _ask(self, make) -> Any:
-        return await ask(self._actor.mailbox, make, gone=f"worker {self.id} has stopped")
+        return await ask(self._actor.mailbox, make, gone=WorkerGone(f"worker {self.id} has stopped"))
 
 

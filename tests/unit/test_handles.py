@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from runtime import PoolSpec, SupervisorConfig, Task, WorkerGone, WorkerSpec
+from runtime import NoSuchChild, PoolSpec, SupervisorConfig, Task, WorkerGone, WorkerSpec
 
 from .helpers import fake_supervisor
 
@@ -51,6 +51,6 @@ async def test_stop_child_stops_a_worker_a_pool_or_a_nested_supervisor(autojump_
         await sup.stop_child("pool:p")
         await sup.stop_child("sup:inner")
         assert engine.running() == [] and (await sup.snapshot()).children == []
-        with pytest.raises(WorkerGone) as ei:
+        with pytest.raises(NoSuchChild) as ei:
             await sup.stop_child("nobody")
         assert "no child 'nobody'" in str(ei.value)
