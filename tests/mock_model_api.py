@@ -73,6 +73,9 @@ class MockModelAPI:
     """(input tokens, output tokens) every model answer reports"""
     delta_size: int = 8
     """the answer is streamed in text deltas of this many characters"""
+    tool_use: dict | None = None
+    """Anthropic Messages only: ``{"name": "Bash", "input": {...}}`` makes the first turn ask for
+    this tool; a request carrying a tool_result then gets the text answer"""
     requests: list[RecordedRequest] = field(default_factory=list)
     _failures: list[_Failure] = field(default_factory=list)
     _stall: bool = False
@@ -147,8 +150,9 @@ class MockModelAPI:
         stream = bool(payload.get("stream"))
         model = str(payload.get("model") or "mock-model")
         if path == "/v1/messages":
+            tool = self.tool_use if self.tool_use and not _has_tool_result(payload) else None
             if stream:
-                return await self._sse(send, self._anthropic_events(model))
+                return await self._sse(send, self._anthropic_events(model, tool))
             return await _json(send, 200, self._anthropic_message(model))
         if path == "/v1/responses":
             return await self._sse(send, self._responses_events(model))
@@ -186,7 +190,8 @@ class MockModelAPI:
                 "usage": {"input_tokens": self.usage[0], "output_tokens": self.usage[1],
                           "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
 
-    def _anthropic_events(self, model: str) -> list[tuple[str | None, dict]]:
+    def _anthropic_events(self, model: str,
+                          tool: dict | None = None) -> list[tuple[str | None, dict]]:
         start = {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                  "content": [], "stop_reason": None, "stop_sequence": None,
                  "usage": {"input_tokens": self.usage[0], "output_tokens": 1,
@@ -197,6 +202,19 @@ class MockModelAPI:
                                      "content_block": {"type": "text", "text": ""}}),
             ("ping", {"type": "ping"}),
         ]
+        if tool is not None:
+            return ev[:1] + [
+                ("content_block_start", {"type": "content_block_start", "index": 0,
+                                         "content_block": {"type": "tool_use", "id": "toolu_mock",
+                                                           "name": tool["name"], "input": {}}}),
+                ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                    "type": "input_json_delta", "partial_json": json.dumps(tool["input"])}}),
+                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                ("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                   "usage": {"output_tokens": self.usage[1]}}),
+                ("message_stop", {"type": "message_stop"}),
+            ]
         for piece in self._pieces():
             ev.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                "delta": {"type": "text_delta", "text": piece}}))
@@ -283,6 +301,15 @@ class MockModelAPI:
                 "prompt_tokens": self.usage[0], "completion_tokens": self.usage[1],
                 "total_tokens": sum(self.usage)}}))
         return ev
+
+
+def _has_tool_result(payload: dict) -> bool:
+    for message in payload.get("messages") or []:
+        content = message.get("content")
+        if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "tool_result"
+                                             for b in content):
+            return True
+    return False
 
 
 _ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
