@@ -1,6 +1,6 @@
 """The supervisor side of the model gateway.
 
-An agent in a container (NetworkMode none) talks HTTP to its wrapper on the container's
+An agent in a container (no network) talks HTTP to its wrapper on the container's
 127.0.0.1; the wrapper forwards each request as frames (``gateway_frames``) over the attached
 stdio. Here each request is forwarded to the worker's configured upstream with httpx, the real
 credential injected (the container never holds it), and the response is streamed back as it
@@ -392,7 +392,8 @@ class Gateway:
                     self._nursery.start_soon(self._run_exchange, p)
 
     async def aclose(self) -> None:
-        """Cancel every exchange in flight (their agents get a cut-short response)."""
+        """Cancel every exchange in flight; nothing more is sent for them (the session is ending:
+        the wrapper drops its agents' connections with it)."""
         for p in list(self._pending.values()):
             if p.scope is not None:
                 p.scope.cancel()
