@@ -9,7 +9,8 @@ It speaks just enough of three wire formats for the real agent CLIs to complete 
 
 Per test: ``answer`` (the text every model request answers), ``expect_key`` (model requests with
 another credential get 401), ``fail_with(status, times=...)`` (scripted 401 / 429 / 500 ...),
-``stall()`` (model responses send their first event, then never finish), ``usage`` (the token
+``stall()`` (model responses send their first event, then never finish), ``cut()`` (they send
+their first event, then the connection drops), ``usage`` (the token
 counts reported). Every request is recorded in ``requests``.
 
 ``open_refusing_proxy()`` is a forward proxy that refuses everything and records what was asked
@@ -79,6 +80,7 @@ class MockModelAPI:
     requests: list[RecordedRequest] = field(default_factory=list)
     _failures: list[_Failure] = field(default_factory=list)
     _stall: bool = False
+    _cut: bool = False
     stalled: trio.Event = field(default_factory=trio.Event)
     """set when a response has stalled (sent its start, then nothing)"""
 
@@ -87,6 +89,10 @@ class MockModelAPI:
                   headers: dict[str, str] | None = None) -> None:
         """The next ``times`` model requests (all of them if None) answer ``status``."""
         self._failures.append(_Failure(status, times, dict(headers or {})))
+
+    def cut(self, on: bool = True) -> None:
+        """Model responses send their headers and first event, then the connection drops."""
+        self._cut = on
 
     def stall(self, on: bool = True) -> None:
         """Model responses send their headers and first event, then never finish."""
@@ -170,6 +176,8 @@ class MockModelAPI:
         for i, (name, data) in enumerate(events):
             text = (f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n"
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            if self._cut and i == 0:
+                raise ConnectionAbortedError("mock: cut the response short")
             if self._stall and i == 0:
                 self.stalled.set()
                 await trio.sleep_forever()

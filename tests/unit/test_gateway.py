@@ -140,6 +140,16 @@ async def test_the_response_streams_as_it_arrives_not_when_it_ends(mock):
     assert run.exchange.usage is None or run.exchange.usage.input_tokens == 11
 
 
+async def test_a_response_cut_short_upstream_is_cut_short_for_the_agent(mock):
+    mock.cut()
+    run = await run_one(mock.url, body=anthropic_body())
+    assert run.response.status == 200 and b"message_start" in run.body
+    assert run.end.error.startswith("upstream: ")
+    assert [(f.failure, f.status) for f in run.failures()] == [("upstream_error", 200)]
+    assert run.exchange.failure == "upstream_error"
+    assert run.exchange.usage == Usage(input_tokens=11, output_tokens=1)
+
+
 @pytest.mark.parametrize("agent,secrets,header,value", [
     ("claude", CLAUDE, "x-api-key", KEY),
     ("claude", {"ANTHROPIC_AUTH_TOKEN": KEY}, "authorization", f"Bearer {KEY}"),
