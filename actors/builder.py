@@ -26,12 +26,16 @@ from runtime.agents import CAPABILITIES, get_agent, normalise_capabilities
 from runtime.engines import Engine
 from runtime.errors import ImageBuildError, ImageNotFound
 from runtime.messages import ImageRequest, ask, drain_mailbox, reply_error, reply_value
+from runtime.wrapper import agents as agent_table
 
 SCHEMA_VERSION = 1
 WORKER_USER = "worker"
 WRAPPER_DIR = Path(__file__).resolve().parent.parent / "runtime" / "wrapper"
-WRAPPER_FILES = ("wrapper.py", "stub_agent.py")
-STUB_CLIS = {"claude": "claude", "factory": "droid", "codex": "codex"}
+WRAPPER_FILES = ("wrapper.py", "core.py", "agents.py", "stub_agent.py")
+"""what is shipped into /opt/corral: the process driver, its sans-IO core, the agent table and
+the stub agent (each is hashed into the image tag)"""
+STUB_CLIS = {name: a.cli for name, a in agent_table.AGENTS.items() if a.stubbable}
+"""agent -> the CLI name the stub agent is installed under (from the agent table)"""
 
 log = structlog.get_logger("corral.builder")
 _canonical = msgspec.json.Encoder(order="sorted").encode

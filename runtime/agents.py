@@ -1,5 +1,10 @@
 """Registries of agents and capabilities: what goes into a worker image, and how.
 
+The agents themselves (names, CLI names, version probes, command lines, result parsers, stub
+versions) are defined once, in the wrapper's agent table ``runtime/wrapper/agents.py``, which is
+shipped into every image; this host-side registry adds what only the image builder needs (the
+install recipes) and derives the rest from that table.
+
 Every field here is an input of the image tag, so changing a recipe changes the image.
 """
 
@@ -8,14 +13,13 @@ from __future__ import annotations
 from msgspec import Struct, field
 
 from .errors import ConfigError
+from .wrapper import agents as agent_table
 
 
 class AgentDef(Struct, frozen=True, kw_only=True):
     name: str
     cli: str
     """the CLI's name on PATH (the stub is installed under this name)"""
-    command: list[str]
-    """the real command line; {prompt} is replaced (documented; the wrapper builds it)"""
     install: list[str] = field(default_factory=list)
     """Dockerfile RUN steps for the real CLI"""
     install_needs_network: bool = False
@@ -30,24 +34,22 @@ class CapabilityDef(Struct, frozen=True, kw_only=True):
     probe: list[str] = field(default_factory=list)
 
 
+_NPM = ("apt-get update && apt-get install -y --no-install-recommends nodejs npm "
+        "&& npm install -g {package} && apt-get clean")
+
+# how the real CLIs are installed (the shell agent needs nothing)
+_INSTALL: dict[str, dict] = {
+    "claude": dict(install=[_NPM.format(package="@anthropic-ai/claude-code")], install_needs_network=True),
+    # droid has no offline package: bake it into the base image; the build checks it.
+    "factory": dict(install=["command -v droid >/dev/null || { echo 'droid is not in the base image: "
+                             "install the Factory CLI into your base image (corral base-image builds "
+                             "only Debian packages)' >&2; exit 1; }"]),
+    "codex": dict(install=[_NPM.format(package="@openai/codex")], install_needs_network=True),
+}
+
 AGENTS: dict[str, AgentDef] = {
-    a.name: a for a in [
-        AgentDef(name="claude", cli="claude",
-                 command=["claude", "-p", "{prompt}", "--output-format", "json"],
-                 install=["apt-get update && apt-get install -y --no-install-recommends nodejs npm "
-                          "&& npm install -g @anthropic-ai/claude-code && apt-get clean"],
-                 install_needs_network=True),
-        AgentDef(name="factory", cli="droid", command=["droid", "exec", "-o", "json", "{prompt}"],
-                 # droid has no offline package: bake it into the base image; the build checks it.
-                 install=["command -v droid >/dev/null || { echo 'droid is not in the base image: "
-                          "install the Factory CLI into your base image (corral base-image builds "
-                          "only Debian packages)' >&2; exit 1; }"]),
-        AgentDef(name="codex", cli="codex", command=["codex", "exec", "--json", "{prompt}"],
-                 install=["apt-get update && apt-get install -y --no-install-recommends nodejs npm "
-                          "&& npm install -g @openai/codex && apt-get clean"],
-                 install_needs_network=True),
-        AgentDef(name="shell", cli="sh", command=["/bin/sh", "-c", "{prompt}"], stubbable=False),
-    ]
+    name: AgentDef(name=name, cli=a.cli, stubbable=a.stubbable, **_INSTALL.get(name, {}))
+    for name, a in agent_table.AGENTS.items()
 }
 
 CAPABILITIES: dict[str, CapabilityDef] = {

@@ -1,62 +1,96 @@
 #!/usr/bin/env python3
 """corral stub agent: stands in for claude / droid / codex and speaks their real output formats.
 
-Installed under the real CLI name; the flavour comes from the name it is called by. It takes the
-prompt the ways the real CLIs do: on the command line; claude ``-p`` without a prompt argument
-reads it from stdin; codex ``exec ... -`` reads it from stdin; droid ``exec ... -f FILE`` reads it
-from FILE. Prompt directives: ``!exit N``, ``!sleep S``, ``!crash-wrapper``, ``!oom``; anything
-else answers ``stub-<agent>: <prompt>``. ``CORRAL_STUB_FAIL_PROBE=1`` makes ``--version`` fail.
-Standard library only.
+Installed under the real CLI name; the flavour comes from the name it is called by (the agent
+table, ``agents.py``). It takes the prompt the ways the real CLIs do: on the command line; claude
+``-p`` without a prompt argument reads it from stdin; codex ``exec ... -`` reads it from stdin;
+droid ``exec ... -f FILE`` reads it from FILE. Prompt directives (part of corral's contract):
+
+- ``!exit N``: exits with code N (the result is an error);
+- ``!sleep S [TEXT]``: sleeps S seconds, then answers ``stub-<agent>: TEXT`` (or ``slept``);
+- ``!crash-wrapper``: kills the worker-wrapper (its parent);
+- ``!oom``: allocates memory until the kernel kills it;
+- anything else: answers ``stub-<agent>: <prompt>``.
+
+``CORRAL_STUB_FAIL_PROBE=1`` makes ``--version`` fail. Standard library only.
+
+The logic is sans-IO: ``stub_plan()`` says what to do (write this to stderr, sleep S, write this
+to stdout, then exit N / kill the wrapper / allocate until OOM) and ``main()`` does it. FakeEngine
+runs the same plan without processes (runtime/engines/fake_wrapper.py). For FakeEngine only, the
+plan also stands in for ``/bin/sh`` (the shell agent): it answers the shell's version probe, and any
+script with ``stub-shell: <script>``.
 """
 
 import json
+import math
 import os
-import signal
 import sys
 import time
 import uuid
 
-FLAVOURS = {"claude": "claude", "droid": "factory", "codex": "codex"}
-VERSIONS = {"claude": "2.0.0 (Claude Code) [corral stub]", "droid": "0.22.0 [corral stub]",
-            "codex": "codex-cli 0.50.0 [corral stub]"}
+try:                    # imported as runtime.wrapper.stub_agent
+    from . import agents as _agents
+except ImportError:     # run as a script: /opt/corral/stub_agent.py, maybe through a symlink
+    def _wrapper_dir():
+        here = os.path.dirname(os.path.realpath(__file__))
+        if os.path.isfile(os.path.join(here, "agents.py")):
+            return here
+        # a copy of the stub elsewhere: the wrapper that runs it says where it lives
+        return os.environ.get("CORRAL_WRAPPER_DIR", here)
+    sys.path.insert(0, _wrapper_dir())
+    import agents as _agents
+
+THEN_EXIT, THEN_KILL_WRAPPER, THEN_OOM = "exit", "kill_wrapper", "oom"
+CRASH_DELAY_S = 0.2     # lets the wrapper forward the stub's last words to the container's log
 
 
-def _stdin_text():
-    return sys.stdin.buffer.read().decode("utf-8", "replace")
+class StubPlan(object):
+    """What the stub does: write ``stderr``, sleep ``sleep_s``, write ``stdout``, then ``then``:
+    "exit" with ``exit_code``, "kill_wrapper" (SIGKILL its parent), or "oom" (allocate memory
+    until the kernel kills it)."""
+
+    __slots__ = ("stdout", "stderr", "sleep_s", "exit_code", "then")
+
+    def __init__(self, stdout=b"", stderr=b"", sleep_s=0.0, exit_code=0, then=THEN_EXIT):
+        self.stdout = stdout
+        self.stderr = stderr
+        self.sleep_s = sleep_s
+        self.exit_code = exit_code
+        self.then = then
+
+    def __eq__(self, other):
+        return isinstance(other, StubPlan) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self):
+        return "StubPlan(%s)" % ", ".join("%s=%r" % (k, getattr(self, k)) for k in self.__slots__)
 
 
-def parse_prompt(cli, argv):
-    """The prompt, taken exactly the ways the real CLI takes it (and the wrapper passes it)."""
-    if cli == "claude":
-        # claude -p PROMPT --output-format json ; claude -p --output-format json < PROMPT
-        if "-p" in argv:
-            i = argv.index("-p")
-            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-                return argv[i + 1]
-            return _stdin_text()
-        return ""
-    if cli == "droid" and "-f" in argv[:-1]:
-        # droid exec -o json ... -f FILE
-        i = len(argv) - 1 - argv[::-1].index("-f")
-        with open(argv[i + 1], "rb") as f:
-            return f.read().decode("utf-8", "replace")
-    # droid exec -o json ... PROMPT ; codex exec --json ... PROMPT ; codex exec --json ... - < PROMPT
-    if cli == "codex" and len(argv) > 1 and argv[-1] == "-":
-        return _stdin_text()
-    return argv[-1] if len(argv) > 1 else ""
+def stub_cli(argv0, env):
+    """The CLI the stub plays: the name it was called by, else CORRAL_STUB_CLI, else claude."""
+    cli = os.path.basename(argv0)
+    if cli in _agents.BY_CLI:
+        return cli
+    cli = env.get("CORRAL_STUB_CLI", "claude")
+    return cli if cli in _agents.BY_CLI else "claude"
 
 
-def result_object(agent, text, is_error, t0):
-    return {"type": "result", "subtype": "error_during_execution" if is_error else "success",
-            "is_error": is_error, "duration_ms": int((time.time() - t0) * 1000), "num_turns": 1,
-            "result": text, "session_id": str(uuid.uuid4()), "total_cost_usd": 0.0}
+def parse_prompt(cli, argv, read_stdin, read_file):
+    """The prompt, taken exactly the ways the real CLI takes it (and the wrapper passes it: the
+    agent table's ``prompt_in``). ``read_stdin()`` and ``read_file(path)`` are called only when
+    the prompt is there."""
+    where, value = _agents.BY_CLI[cli].prompt_in(argv)
+    if where == "stdin":
+        return read_stdin()
+    if where == "file":
+        return read_file(value)
+    return value
 
 
-def emit(cli, text, is_error, t0):
-    agent = FLAVOURS[cli]
-    if cli == "codex":
-        tid = str(uuid.uuid4())
-        events = [{"type": "thread.started", "thread_id": tid}, {"type": "turn.started"}]
+def render(output_format, text, is_error, duration_s=0.0):
+    """``text`` as the real CLI prints it: (stdout bytes, stderr bytes)."""
+    if output_format == "codex_jsonl":
+        events = [{"type": "thread.started", "thread_id": str(uuid.uuid4())}, {"type": "turn.started"}]
         if is_error:
             events.append({"type": "turn.failed", "error": {"message": text}})
         else:
@@ -64,50 +98,98 @@ def emit(cli, text, is_error, t0):
                            "item": {"id": "item_0", "type": "agent_message", "text": text}})
             events.append({"type": "turn.completed",
                            "usage": {"input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0}})
-        for ev in events:
-            sys.stdout.write(json.dumps(ev) + "\n")
-    else:
-        sys.stdout.write(json.dumps(result_object(agent, text, is_error, t0)) + "\n")
-    sys.stdout.flush()
+        return "".join(json.dumps(ev) + "\n" for ev in events).encode("utf-8", "replace"), b""
+    if output_format == "result_json":
+        obj = {"type": "result", "subtype": "error_during_execution" if is_error else "success",
+               "is_error": is_error, "duration_ms": int(duration_s * 1000), "num_turns": 1,
+               "result": text, "session_id": str(uuid.uuid4()), "total_cost_usd": 0.0}
+        return (json.dumps(obj) + "\n").encode("utf-8", "replace"), b""
+    # text (the shell): the answer on stdout, an error on stderr
+    data = text.encode("utf-8", "replace")
+    return (b"", data + b"\n") if is_error else (data, b"")
 
 
-def main():
-    cli = os.path.basename(sys.argv[0])
-    if cli not in FLAVOURS:
-        cli = os.environ.get("CORRAL_STUB_CLI", "claude")
-    argv = sys.argv[1:]
-    if argv[:1] == ["--version"]:
-        if os.environ.get("CORRAL_STUB_FAIL_PROBE") == "1":
-            sys.stderr.write("%s: version probe failed (CORRAL_STUB_FAIL_PROBE=1)\n" % cli)
-            return 1
-        print(VERSIONS[cli])
-        return 0
-    t0 = time.time()
-    prompt = parse_prompt(cli, argv)
+def _number(words, default, kind):
+    if len(words) < 2:
+        return default
+    try:
+        v = kind(words[1])
+    except (ValueError, OverflowError):
+        return None
+    if kind is float and not (math.isfinite(v) and v >= 0):
+        return None
+    return v
+
+
+def stub_plan(cli, argv, env, read_stdin=lambda: "", read_file=None):
+    """What the stub playing ``cli`` does when called with ``argv`` (without argv[0]) in ``env``.
+    Pure but for ``read_stdin()`` / ``read_file(path)``, called only when the prompt is there."""
+    agent = _agents.BY_CLI[cli]
+    if argv[:1] == ["--version"] or argv == agent.probe[1:]:
+        if env.get("CORRAL_STUB_FAIL_PROBE") == "1":
+            return StubPlan(stderr=("%s: version probe failed (CORRAL_STUB_FAIL_PROBE=1)\n" % cli).encode(),
+                            exit_code=1)
+        return StubPlan(stdout=((agent.stub_version or agent.cli) + "\n").encode())
+    if read_file is None:
+        def read_file(path):
+            with open(path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+    name, fmt = agent.name, agent.output_format
+    try:
+        prompt = parse_prompt(cli, argv, read_stdin, read_file)
+    except (OSError, KeyError) as exc:    # as the real CLI: no such prompt file
+        out, err = render(fmt, "%s: cannot read the prompt: %s" % (cli, exc), True)
+        return StubPlan(stdout=out, stderr=err, exit_code=2)
     words = prompt.strip().split()
     head = words[0] if words else ""
     if head == "!exit":
-        code = int(words[1]) if len(words) > 1 else 1
-        emit(cli, "stub-%s: exiting with %d" % (FLAVOURS[cli], code), True, t0)
-        return code
+        code = _number(words, 1, int)
+        if code is None:
+            out, err = render(fmt, "stub-%s: !exit needs an integer exit code" % name, True)
+            return StubPlan(stdout=out, stderr=err, exit_code=2)
+        out, err = render(fmt, "stub-%s: exiting with %d" % (name, code), True)
+        return StubPlan(stdout=out, stderr=err, exit_code=code & 0xFF)
     if head == "!sleep":
-        time.sleep(float(words[1]) if len(words) > 1 else 1.0)
-        rest = " ".join(words[2:]) or "slept"
-        emit(cli, "stub-%s: %s" % (FLAVOURS[cli], rest), False, t0)
-        return 0
+        seconds = _number(words, 1.0, float)
+        if seconds is None:
+            out, err = render(fmt, "stub-%s: !sleep needs a number of seconds" % name, True)
+            return StubPlan(stdout=out, stderr=err, exit_code=2)
+        out, err = render(fmt, "stub-%s: %s" % (name, " ".join(words[2:]) or "slept"), False, seconds)
+        return StubPlan(stdout=out, stderr=err, sleep_s=seconds)
     if head == "!crash-wrapper":
-        sys.stderr.write("stub: killing the worker-wrapper (pid %d)\n" % os.getppid())
-        sys.stderr.flush()
-        time.sleep(0.2)   # let the wrapper forward that line to the container's log first
+        return StubPlan(stderr=b"stub: killing the worker-wrapper (its parent process)\n",
+                        sleep_s=CRASH_DELAY_S, exit_code=1, then=THEN_KILL_WRAPPER)
+    if head == "!oom":
+        return StubPlan(exit_code=-9, then=THEN_OOM)
+    out, err = render(fmt, "stub-%s: %s" % (name, prompt), False)
+    return StubPlan(stdout=out, stderr=err)
+
+
+# --- the process ---------------------------------------------------------------------------------
+
+def _write(stream, data):
+    if data:
+        stream.buffer.write(data)
+        stream.flush()
+
+
+def main():
+    cli = stub_cli(sys.argv[0], os.environ)
+    plan = stub_plan(cli, sys.argv[1:], os.environ,
+                     read_stdin=lambda: sys.stdin.buffer.read().decode("utf-8", "replace"))
+    _write(sys.stderr, plan.stderr)
+    if plan.sleep_s:
+        time.sleep(plan.sleep_s)
+    _write(sys.stdout, plan.stdout)
+    if plan.then == THEN_KILL_WRAPPER:
+        import signal
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(5)
-        return 1
-    if head == "!oom":
+    elif plan.then == THEN_OOM:
         hog = []
         while True:
             hog.append(b"x" * (8 << 20))
-    emit(cli, "stub-%s: %s" % (FLAVOURS[cli], prompt), False, t0)
-    return 0
+    return plan.exit_code
 
 
 if __name__ == "__main__":

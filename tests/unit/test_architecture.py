@@ -71,11 +71,51 @@ def test_actors_take_a_typed_engine():
 
 
 def test_in_container_code_is_stdlib_only_and_python39_syntax():
+    shipped_beside = {p.stem for p in WRAPPER.glob("*.py")}   # /opt/corral/core.py, agents.py...
     for path in WRAPPER.glob("*.py"):
         src = path.read_text()
         ast.parse(src, feature_version=(3, 9))          # no match statements, no 3.10+ syntax
-        non_std = {m for m in imported_modules(path) if m not in sys.stdlib_module_names}
+        non_std = {m for m in imported_modules(path)
+                   if m not in sys.stdlib_module_names and m not in shipped_beside}
         assert non_std == set(), f"{path.name} imports {non_std}"
+
+
+def test_every_in_container_module_is_shipped_and_hashed_into_the_image_tag():
+    from actors.builder import WRAPPER_FILES
+    assert sorted(WRAPPER_FILES) == sorted(p.name for p in WRAPPER.glob("*.py") if p.name != "__init__.py")
+
+
+def test_the_agent_table_is_defined_once():
+    """Agent names, CLI names, probes, command lines and stub versions live in the wrapper's
+    agent table (runtime/wrapper/agents.py, shipped into images); the host's registry and the
+    image builder derive from it, and no other module keeps a table of its own."""
+    from actors import builder
+    from runtime import agents as host
+    from runtime.wrapper import agents as table
+
+    assert {n: (a.cli, a.stubbable) for n, a in host.AGENTS.items()} == \
+        {n: (a.cli, a.stubbable) for n, a in table.AGENTS.items()}
+    assert builder.STUB_CLIS == {n: a.cli for n, a in table.AGENTS.items() if a.stub_version}
+    for path in (ROOT / "runtime" / "agents.py", ROOT / "actors" / "builder.py"):
+        imports = {(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert imports & {("wrapper", "agents"), ("runtime.wrapper", "agents")}, path
+    names = set(table.AGENTS) | {a.cli for a in table.AGENTS.values()}
+    defining = {a.cli for a in table.AGENTS.values()} - set(table.AGENTS) - {"sh"}     # droid
+    defining |= {a.stub_version for a in table.AGENTS.values() if a.stub_version}
+    defining |= {" ".join(a.probe) for a in table.AGENTS.values()}
+    offenders = []
+    for path in core_modules():
+        if path == WRAPPER / "agents.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in defining:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+            if isinstance(node, ast.Dict):       # e.g. {"claude": "claude", "factory": "droid"}
+                keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+                if len(set(keys) & names) >= 2 and all(isinstance(v, ast.Constant) for v in node.values):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} a table of agents")
+    assert offenders == []
 
 
 def test_the_library_core_does_not_depend_on_the_applications():

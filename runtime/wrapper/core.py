@@ -1,0 +1,994 @@
+"""The worker-wrapper's logic, sans-IO: events in, actions out.
+
+Standard library only, Python >= 3.9; shipped into every worker image beside wrapper.py. It
+imports no threads, processes, files or clocks of its own (the clock is passed in): the container
+process (wrapper.py, threads and subprocesses) and FakeEngine (runtime/engines/fake_wrapper.py,
+trio tasks and the stub agent's plan) drive this same code, in the manner of hypercorn's
+``protocol/h11.py``.
+
+    core = WrapperCore(env, clock=time.monotonic, pid=os.getpid())
+    for action in core.handle(Boot()):
+        ...    # do it; some actions are answered by an event fed back in
+
+Events in (what happened)            Actions out (what to do)
+-----------------------------------  -----------------------------------------------------------
+Boot()                               CheckWorkspace(path) -> WorkspaceChecked(error)
+WorkspaceChecked(error)              RunProbe(argv, cwd, timeout_s) -> ProbeDone / ProbeFailed
+ProbeDone(exit_code, stdout, stderr) Send(kind, data): write this frame line to stdout
+ProbeFailed(why, detail)             Log(text): a wrapper log line for stderr
+StdinData(data) / StdinClosed()      AgentLog(data): a line the agent wrote on its stderr
+PromptFileWritten(task_id, path)     WritePromptFile(task_id, data, suffix) -> PromptFileWritten
+AgentStarted(task_id, pid, oom_kills)     or AgentNotStarted(task_id, "prompt_file", detail)
+AgentNotStarted(task_id, stage, detail)  StartAgent(task_id, argv, stdin, cwd) -> AgentStarted
+AgentOutput(task_id, stream, data)        or AgentNotStarted(task_id, "spawn", detail)
+AgentExited(task_id, exit_code)      KillAgent(task_id): kill its process tree (it goes on running
+CleanupDone(task_id, remaining,          until its output ends, see Cleanup)
+            oom_kills)               Cleanup(task_id): the task's I/O is over: kill and sweep
+TimerFired(name)                         every process it left -> CleanupDone(remaining, ...)
+TaskCrashed(task_id, error)          RemoveFile(path): the task's prompt file
+WrapperFailed(reason)                StartTimer(name, delay) / CancelTimer(name) -> TimerFired
+                                     Exit(code): end the wrapper process with this code
+
+The core owns: the startup decisions (required environment, unknown agent, workspace, version
+probe: ``fatal`` and exit 78), frame validation (a bad frame is logged and ignored, or answered
+with an error when it names a task), busy/idle (one task at a time), command lines (a prompt of
+more than 64 KiB, or starting with "-", goes on stdin or in a file, as the agent table says),
+task_output chunking (16 KiB of agent output per frame), the output cap (``max_output_bytes``:
+the tail, ``truncated``; every frame < 1 MiB), timeouts, linger after the agent exits (0.5 s),
+cancel, shutdown with grace (the running task is cancelled at the end of the grace and still
+answered), heartbeats, the result parsers, the OOM decision (the agent SIGKILLed and the cgroup's
+OOM-kill counter grew: ``fatal`` and exit 137) and the cleanup decision (processes of a task
+that cannot be killed: ``fatal`` and exit 70).
+
+Timers: "heartbeat", "timeout", "linger", "drain" (CLEANUP_S after a kill the task's I/O is over
+even if its output is still open), "grace", "stop" (STOP_S after the grace the wrapper exits).
+A driver fires a timer at most once per StartTimer and never after its CancelTimer; a TimerFired
+for a timer that is not running is ignored.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+try:                    # imported as runtime.wrapper.core
+    from . import agents as agent_table
+except ImportError:     # in the image: /opt/corral/core.py beside agents.py
+    import agents as agent_table
+
+WRAPPER_VERSION = "3"
+EX_CONFIG = 78
+EX_SOFTWARE = 70
+EX_OOM = 137                        # 128 + SIGKILL: as if the kernel had killed the wrapper
+SIGKILL = 9
+
+MAX_LINE = 1 << 20                  # the actor's frame limit (runtime/protocol.py MAX_LINE)
+FRAME_BUDGET = MAX_LINE - (64 << 10)  # JSON-encoded bytes of the one big field of a frame
+OUTPUT_CHUNK = 16 * 1024            # raw bytes of agent output per task_output frame
+DEFAULT_OUTPUT_BYTES = 256 * 1024
+MAX_OUTPUT_BYTES = MAX_LINE
+STDOUT_TAIL = 4 << 20               # kept for the result parsers
+STDERR_TAIL = 64 << 10
+STDERR_LINE = 4096                  # a longer stderr line goes to the log in pieces
+ERROR_CHARS = 4000
+MAX_TASK_ID = 256
+MAX_FRAME_IN = 16 << 20             # longest line accepted from the actor
+FRAME_KEEP = 64 << 10               # of a longer one, its head and tail are looked at
+PROMPT_ARGV_MAX = 64 * 1024         # longer prompts go on stdin or in a file
+LINGER_S = 0.5                      # output still read after the agent exits, then its children die
+CLEANUP_S = 2.0                     # after a kill, its output is waited for this long
+STOP_S = 5.0                        # after the shutdown grace, the cancelled task this long
+DEFAULT_GRACE_S = 5.0
+PROBE_TIMEOUT_S = 20.0
+OOM_REASON = "oom_killed: the agent was killed by the kernel OOM killer (memory limit)"
+
+
+# --- events ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Boot:
+    """The wrapper process began: check the environment the core was made with."""
+
+
+@dataclass(frozen=True)
+class WorkspaceChecked:
+    error: Optional[str] = None
+    """None: a file could be written in the workspace; else why not (strerror)"""
+
+
+@dataclass(frozen=True)
+class ProbeDone:
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+@dataclass(frozen=True)
+class ProbeFailed:
+    why: str          # "not_found" (no such CLI), "timeout" (no answer in time), "error"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StdinData:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StdinClosed:
+    pass
+
+
+@dataclass(frozen=True)
+class PromptFileWritten:
+    task_id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class AgentNotStarted:
+    task_id: str
+    stage: str        # "prompt_file" (cannot write it) or "spawn" (cannot start the process)
+    detail: str
+
+
+@dataclass(frozen=True)
+class AgentStarted:
+    task_id: str
+    pid: int = 0
+    oom_kills: int = 0
+    """the memory cgroup's OOM-kill counter just before the agent started"""
+
+
+@dataclass(frozen=True)
+class AgentOutput:
+    task_id: str
+    stream: str       # "stdout" or "stderr"
+    data: bytes       # b"": that stream ended (every process holding it closed it)
+
+
+@dataclass(frozen=True)
+class AgentExited:
+    task_id: str
+    exit_code: int
+    """negative: killed by that signal (-9: SIGKILL)"""
+
+
+@dataclass(frozen=True)
+class CleanupDone:
+    task_id: str
+    remaining: Tuple[int, ...] = ()
+    """pids of the task's processes that could not be killed"""
+    oom_kills: int = 0
+    """the memory cgroup's OOM-kill counter now"""
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    name: str
+
+
+@dataclass(frozen=True)
+class TaskCrashed:
+    """The driver failed while running the task (a bug): the task is answered with an error."""
+    task_id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class WrapperFailed:
+    """The driver cannot go on (e.g. cannot start its threads): fatal, exit 70."""
+    reason: str
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Send:
+    kind: str
+    data: bytes
+    """one JSON object and a newline, shorter than MAX_LINE"""
+
+
+@dataclass(frozen=True)
+class Log:
+    text: str
+
+
+@dataclass(frozen=True)
+class AgentLog:
+    data: bytes
+    """a line of the agent's stderr, newline included, for the container's log"""
+
+
+@dataclass(frozen=True)
+class CheckWorkspace:
+    path: str
+
+
+@dataclass(frozen=True)
+class RunProbe:
+    argv: List[str]
+    cwd: str
+    timeout_s: float = PROBE_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class WritePromptFile:
+    task_id: str
+    data: bytes
+    suffix: str
+    """a private (0600) temporary file: its path comes back in PromptFileWritten"""
+
+
+@dataclass(frozen=True)
+class StartAgent:
+    task_id: str
+    argv: List[str]
+    cwd: str
+    stdin: Optional[bytes] = None
+    """None: the agent's stdin is /dev/null; else these bytes, then end of file"""
+
+
+@dataclass(frozen=True)
+class KillAgent:
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    task_id: str
+
+
+@dataclass(frozen=True)
+class RemoveFile:
+    path: str
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    name: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    name: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int
+
+
+# --- frames out --------------------------------------------------------------------------------
+
+def _dumps(obj):
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate somewhere: escape everything
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def encode_frame(fields):
+    """``fields`` (with "kind") as one line shorter than MAX_LINE."""
+    fields = dict(fields)
+    data = _dumps(fields)
+    while len(data) >= MAX_LINE:
+        # last resort (the fields are sized to fit already): halve the longest string, keep its tail
+        name = max((k for k, v in fields.items() if isinstance(v, str)), key=lambda k: len(fields[k]))
+        fields[name] = fields[name][len(fields[name]) // 2:]
+        if fields.get("kind") == "task_done" and name == "output":
+            fields["truncated"] = True
+        data = _dumps(fields)
+    return data + b"\n"
+
+
+# --- output limits -----------------------------------------------------------------------------
+
+def _clean(text):
+    """Any str -> one that encodes as UTF-8 (lone surrogates become '?')."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _json_len(text):
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
+
+
+def fit_output(text, cap, budget=FRAME_BUDGET):
+    """The tail of ``text`` in at most ``cap`` UTF-8 bytes, cut on a character boundary, and
+    further cut if its JSON escaping would exceed ``budget`` bytes. Returns (text, truncated)."""
+    data = text.encode("utf-8", "replace")
+    truncated = False
+    if len(data) > cap:
+        data = data[len(data) - cap:]
+        i = 0
+        while i < len(data) and i < 4 and (data[i] & 0xC0) == 0x80:
+            i += 1
+        data = data[i:]
+        truncated = True
+    text = data.decode("utf-8", "replace")
+    if _json_len(text) > budget:
+        lo, hi = 0, len(text)   # the smallest start whose tail fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _json_len(text[mid:]) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        text = text[lo:]
+        truncated = True
+    return text, truncated
+
+
+def clip_error(text, limit=ERROR_CHARS):
+    text = _clean(text if isinstance(text, str) else str(text))
+    if len(text) > limit:
+        head = limit // 4
+        text = text[:head] + " [...] " + text[len(text) - (limit - head):]
+    return text
+
+
+def _num(x):
+    return ("%g" % x) if isinstance(x, float) else str(x)
+
+
+# --- frames in ---------------------------------------------------------------------------------
+
+def _json_type(v):
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _shown(v):
+    try:
+        s = json.dumps(v, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def usable_task_id(v):
+    if not isinstance(v, str) or len(v) > MAX_TASK_ID:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_problem(name, v):
+    if not isinstance(v, str):
+        return "%s must be a string, not %s" % (name, _json_type(v))
+    if "\0" in v:
+        return "%s contains a NUL byte" % name
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return "%s is not valid Unicode (it contains a lone surrogate)" % name
+    return None
+
+
+def _finite(v):
+    """A JSON number as a finite float, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+class Job(object):
+    """One accepted task, from run_task to its task_done."""
+
+    def __init__(self, task_id, prompt, args, timeout_s, max_output):
+        self.task_id = task_id
+        self.prompt = prompt
+        self.args = args
+        self.timeout_s = timeout_s
+        self.max_output = max_output
+        self.t0 = 0.0
+        self.phase = "starting"       # starting | running | cleaning
+        self.cancelled = False
+        self.kill_reason = None       # timeout | linger | cancelled, once killed
+        self.exit_code = None
+        self.exited = False
+        self.eof = set()
+        self.prompt_file = None
+        self.oom_before = 0
+        self.out_tail = bytearray()
+        self.err_tail = bytearray()
+        self.err_line = bytearray()
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+
+def parse_run_task(frame):
+    """-> (Job, None) or (None, why the frame is unusable)."""
+    problem = _text_problem("prompt", frame.get("prompt"))
+    if problem:
+        return None, problem
+    args = frame.get("args")
+    if args is None:
+        args = []
+    if not isinstance(args, list):
+        return None, "args must be an array of strings, not %s" % _json_type(args)
+    for i, a in enumerate(args):
+        problem = _text_problem("args[%d]" % i, a)
+        if problem:
+            return None, problem
+    timeout_s = frame.get("timeout_s")
+    if timeout_s is not None:
+        timeout_s = _finite(timeout_s)
+        if timeout_s is None or timeout_s <= 0:
+            return None, ("timeout_s must be a positive number of seconds or null, not %s"
+                          % _shown(frame.get("timeout_s")))
+    cap = frame.get("max_output_bytes")
+    if cap is None:
+        cap = DEFAULT_OUTPUT_BYTES
+    elif isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= MAX_OUTPUT_BYTES:
+        return None, ("max_output_bytes must be an integer from 0 to %d or null, not %s"
+                      % (MAX_OUTPUT_BYTES, _shown(cap)))
+    return Job(frame["task_id"], frame["prompt"], list(args), timeout_s, cap), None
+
+
+_KIND_RUN = re.compile(r'(?<!\\)"kind"\s*:\s*"run_task"')
+_TASK_ID = re.compile(r'(?<!\\)"task_id"\s*:\s*"((?:[^"\\]|\\.){0,%d})"' % (MAX_TASK_ID * 6))
+
+
+def salvage_task_id(raw):
+    """The task_id of a run_task frame that cannot be decoded, if one can be seen in it."""
+    text = (raw[:65536] + b"\n" + raw[-65536:]).decode("utf-8", "replace")
+    if not _KIND_RUN.search(text):
+        return None
+    m = _TASK_ID.search(text)
+    if not m:
+        return None
+    try:
+        tid = json.loads('"%s"' % m.group(1))
+    except ValueError:
+        return None
+    return tid if usable_task_id(tid) else None
+
+
+class LineBuffer(object):
+    """Splits the actor's byte stream into lines. A line longer than ``limit`` bytes is not
+    kept whole: it comes out as its head and tail, marked oversized."""
+
+    def __init__(self, limit=MAX_FRAME_IN):
+        self.limit = limit
+        self.buf = bytearray()
+        self.scan = 0               # no newline in buf before this
+        self.over = False           # inside an oversized line
+        self.head = b""
+        self.tail = b""
+
+    def feed(self, data):
+        """-> [(line without its newline, oversized)]"""
+        buf = self.buf
+        buf += data
+        out = []
+        start = 0
+        while True:
+            i = buf.find(b"\n", max(start, self.scan))
+            if i < 0:
+                break
+            line = bytes(buf[start:i])
+            start = i + 1
+            if self.over:
+                out.append((self.head + (self.tail + line + b"\n")[-FRAME_KEEP:], True))
+                self.over, self.head, self.tail = False, b"", b""
+            elif len(line) > self.limit:
+                out.append((line[:FRAME_KEEP] + (line + b"\n")[-FRAME_KEEP:], True))
+            else:
+                out.append((line, False))
+        del buf[:start]
+        self.scan = len(buf)
+        if self.over:
+            self.tail = (self.tail + bytes(buf))[-FRAME_KEEP:]
+            del buf[:]
+            self.scan = 0
+        elif len(buf) > self.limit:
+            self.over, self.head, self.tail = True, bytes(buf[:FRAME_KEEP]), bytes(buf[-FRAME_KEEP:])
+            del buf[:]
+            self.scan = 0
+        return out
+
+    def close(self):
+        """End of the stream: the last line, if it had no newline."""
+        if self.over:
+            out = [(self.head + self.tail, True)]
+        elif self.buf:
+            out = [(bytes(self.buf), False)]
+        else:
+            out = []
+        self.buf, self.scan, self.over, self.head, self.tail = bytearray(), 0, False, b"", b""
+        return out
+
+
+def describe_spawn_error(exc):
+    """Why an agent process could not start (an OSError from fork/exec), in a task's error."""
+    if isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
+        return ("fork failed (%s): the container's process limit (pids_limit) is exhausted"
+                % exc.strerror)
+    if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
+        return "its command line is too long (%s)" % exc.strerror
+    return str(exc)
+
+
+# --- the state machine -------------------------------------------------------------------------
+
+class WrapperCore(object):
+    """The wrapper as a state machine: ``handle(event) -> [action]``.
+
+    ``env``: the wrapper's environment (CORRAL_WORKER_ID, CORRAL_AGENT, CORRAL_REQUIRED_ENV,
+    CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE); ``clock()``: seconds, for durations and deadlines;
+    ``pid``: for the ready frame; ``note``: appended to the ready log line."""
+
+    def __init__(self, env, clock, pid=0, note=""):
+        self.env = dict(env)
+        self.clock = clock
+        self.pid = pid
+        self.note = note
+        self.state = "new"          # new | checking | probing | serving | closing | exited
+        self.exit_code = None
+        self.worker_id = self.env.get("CORRAL_WORKER_ID", "")
+        self.agent_name = self.env.get("CORRAL_AGENT", "shell")
+        self.agent = None
+        self.workspace = self.env.get("CORRAL_WORKSPACE", "/workspace")
+        self.interval = 1.0
+        self.version = ""
+        self.seq = 0
+        self.job = None
+        self.timers = set()
+        self.lines = LineBuffer()
+        self._out = []
+
+    @property
+    def closing(self):
+        """No more frames are read: shutting down, or exited."""
+        return self.state in ("closing", "exited")
+
+    @property
+    def busy(self):
+        return self.job is not None
+
+    def handle(self, event):
+        out = self._out = []
+        if self.state == "exited":
+            return out
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            raise TypeError("not a wrapper event: %r" % (event,))
+        handler(self, event)
+        self._out = []
+        return out
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _log(self, text):
+        self._out.append(Log(text))
+
+    def _send(self, kind, **fields):
+        fields["kind"] = kind
+        try:
+            data = encode_frame(fields)
+        except Exception as exc:   # never let a frame take the wrapper down
+            self._log("cannot encode a %s frame: %r" % (kind, exc))
+            return
+        self._out.append(Send(kind, data))
+
+    def _exit(self, code):
+        self.state = "exited"
+        self.exit_code = code
+        self._out.append(Exit(code))
+
+    def _fatal(self, reason, code=EX_CONFIG):
+        self._log("fatal: " + reason)
+        self._send("fatal", reason=reason)
+        self._exit(code)
+
+    def _start_timer(self, name, delay):
+        self.timers.add(name)
+        self._out.append(StartTimer(name, max(0.0, delay)))
+
+    def _cancel_timer(self, name):
+        if name in self.timers:
+            self.timers.discard(name)
+            self._out.append(CancelTimer(name))
+
+    def _job(self, event):
+        job = self.job
+        return job if job is not None and job.task_id == event.task_id else None
+
+    # -- startup ---------------------------------------------------------------------------------
+    def _on_boot(self, ev):
+        if self.state != "new":
+            return
+        env = self.env
+        if not self.worker_id:
+            return self._fatal("required environment variable(s) not set: CORRAL_WORKER_ID")
+        try:
+            self.interval = float(env.get("CORRAL_HEARTBEAT_S", "1"))
+            if not (math.isfinite(self.interval) and self.interval > 0):
+                raise ValueError
+        except ValueError:
+            return self._fatal("CORRAL_HEARTBEAT_S must be a positive number of seconds, not %r"
+                               % env.get("CORRAL_HEARTBEAT_S"))
+        missing = [n for n in env.get("CORRAL_REQUIRED_ENV", "").split(",") if n and n not in env]
+        if missing:
+            return self._fatal("required environment variable(s) not set: %s" % ", ".join(missing))
+        self.agent = agent_table.AGENTS.get(self.agent_name)
+        if self.agent is None:
+            return self._fatal("unknown agent %r (known: %s)"
+                               % (self.agent_name, ", ".join(sorted(agent_table.AGENTS))))
+        self.state = "checking"
+        self._out.append(CheckWorkspace(self.workspace))
+
+    def _on_workspace_checked(self, ev):
+        if self.state != "checking":
+            return
+        if ev.error is not None:
+            return self._fatal("workspace %s is not writable: %s" % (self.workspace, ev.error))
+        self.state = "probing"
+        self._out.append(RunProbe(list(self.agent.probe), self.workspace, PROBE_TIMEOUT_S))
+
+    def _on_probe_failed(self, ev):
+        if self.state != "probing":
+            return
+        probe = self.agent.probe
+        if ev.why == "not_found":
+            return self._fatal("agent CLI %r not found on PATH" % probe[0])
+        if ev.why == "timeout":
+            return self._fatal("agent CLI version probe %r timed out after %s s"
+                               % (" ".join(probe), _num(PROBE_TIMEOUT_S)))
+        return self._fatal("agent CLI version probe %r cannot run: %s" % (" ".join(probe), ev.detail))
+
+    def _on_probe_done(self, ev):
+        if self.state != "probing":
+            return
+        out = ev.stdout.decode("utf-8", "replace").strip()
+        if ev.exit_code != 0:
+            err = (ev.stderr.decode("utf-8", "replace").strip() or out)[-500:]
+            return self._fatal("agent CLI version probe %r failed with exit %d: %s"
+                               % (" ".join(self.agent.probe), ev.exit_code, err))
+        self.version = out.splitlines()[0] if out else ""
+        self.state = "serving"
+        self._send("ready", worker_id=self.worker_id, agent=self.agent_name,
+                   agent_version=self.version, wrapper_version=WRAPPER_VERSION, pid=self.pid)
+        self._log("ready: worker %s agent %s (%s)%s" % (self.worker_id, self.agent_name, self.version,
+                                                          self.note))
+        self._start_timer("heartbeat", self.interval)
+
+    def _on_wrapper_failed(self, ev):
+        self._fatal(ev.reason, EX_SOFTWARE)
+
+    # -- frames in -------------------------------------------------------------------------------
+    def _on_stdin_data(self, ev):
+        if self.state != "serving":
+            return
+        for line, oversized in self.lines.feed(ev.data):
+            if self.state != "serving":
+                break
+            self._line(line, oversized)
+
+    def _on_stdin_closed(self, ev):
+        if self.state != "serving":
+            return
+        for line, oversized in self.lines.close():
+            self._line(line, oversized)
+        if self.state != "serving":
+            return
+        self._log("stdin closed: shutting down")
+        self._shutdown(0.0)
+
+    def _line(self, raw, oversized):
+        if oversized:
+            return self._reject_undecodable(raw, "a frame longer than %d bytes" % MAX_FRAME_IN)
+        raw = raw.strip()
+        if not raw:
+            return
+        try:
+            self._frame(raw)
+        except Exception as exc:   # never: but a bad frame must not end the wrapper
+            self._log("error handling a frame: %r" % (exc,))
+
+    def _reject_undecodable(self, raw, why):
+        self._log("ignoring %s: %r" % (why, raw[:200]))
+        tid = salvage_task_id(raw)
+        if tid is not None:
+            self._send("task_done", task_id=tid, status="error", exit_code=None, output="",
+                       error="invalid run_task: %s" % why, duration_s=0.0, truncated=False)
+
+    def _frame(self, raw):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._reject_undecodable(raw, "a frame that is not valid UTF-8 (%s)" % exc.reason)
+        try:
+            frame = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            return self._reject_undecodable(
+                raw, "a frame that is not JSON (%s)" % (str(exc)[:100] or type(exc).__name__))
+        if not isinstance(frame, dict):
+            return self._log("ignoring a frame that is %s, not an object: %s"
+                             % (_json_type(frame), _shown(frame)))
+        kind = frame.get("kind")
+        if kind == "run_task":
+            self._submit(frame)
+        elif kind == "cancel_task":
+            self._cancel(frame.get("task_id"))
+        elif kind == "shutdown":
+            grace = _finite(frame.get("grace_s", DEFAULT_GRACE_S))
+            if grace is None or grace < 0:
+                self._log("shutdown with a bad grace_s %s: using %s s"
+                          % (_shown(frame.get("grace_s")), _num(DEFAULT_GRACE_S)))
+                grace = DEFAULT_GRACE_S
+            self._log("shutdown requested")
+            self._shutdown(grace)
+        else:
+            self._log("ignoring unknown frame kind %s" % _shown(kind))
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def _submit(self, frame):
+        task_id = frame.get("task_id")
+        if not usable_task_id(task_id):
+            return self._log("ignoring run_task without a usable task_id: %s" % _shown(task_id))
+        job, problem = parse_run_task(frame)
+        if job is None:
+            self._log("rejecting task %s: %s" % (task_id, problem))
+            return self._send("task_done", task_id=task_id, status="error", exit_code=None, output="",
+                              error="invalid run_task: " + problem, duration_s=0.0, truncated=False)
+        if self.job is not None:
+            return self._send("task_done", task_id=task_id, status="error", exit_code=None, output="",
+                              error="worker is busy with task %s" % self.job.task_id, duration_s=0.0,
+                              truncated=False)
+        job.t0 = self.clock()
+        self.job = job
+        prompt = job.prompt
+        if len(prompt.encode("utf-8")) <= PROMPT_ARGV_MAX and not prompt.startswith("-"):
+            self._start_agent(job, self.agent.command(prompt, job.args, None), None)
+        elif self.agent.indirect == "stdin":
+            self._start_agent(job, self.agent.command(prompt, job.args, "-"), prompt.encode("utf-8"))
+        else:
+            self._out.append(WritePromptFile(job.task_id, prompt.encode("utf-8"), self.agent.prompt_suffix))
+
+    def _start_agent(self, job, argv, stdin):
+        self._out.append(StartAgent(job.task_id, argv, self.workspace, stdin))
+
+    def _on_prompt_file_written(self, ev):
+        job = self._job(ev)
+        if job is None or job.phase != "starting":
+            return self._out.append(RemoveFile(ev.path))
+        job.prompt_file = ev.path
+        if job.cancelled:
+            return self._answer(job, "cancelled", None, "", "cancelled")
+        self._start_agent(job, self.agent.command(job.prompt, job.args, ev.path), None)
+
+    def _on_agent_not_started(self, ev):
+        job = self._job(ev)
+        if job is None or job.phase != "starting":
+            return
+        if ev.stage == "prompt_file":
+            why = "cannot write the prompt to a temporary file: %s" % ev.detail
+        else:
+            why = "cannot start the agent: %s" % ev.detail
+        self._answer(job, "error", None, "", why)
+
+    def _on_agent_started(self, ev):
+        job = self._job(ev)
+        if job is None or job.phase != "starting":
+            return
+        job.phase = "running"
+        job.oom_before = ev.oom_kills
+        self._send("task_started", task_id=job.task_id)
+        if job.cancelled:
+            return self._kill(job, "cancelled")
+        if job.timeout_s is not None:
+            self._start_timer("timeout", job.t0 + job.timeout_s - self.clock())
+
+    def _on_agent_output(self, ev):
+        job = self._job(ev)
+        if job is None or job.phase != "running":
+            return
+        if not ev.data:
+            job.eof.add(ev.stream)
+            return self._check_io_end(job)
+        if ev.stream == "stdout":
+            buf = job.out_tail
+            buf += ev.data
+            if len(buf) > 2 * STDOUT_TAIL:
+                del buf[:len(buf) - STDOUT_TAIL]
+            for i in range(0, len(ev.data), OUTPUT_CHUNK):
+                text = job.decoder.decode(ev.data[i:i + OUTPUT_CHUNK])
+                if text:
+                    self._send("task_output", task_id=job.task_id, data=text)
+        else:
+            # the agent's stderr goes to the container's log as it comes (so it survives a crash),
+            # and its tail is kept for the task's error text
+            buf = job.err_tail
+            buf += ev.data
+            if len(buf) > 2 * STDERR_TAIL:
+                del buf[:len(buf) - STDERR_TAIL]
+            line = job.err_line
+            line += ev.data
+            start = 0
+            while True:
+                i = line.find(b"\n", start)
+                if i < 0:
+                    break
+                self._out.append(AgentLog(bytes(line[start:i + 1])))
+                start = i + 1
+            del line[:start]
+            if len(line) > STDERR_LINE:
+                self._flush_stderr_line(job)
+
+    def _flush_stderr_line(self, job):
+        if job.err_line:
+            self._out.append(AgentLog(bytes(job.err_line) + b"\n"))
+            del job.err_line[:]
+
+    def _on_agent_exited(self, ev):
+        job = self._job(ev)
+        if job is None or job.phase not in ("running", "cleaning"):
+            return
+        job.exit_code = ev.exit_code
+        job.exited = True
+        if job.phase != "running":
+            return
+        if job.kill_reason is None and len(job.eof) < 2:
+            # the agent is gone, but its children hold its output: read it a little longer
+            self._start_timer("linger", LINGER_S)
+        self._check_io_end(job)
+
+    def _on_timer_fired(self, ev):
+        if ev.name not in self.timers:
+            return
+        self.timers.discard(ev.name)
+        job = self.job
+        running = job is not None and job.phase == "running"
+        if ev.name == "heartbeat":
+            self.seq += 1
+            self._send("heartbeat", seq=self.seq)
+            self._start_timer("heartbeat", self.interval)
+        elif ev.name == "timeout" and running:
+            self._kill(job, "timeout")
+        elif ev.name == "linger" and running:
+            self._kill(job, "linger")
+        elif ev.name == "drain" and running:
+            self._io_end(job)
+        elif ev.name == "grace":
+            if job is not None:
+                self._cancel_job(job)
+            self._start_timer("stop", STOP_S)
+        elif ev.name == "stop":
+            self._exit(0)
+
+    def _cancel(self, task_id):
+        job = self.job
+        if job is not None and job.task_id == task_id:
+            return self._cancel_job(job)
+        if not usable_task_id(task_id):
+            return self._log("ignoring cancel_task without a usable task_id: %s" % _shown(task_id))
+        self._log("ignoring cancel_task for task %s: it is not running" % _shown(task_id))
+
+    def _cancel_job(self, job):
+        job.cancelled = True
+        if job.phase == "running":
+            self._kill(job, "cancelled")
+
+    def _kill(self, job, reason):
+        if job.kill_reason is not None:
+            return
+        job.kill_reason = reason
+        self._cancel_timer("timeout")
+        self._cancel_timer("linger")
+        self._out.append(KillAgent(job.task_id))
+        self._start_timer("drain", CLEANUP_S)
+        self._check_io_end(job)
+
+    def _check_io_end(self, job):
+        if job.phase == "running" and len(job.eof) == 2 and (job.exited or job.kill_reason is not None):
+            self._io_end(job)
+
+    def _io_end(self, job):
+        job.phase = "cleaning"
+        for name in ("timeout", "linger", "drain"):
+            self._cancel_timer(name)
+        tail = job.decoder.decode(b"", final=True)
+        if tail:
+            self._send("task_output", task_id=job.task_id, data=tail)
+        self._flush_stderr_line(job)
+        self._out.append(Cleanup(job.task_id))
+
+    def _on_cleanup_done(self, ev):
+        job = self._job(ev)
+        if job is None or job.phase != "cleaning":
+            return
+        code = job.exit_code
+        stdout = bytes(job.out_tail).decode("utf-8", "replace")
+        stderr = bytes(job.err_tail).decode("utf-8", "replace")
+        job.out_tail = job.err_tail = None
+        if job.cancelled:
+            status, output, error = "cancelled", stdout, "cancelled"
+        elif job.kill_reason == "timeout":
+            status, output, error = "timeout", stdout, "timed out after %ss" % _num(job.timeout_s)
+        elif code == -SIGKILL and ev.oom_kills > job.oom_before:
+            # The kernel killed the agent for memory: this container is out of memory. Say so and
+            # end, so that the actor records oom_killed and starts a fresh container.
+            self._log("agent was killed by the kernel OOM killer")
+            self._remove_prompt_file(job)
+            return self._fatal(OOM_REASON, EX_OOM)
+        else:
+            status, output, error = self.agent.parse(code, stdout, stderr)
+        self._answer(job, status, code, output, error, exit_after=not ev.remaining)
+        if ev.remaining:
+            remaining = sorted(ev.remaining)
+            self._fatal("cannot clean up after task %s: %d processes remain (pids %s)"
+                        % (job.task_id, len(remaining), " ".join(str(p) for p in remaining[:20])),
+                        EX_SOFTWARE)
+
+    def _on_task_crashed(self, ev):
+        job = self._job(ev)
+        if job is None:
+            return
+        self._answer(job, "error", None, "", "wrapper error while running the task: %s" % ev.error)
+
+    def _remove_prompt_file(self, job):
+        if job.prompt_file is not None:
+            self._out.append(RemoveFile(job.prompt_file))
+            job.prompt_file = None
+
+    def _answer(self, job, status, code, output, error, exit_after=True):
+        """task_done, and the worker is idle from that moment (the actor may send the next task
+        at once). Its prompt file is gone before."""
+        self._remove_prompt_file(job)
+        for name in ("timeout", "linger", "drain"):
+            self._cancel_timer(name)
+        output, truncated = fit_output(_clean(output), job.max_output)
+        self._send("task_done", task_id=job.task_id, status=status, exit_code=code, output=output,
+                   error=clip_error(error), duration_s=round(self.clock() - job.t0, 6),
+                   truncated=truncated)
+        self.job = None
+        if self.state == "closing" and exit_after:
+            self._exit(0)
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def _shutdown(self, grace):
+        """Wait for the running task up to ``grace`` s, then cancel it and wait for its answer
+        up to STOP_S; then exit 0."""
+        self.state = "closing"
+        if self.job is None:
+            return self._exit(0)
+        if grace > 0:
+            return self._start_timer("grace", grace)
+        self._cancel_job(self.job)
+        if self.state == "closing":
+            self._start_timer("stop", STOP_S)
+
+    _handlers = {
+        Boot: _on_boot, WorkspaceChecked: _on_workspace_checked, ProbeDone: _on_probe_done,
+        ProbeFailed: _on_probe_failed, WrapperFailed: _on_wrapper_failed,
+        StdinData: _on_stdin_data, StdinClosed: _on_stdin_closed,
+        PromptFileWritten: _on_prompt_file_written, AgentNotStarted: _on_agent_not_started,
+        AgentStarted: _on_agent_started, AgentOutput: _on_agent_output,
+        AgentExited: _on_agent_exited, TimerFired: _on_timer_fired, CleanupDone: _on_cleanup_done,
+        TaskCrashed: _on_task_crashed,
+    }
