@@ -58,6 +58,7 @@ class _Life:
     att: Attachment | None = None
     started: bool = False
     kill_sent: bool = False
+    shutdown_sent: bool = False
     nursery: trio.Nursery | None = None
     """runs the tasks that live as long as this container (the reader, task deadlines)"""
 
@@ -224,6 +225,7 @@ class ContainerLife:
     async def _graceful_end(self, life: _Life) -> None:
         grace = self._stop.grace_s if (self._stop and self._stop.grace_s is not None) else self.spec.stop_grace_s
         if life.att is not None and life.end_kind != "died":
+            life.shutdown_sent = True
             with trio.move_on_after(1.0):
                 await self._send(life, Shutdown(grace_s=grace))
         with trio.move_on_after(grace + 1.0) as cs:

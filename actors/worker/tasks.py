@@ -30,6 +30,8 @@ class _Pending:
     reply: Any
     attempts: int = 0
     started_at: float = 0.0
+    cancel_requested: bool = False
+    """its caller gave up on it (a "cancelled" answer is then its result)"""
     charged_deaths: int = 0
     """deaths of a container while it ran this task, of a cause the task may have brought about"""
     released: trio.Event | None = None
@@ -113,6 +115,7 @@ class TaskBook:
                                                 attempts=p.attempts, worker_id=self.id))
                 return
         if self._current and self._current.task.task_id == task_id and self._life:
+            self._current.cancel_requested = True
             await self._send(self._life, CancelTask(task_id=task_id))
 
     async def _task_done(self, frame: TaskDone) -> None:
@@ -125,6 +128,13 @@ class TaskBook:
             if self.state == "busy":
                 self._set_state("ready")
             await self._dispatch()
+            return
+        p = self._current
+        if p is not None and p.task.task_id == frame.task_id and frame.status == "cancelled" \
+                and not p.cancel_requested and self._life is not None and self._life.shutdown_sent:
+            # cut off by the shutdown corral itself asked for (a restart or a stop): not the
+            # task's result; the end of this container decides (redelivery, or "cancelled")
+            log.debug("task_cut_off_by_shutdown", task_id=frame.task_id)
             return
         p = self._current
         if p is None or p.task.task_id != frame.task_id:

@@ -7,9 +7,11 @@ milliseconds and every time is exact. It passes the same contract suite as the D
 
 Controls: kill(), stop(), restart(), crash(), hang(), wedge(), remove(), fail_next_starts(),
 fail_next_creates(), set_start_delay(), add_image(), remove_image(), go_down()/come_up(),
-shut_down(), freeze()/thaw(), oom(). The fake wrapper honours the stub agents' prompt directives
-(!exit N, !sleep S, !crash-wrapper, !oom) and CORRAL_STUB_FAIL_PROBE=1, plus ``!hang`` (stops
-heartbeating and answering).
+shut_down(), freeze()/thaw(), oom(). Each container runs the wrapper's REAL sans-IO core
+(runtime/wrapper/core.py) through a trio driver (fake_wrapper.py), with the one stub agent
+(runtime/wrapper/agents.py) standing in for every agent CLI: the same directives (!exit N,
+!sleep S, !crash-wrapper, !oom) and CORRAL_STUB_FAIL_PROBE=1 as in real containers. hang() and
+wedge() are engine-level faults (a wrapper that stops answering, or whose task never ends).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import os
 import signal as _signal
 import tarfile
@@ -38,12 +39,9 @@ from ..errors import (
     ImageNotFound,
     NameConflict,
 )
-from ..protocol import CancelTask, RunTask, Shutdown, decode_actor_frame
 from ..util import unwrap_single
 from .base import (
     EVENT_KINDS,
-    STDERR,
-    STDOUT,
     ContainerEvent,
     ContainerSpec,
     ContainerState,
@@ -56,17 +54,13 @@ from .base import (
     label_filters,
     labels_match,
 )
+from .fake_wrapper import FakeControls, run_fake_wrapper
 
 BASE = "corral/worker-base:latest"
 EVENTS_KEPT = 256
 """how many past events an engine keeps for ``since`` (dockerd keeps 256)"""
 LOG_KEPT = 64 * 1024
 """bytes of each container's output kept for container_logs"""
-
-
-def _frame(kind: str, **fields: Any) -> bytes:
-    fields["kind"] = kind
-    return json.dumps(fields).encode() + b"\n"
 
 
 def _signum(sig: str | int) -> int:
@@ -129,12 +123,8 @@ class FakeContainer:
     stdin: trio.MemorySendChannel | None = None
     _stdin_recv: trio.MemoryReceiveChannel | None = None
     log: bytearray = field(default_factory=bytearray)
-    hung: bool = False
-    wedged: bool = False
-    """the wrapper keeps heartbeating but takes no task, and its running task never ends"""
+    controls: FakeControls = field(default_factory=FakeControls)
     scope: trio.CancelScope | None = None
-    idle: trio.Event = field(default_factory=trio.Event)
-    """set when the fake wrapper has no task running"""
 
     def __post_init__(self) -> None:
         self.out_send = _Output(self)
@@ -384,12 +374,12 @@ class FakeEngine:
             self._exit(c, 137)
 
     def hang(self, cid: str) -> None:
-        self._get(cid).hung = True
+        self._get(cid).controls.hang()
 
     def wedge(self, cid: str) -> None:
         """The wrapper goes on heartbeating but its tasks never end, timeout or cancel
         notwithstanding (an agent it cannot kill, a fork bomb holding every pid)."""
-        self._get(cid).wedged = True
+        self._get(cid).controls.wedge()
 
     def remove(self, cid: str) -> None:
         """Removed out of band (`docker rm -f`)."""
@@ -480,7 +470,7 @@ class FakeEngine:
         if not self.images[base].worker_user:
             raise ImageBuildError(f"building {tag} failed: The command returned a non-zero code: 1",
                                   step="RUN id -u worker ...",
-                                  output_tail=f"corral: the base image has no user 'worker'")
+                                  output_tail="corral: the base image has no user 'worker'")
         if self.build_delay:
             await trio.sleep(self.build_delay)
         return self.add_image(tag, labels=labels)
@@ -666,118 +656,23 @@ class FakeEngine:
 
     # -- the fake worker-wrapper --------------------------------------------------------------------
     async def _wrapper(self, c: FakeContainer) -> None:
-        out = c.out_send
-        env = c.env
-
-        def say(data: bytes, stream: int = STDOUT) -> None:
+        def write(stream: int, data: bytes) -> None:
+            out = c.out_send
             if out is not None and c.status == "running":
                 try:
                     out.send_nowait((stream, data))
                 except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                     pass
 
+        def on_oom() -> None:                 # the kernel OOM-killed the agent: Docker says so
+            c.oom = True
+            self._emit(c, "oom")
+
+        c.controls.ready_delay, c.controls.on_oom = self.ready_delay, on_oom   # (keeps an early hang())
         with trio.CancelScope() as scope:
             c.scope = scope
-            if env.get("CORRAL_STUB_FAIL_PROBE") == "1" or any(
-                    n and n not in env for n in env.get("CORRAL_REQUIRED_ENV", "").split(",")):
-                reason = ("agent CLI version probe failed (CORRAL_STUB_FAIL_PROBE=1)"
-                          if env.get("CORRAL_STUB_FAIL_PROBE") == "1" else "required environment variable(s) not set")
-                say(f"[wrapper] fatal: {reason}\n".encode(), STDERR)
-                say(_frame("fatal", reason=reason))
-                await trio.lowlevel.checkpoint()
-                self._exit(c, 78)
-                return
-            if self.ready_delay:
-                await trio.sleep(self.ready_delay)
-            say(_frame("ready", worker_id=env.get("CORRAL_WORKER_ID", ""), agent=env.get("CORRAL_AGENT", ""),
-                       agent_version="fake", wrapper_version="fake", pid=1))
-            async with trio.open_nursery() as n:   # holds the tasks the wrapper runs
-                code = await self._serve(c, say, n, float(env.get("CORRAL_HEARTBEAT_S", "1")))
-                n.cancel_scope.cancel()
+            code = await run_fake_wrapper(env=c.env, stdin=c._stdin_recv, write=write, controls=c.controls)
             self._exit(c, code)
-
-    async def _serve(self, c: FakeContainer, say, nursery: trio.Nursery, interval: float) -> int:
-        recv = c._stdin_recv  # type: ignore[attr-defined]
-        running: dict[str, trio.CancelScope] = {}
-        buf = b""
-        seq = 0
-        next_beat = trio.current_time() + interval
-        while True:
-            with trio.move_on_at(next_beat):
-                try:
-                    data = await recv.receive()
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    return 0
-                buf += data
-            if trio.current_time() >= next_beat:
-                next_beat = trio.current_time() + interval   # like the wrapper's sleep loop
-                if not c.hung:
-                    seq += 1
-                    say(_frame("heartbeat", seq=seq))
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                if not line.strip() or c.hung or c.wedged:
-                    continue
-                frame = decode_actor_frame(line)
-                if isinstance(frame, RunTask):
-                    if running:
-                        say(_frame("task_done", task_id=frame.task_id, status="error", exit_code=None,
-                                   output="", error="worker is busy", duration_s=0.0))
-                        continue
-                    nursery.start_soon(self._task, c, say, frame, running)
-                elif isinstance(frame, CancelTask):
-                    if frame.task_id in running:
-                        running[frame.task_id].cancel()
-                elif isinstance(frame, Shutdown):
-                    with trio.move_on_after(frame.grace_s):
-                        if running:
-                            await c.idle.wait()
-                    return 0
-
-    async def _task(self, c: FakeContainer, say, frame: RunTask, running: dict) -> None:
-        t0 = trio.current_time()
-        say(_frame("task_started", task_id=frame.task_id))
-        agent = c.env.get("CORRAL_AGENT", "shell")
-        words = frame.prompt.split()
-        head = words[0] if words else ""
-        status, code, output, error = "ok", 0, f"stub-{agent}: {frame.prompt}", ""
-        with trio.CancelScope() as scope:
-            running[frame.task_id] = scope
-            c.idle = trio.Event()
-            try:
-                with trio.move_on_after(frame.timeout_s or float("inf")) as timeout:
-                    if head == "!sleep":
-                        await trio.sleep(float(words[1]) if len(words) > 1 else 1.0)
-                        output = f"stub-{agent}: {' '.join(words[2:]) or 'slept'}"
-                    elif head == "!exit":
-                        code = int(words[1]) if len(words) > 1 else 1
-                        status, output = "error", f"stub-{agent}: exiting with {code}"
-                        error = output
-                    elif head == "!crash-wrapper":
-                        self._exit(c, 137)
-                        return
-                    elif head == "!oom":
-                        say(_frame("fatal", reason="oom_killed: the agent was killed by the kernel OOM killer (memory limit)"))
-                        await trio.lowlevel.checkpoint()
-                        self.oom(c.id)
-                        return
-                    elif head == "!hang":
-                        c.hung = True
-                        await trio.sleep_forever()
-                    else:
-                        await trio.lowlevel.checkpoint()
-                if timeout.cancelled_caught:
-                    status, code, error = "timeout", -9, f"timed out after {frame.timeout_s}s"
-            finally:
-                running.pop(frame.task_id, None)
-                if not running:
-                    c.idle.set()
-        if scope.cancelled_caught and c.status == "running":
-            status, code, error = "cancelled", -9, "cancelled"
-        if c.status == "running":
-            say(_frame("task_done", task_id=frame.task_id, status=status, exit_code=code, output=output,
-                       error=error, duration_s=trio.current_time() - t0))
-
 
 
 @asynccontextmanager
