@@ -35,6 +35,7 @@ Usage (one call per container start; the container's exit code is what it return
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -49,7 +50,17 @@ STDOUT, STDERR = 1, 2
 EX_KILLED = 137
 """the wrapper SIGKILLed (by !crash-wrapper): docker-init exits 128 + 9"""
 
-__all__ = ["FakeControls", "run_fake_wrapper"]
+__all__ = ["FakeControls", "FakeHttpResponse", "run_fake_wrapper"]
+
+
+@dataclass
+class FakeHttpResponse:
+    """What an HTTP client of the fake wrapper's endpoint got."""
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    error: str = ""
+    """not empty: the response was cut short (the connection aborted)"""
 
 
 @dataclass
@@ -74,6 +85,8 @@ class FakeControls:
     oom_kills: int = 0
     crashed: int | None = None
     _on_crash: Callable[[int], None] | None = field(default=None, repr=False)
+    _wrapper: "_FakeWrapper | None" = field(default=None, repr=False)
+
 
     def hang(self) -> None:
         self.hung = True
@@ -85,6 +98,15 @@ class FakeControls:
         self.crashed = exit_code
         if self._on_crash is not None:
             self._on_crash(exit_code)
+
+    async def http(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
+                   body: bytes = b"") -> "FakeHttpResponse":
+        """An HTTP request to the wrapper's model gateway endpoint (CORRAL_GATEWAY=1), as the
+        agent in the container would make it: through the wrapper's real core, as frames to the
+        actor, and back. Raises RuntimeError when the wrapper is not running."""
+        if self._wrapper is None:
+            raise RuntimeError("the fake wrapper is not running")
+        return await self._wrapper.http(method, target, list(headers or []), body)
 
 
 async def run_fake_wrapper(*, env: Mapping[str, str], stdin: trio.MemoryReceiveChannel[bytes],
@@ -115,9 +137,12 @@ class _FakeWrapper:
         self.agent: _Agent | None = None
         self.reading = False
         self._ids = itertools.count(2)
+        self._req_ids = itertools.count(1)
+        self.clients: dict[int, trio.MemorySendChannel[object]] = {}
 
     async def run(self) -> int:
         self.controls._on_crash = self._end
+        self.controls._wrapper = self
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -129,6 +154,9 @@ class _FakeWrapper:
                     await trio.sleep_forever()     # until _end() cancels the nursery
         finally:
             self.controls._on_crash = None
+            self.controls._wrapper = None
+            for send in self.clients.values():
+                send.close()
         assert self.exit_code is not None
         return self.exit_code
 
@@ -190,11 +218,57 @@ class _FakeWrapper:
         elif isinstance(a, core.Cleanup):
             if not self.controls.wedged:    # a wedged task's processes never go away
                 return core.CleanupDone(a.task_id, (), self.controls.oom_kills)
+        elif isinstance(a, core.StartGateway):
+            return core.GatewayStarted(a.port or 8787)
+        elif isinstance(a, core.PrepareAgent):
+            home = a.home or "/home/worker"
+            for rel, data in a.files:
+                self.files[f"{home.rstrip('/')}/{rel}"] = data
+            return core.AgentPrepared(home, ())
+        elif isinstance(a, (core.HttpRespond, core.HttpBody, core.HttpFinish)):
+            self._to_client(a)
         elif isinstance(a, core.Exit):
             self._end(a.code)
         else:
             raise TypeError(f"not a wrapper action: {a!r}")
         return None
+
+    # -- the model gateway's endpoint, in process ---------------------------------------------
+    def _to_client(self, a: object) -> None:
+        send = self.clients.get(a.req_id)  # type: ignore[attr-defined]
+        if send is not None:
+            send.send_nowait(a)
+
+    async def http(self, method: str, target: str, headers: list[tuple[str, str]],
+                   body: bytes) -> FakeHttpResponse:
+        if self.exit_code is not None or self.controls.hung:
+            raise RuntimeError("the fake wrapper is not serving")
+        rid = next(self._req_ids)
+        send, receive = trio.open_memory_channel[object](math.inf)
+        self.clients[rid] = send
+        status, rheaders, data, error = 0, [], bytearray(), ""
+        try:
+            self.feed(core.HttpRequestStarted(rid, method, target, tuple(headers), "HTTP/1.1"))
+            for i in range(0, len(body), 65536):
+                self.feed(core.HttpRequestBody(rid, body[i:i + 65536]))
+            self.feed(core.HttpRequestEnd(rid))
+            async with receive:
+                async for a in receive:
+                    if isinstance(a, core.HttpRespond):
+                        status, rheaders = a.status, list(a.headers)
+                    elif isinstance(a, core.HttpBody):
+                        data += a.data
+                    elif isinstance(a, core.HttpFinish):
+                        error = a.error
+                        break
+                else:
+                    error = "the wrapper exited"
+        except BaseException:
+            self.feed(core.HttpClientGone(rid, "the client went away"))
+            raise
+        finally:
+            self.clients.pop(rid, None)
+        return FakeHttpResponse(status, rheaders, bytes(data), error)
 
     # -- timers -------------------------------------------------------------------------------
     def _cancel_timer(self, name: str) -> None:

@@ -29,6 +29,36 @@ TaskCrashed(task_id, error)          RemoveFile(path): the task's prompt file
 WrapperFailed(reason)                StartTimer(name, delay) / CancelTimer(name) -> TimerFired
                                      Exit(code): end the wrapper process with this code
 
+With the model gateway on (CORRAL_GATEWAY=1), startup also serves the endpoint and prepares the
+agent, and the core carries the agent's HTTP exchanges as frames:
+
+GatewayStarted(port, error)          StartGateway(port): serve HTTP on 127.0.0.1:port (0: any free
+AgentPrepared(home, path_dirs,           port) -> GatewayStarted(the port bound, or error)
+              error)                 PrepareAgent(cli, home, path, path_hints, files): a writable
+HttpRequestStarted(req_id, method,       home (HOME, else a private temporary one), the files
+    target, headers, version)            under it, the PATH additions -> AgentPrepared
+HttpRequestBody(req_id, data)        HttpRespond(req_id, status, headers, framing): start the
+HttpRequestEnd(req_id)                   response ("chunked"; "close": the body ends with the
+HttpClientGone(req_id, error)            connection; "length": its Content-Length is among the
+                                         headers; "none": no body)
+                                     HttpBody(req_id, data) / HttpFinish(req_id, error): end it
+                                         ("": cleanly; else abort the client's connection)
+
+The driver numbers each HTTP request (``req_id``, unique within the wrapper's life), tells the core
+its head, body and end (or that the client went away), and writes what HttpRespond/HttpBody/
+HttpFinish say to that client. The core turns them into ``http_request``/``http_chunk``/``http_end``
+frames (chunks of at most 256 KiB raw, base64; every frame < 1 MiB), routes the actor's
+``http_response``/``http_chunk``/``http_end`` back by req_id, answers by itself what it must
+refuse (no task running, limits of the frames, the supervisor gone: a JSON error like the
+gateway's), and ends every exchange still in flight with an error on both sides when its task
+ends; when the actor goes away (stdin's end), its clients' connections are aborted.
+
+task_done carries ``failure`` (``""``, ``permission_denied`` or ``agent_error`` from the agent's
+own result; the reason of a ``cancel_task`` that names one of the failures, e.g. ``stalled``:
+the agent is killed and the task answered "error") and ``usage`` (tokens and cost from the
+agent's own result, or null). A CLI that lingers after printing its final result (droid) is
+stopped RESULT_LINGER_S after it, and the task answered from that result.
+
 The core owns: the startup decisions (required environment, unknown agent, workspace, version
 probe: ``fatal`` and exit 78), frame validation (a bad frame is logged and ignored, or answered
 with an error when it names a task), busy/idle (one task at a time), command lines (a prompt of
@@ -48,13 +78,14 @@ for a timer that is not running is ignored.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import errno
 import json
 import math
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 try:                    # imported as runtime.wrapper.core
     from . import agents as agent_table
@@ -81,11 +112,25 @@ MAX_FRAME_IN = 16 << 20             # longest line accepted from the actor
 FRAME_KEEP = 64 << 10               # of a longer one, its head and tail are looked at
 PROMPT_ARGV_MAX = 64 * 1024         # longer prompts go on stdin or in a file
 LINGER_S = 0.5                      # output still read after the agent exits, then its children die
+RESULT_LINGER_S = 0.5               # after its final result the agent may exit by itself this long
 CLEANUP_S = 2.0                     # after a kill, its output is waited for this long
 STOP_S = 5.0                        # after the shutdown grace, the cancelled task this long
 DEFAULT_GRACE_S = 5.0
 PROBE_TIMEOUT_S = 20.0
 OOM_REASON = "oom_killed: the agent was killed by the kernel OOM killer (memory limit)"
+
+# the model gateway's endpoint (frames: runtime/gateway_frames.py)
+GATEWAY_CHUNK = 256 * 1024          # raw body bytes per http_chunk frame
+MAX_EXCHANGES = 64                  # HTTP requests in flight at once; more are answered 503
+MAX_REQUEST_BODY = 32 << 20         # a larger request body is answered 413 (as the gateway does)
+MAX_HEADERS = 128
+MAX_HEADER_NAME = 256
+MAX_HEADER_VALUE = 16 * 1024
+MAX_TARGET = 16 * 1024
+MAX_HEAD_CHARS = 128 * 1024         # target and headers together: the http_request frame < 1 MiB
+MAX_HTTP_ERROR = 1024
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+                        "trailer", "upgrade", "content-length"))
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -181,6 +226,53 @@ class TaskCrashed:
 
 
 @dataclass(frozen=True)
+class GatewayStarted:
+    port: int = 0
+    """the port bound on 127.0.0.1"""
+    error: Optional[str] = None
+    """None: serving; else why the endpoint cannot be served"""
+
+
+@dataclass(frozen=True)
+class AgentPrepared:
+    home: str = ""
+    """a writable home directory for the agent (its files are in it)"""
+    path_dirs: Tuple[str, ...] = ()
+    """directories to put before PATH (those of PrepareAgent.path_hints that exist)"""
+    error: Optional[str] = None
+    """None: done; else why not (no writable home, a file that cannot be written)"""
+
+
+@dataclass(frozen=True)
+class HttpRequestStarted:
+    req_id: int
+    method: str
+    target: str
+    headers: Tuple[Tuple[str, str], ...] = ()
+    """as the client sent them (latin-1 strings), in order, repeats kept"""
+    version: str = "HTTP/1.1"
+
+
+@dataclass(frozen=True)
+class HttpRequestBody:
+    req_id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class HttpRequestEnd:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class HttpClientGone:
+    """The client's connection broke (reading its request, or writing the response), or it sent a
+    body the driver cannot read: the exchange is over for the client."""
+    req_id: int
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class WrapperFailed:
     """The driver cannot go on (e.g. cannot start its threads): fatal, exit 70."""
     reason: str
@@ -216,6 +308,8 @@ class RunProbe:
     argv: List[str]
     cwd: str
     timeout_s: float = PROBE_TIMEOUT_S
+    env: Optional[Dict[str, str]] = None
+    """None: the wrapper's environment; else exactly this one"""
 
 
 @dataclass(frozen=True)
@@ -233,6 +327,8 @@ class StartAgent:
     cwd: str
     stdin: Optional[bytes] = None
     """None: the agent's stdin is /dev/null; else these bytes, then end of file"""
+    env: Optional[Dict[str, str]] = None
+    """None: the wrapper's environment; else exactly this one"""
 
 
 @dataclass(frozen=True)
@@ -264,6 +360,48 @@ class CancelTimer:
 @dataclass(frozen=True)
 class Exit:
     code: int
+
+
+@dataclass(frozen=True)
+class StartGateway:
+    port: int
+    """0: any free port"""
+
+
+@dataclass(frozen=True)
+class PrepareAgent:
+    cli: str
+    """the agent's CLI, resolved on ``path`` for its path_hints"""
+    home: str
+    """the HOME the agent should have (used if writable; else a private temporary directory)"""
+    path: str
+    path_hints: Tuple[str, ...] = ()
+    files: Tuple[Tuple[str, bytes], ...] = ()
+    """(path relative to the home, content): written private (0600), directories made"""
+
+
+@dataclass(frozen=True)
+class HttpRespond:
+    req_id: int
+    status: int
+    headers: Tuple[Tuple[str, str], ...]
+    """exactly these (the framing's own are among them)"""
+    framing: str
+    """"chunked", "close" (the body ends with the connection), "length" (a Content-Length is among
+    the headers) or "none" (no body)"""
+
+
+@dataclass(frozen=True)
+class HttpBody:
+    req_id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class HttpFinish:
+    req_id: int
+    error: str = ""
+    """"": the response is complete; else abort the client's connection (the body is cut short)"""
 
 
 # --- frames out --------------------------------------------------------------------------------
@@ -409,7 +547,11 @@ class Job(object):
         self.t0 = 0.0
         self.phase = "starting"       # starting | running | cleaning
         self.cancelled = False
-        self.kill_reason = None       # timeout | linger | cancelled, once killed
+        self.kill_reason = None       # timeout | linger | result | cancelled, once killed
+        self.cancel_failure = ""      # a cancel_task's reason that is a failure (e.g. "stalled")
+        self.final_seen = False       # the agent printed its final result
+        self.line = bytearray()       # stdout's current line, scanned for the final result
+        self.line_skip = False        # inside a line too long to be a result
         self.exit_code = None
         self.exited = False
         self.eof = set()
@@ -534,6 +676,74 @@ def describe_spawn_error(exc):
     return str(exc)
 
 
+class Exchange(object):
+    """One HTTP request of the agent to the model gateway's endpoint, carried as frames."""
+
+    __slots__ = ("req_id", "method", "version", "phase", "bytes_up")
+
+    def __init__(self, req_id, method, version):
+        self.req_id = req_id
+        self.method = method
+        self.version = version
+        self.phase = "request"        # request (its body goes to the actor) | waiting | response
+        self.bytes_up = 0
+
+
+_METHOD = re.compile(r"[A-Z]{1,16}")
+
+
+def request_problem(method, target, headers):
+    """Why a request cannot travel as an http_request frame: (status, reason), or None."""
+    if not isinstance(method, str) or not _METHOD.fullmatch(method):
+        return 400, "a method of 1 to 16 capital letters is needed, not %s" % _shown(method)
+    if not isinstance(target, str) or not 0 < len(target) <= MAX_TARGET:
+        return 414, "a request target of 1 to %d characters is needed" % MAX_TARGET
+    if len(headers) > MAX_HEADERS:
+        return 431, "more than %d header fields" % MAX_HEADERS
+    total = len(target)
+    for pair in headers:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                and isinstance(pair[0], str) and isinstance(pair[1], str)):
+            return 400, "a header field that is not a pair of strings"
+        name, value = pair
+        if not 0 < len(name) <= MAX_HEADER_NAME or len(value) > MAX_HEADER_VALUE:
+            return 431, "a header field over the limits (name 1 to %d, value up to %d characters)" % (
+                MAX_HEADER_NAME, MAX_HEADER_VALUE)
+        total += len(name) + len(value)
+    if total > MAX_HEAD_CHARS:
+        return 431, "request target and header fields over %d characters" % MAX_HEAD_CHARS
+    return None
+
+
+def response_headers(headers):
+    """The actor's http_response headers for the client: [(name, value)], or None when they are
+    not usable (not pairs of strings, characters HTTP/1.1 cannot carry, line breaks)."""
+    if not isinstance(headers, list) or len(headers) > MAX_HEADERS:
+        return None
+    out = []
+    for pair in headers:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and isinstance(pair[0], str) and isinstance(pair[1], str)):
+            return None
+        name, value = pair
+        if not name or any(ch in name for ch in "\r\n:\0 \t") or any(ch in value for ch in "\r\n\0"):
+            return None
+        try:
+            name.encode("latin-1")
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return None
+        out.append((name, value))
+    return out
+
+
+def gateway_error_body(message):
+    """A JSON error as the supervisor's gateway answers its own refusals."""
+    return _dumps({"type": "error", "error": {"type": "corral_gateway_error",
+                                              "code": "corral_gateway_error",
+                                              "message": "corral gateway: " + message}})
+
+
 # --- the state machine -------------------------------------------------------------------------
 
 class WrapperCore(object):
@@ -561,6 +771,11 @@ class WrapperCore(object):
         self.timers = set()
         self.lines = LineBuffer()
         self._out = []
+        self.setup = None             # agents.Setup, from the environment at Boot
+        self.gateway_port = None      # the port asked for, when the gateway is on
+        self.agent_env = None         # the agent's environment (None: the wrapper's own)
+        self.exchanges = {}           # req_id -> Exchange: the agent's HTTP requests in flight
+        self.actor_gone = False       # stdin ended: nothing more can come from the actor
 
     @property
     def closing(self):
@@ -639,16 +854,84 @@ class WrapperCore(object):
         if self.agent is None:
             return self._fatal("unknown agent %r (known: %s)"
                                % (self.agent_name, ", ".join(sorted(agent_table.AGENTS))))
+        problem = self._read_setup(env)
+        if problem:
+            return self._fatal(problem)
         self.state = "checking"
         self._out.append(CheckWorkspace(self.workspace))
+
+    def _read_setup(self, env):
+        """How the agent is run, from CORRAL_PERMISSIONS, CORRAL_MODEL, CORRAL_GATEWAY(_PORT),
+        CORRAL_DROID_PROVIDER. -> None, or what is wrong."""
+        permissions = env.get("CORRAL_PERMISSIONS") or agent_table.DEFAULT_PERMISSIONS
+        if permissions not in agent_table.PERMISSIONS:
+            return "CORRAL_PERMISSIONS must be one of %s, not %r" % (
+                ", ".join(agent_table.PERMISSIONS), permissions)
+        provider = env.get("CORRAL_DROID_PROVIDER") or agent_table.DROID_PROVIDERS[0]
+        if provider not in agent_table.DROID_PROVIDERS:
+            return "CORRAL_DROID_PROVIDER must be one of %s, not %r" % (
+                ", ".join(agent_table.DROID_PROVIDERS), provider)
+        switch = env.get("CORRAL_GATEWAY", "").strip().lower()
+        if switch in ("1", "true", "yes", "on"):
+            raw = env.get("CORRAL_GATEWAY_PORT") or str(agent_table.DEFAULT_GATEWAY_PORT)
+            try:
+                port = int(raw)
+                if not 0 <= port <= 65535:
+                    raise ValueError
+            except ValueError:
+                return "CORRAL_GATEWAY_PORT must be a port number (0 to 65535), not %r" % raw
+            self.gateway_port = port
+        elif switch not in ("", "0", "false", "no", "off"):
+            return "CORRAL_GATEWAY must be 1 or 0, not %r" % env.get("CORRAL_GATEWAY")
+        self.setup = agent_table.Setup(permissions=permissions, model=env.get("CORRAL_MODEL", ""),
+                                       droid_provider=provider)
+        return None
 
     def _on_workspace_checked(self, ev):
         if self.state != "checking":
             return
         if ev.error is not None:
             return self._fatal("workspace %s is not writable: %s" % (self.workspace, ev.error))
+        if self.gateway_port is None:
+            return self._probe()
+        self.state = "gateway"
+        self._out.append(StartGateway(self.gateway_port))
+
+    def _on_gateway_started(self, ev):
+        if self.state != "gateway":
+            return
+        if ev.error is not None:
+            return self._fatal("cannot serve the model gateway on 127.0.0.1:%d: %s"
+                               % (self.gateway_port, ev.error))
+        self.setup.gateway_port = ev.port
+        self.state = "preparing"
+        files = tuple(self.agent.files(self.setup))
+        self._out.append(PrepareAgent(self.agent.probe[0], self.env.get("HOME", ""),
+                                      self.env.get("PATH", ""), tuple(self.agent.path_hints), files))
+
+    def _on_agent_prepared(self, ev):
+        if self.state != "preparing":
+            return
+        if ev.error is not None:
+            return self._fatal("cannot prepare the agent's home: %s" % ev.error)
+        setup = self.setup
+        setup.home = ev.home
+        setup.path_dirs = tuple(ev.path_dirs)
+        env = dict(self.env)
+        env["HOME"] = ev.home
+        if setup.path_dirs:
+            env["PATH"] = ":".join(setup.path_dirs + tuple(p for p in [env.get("PATH")] if p))
+        env.update(self.agent.env(setup))
+        self.agent_env = env
+        self._log("model gateway on http://127.0.0.1:%d (permissions %s%s); agent home %s"
+                  % (setup.gateway_port, setup.permissions,
+                     ", model " + setup.model if setup.model else "", ev.home))
+        self._probe()
+
+    def _probe(self):
         self.state = "probing"
-        self._out.append(RunProbe(list(self.agent.probe), self.workspace, PROBE_TIMEOUT_S))
+        self._out.append(RunProbe(list(self.agent.probe), self.workspace, PROBE_TIMEOUT_S,
+                                  self.agent_env))
 
     def _on_probe_failed(self, ev):
         if self.state != "probing":
@@ -694,6 +977,8 @@ class WrapperCore(object):
             return
         for line, oversized in self.lines.close():
             self._line(line, oversized)
+        self.actor_gone = True
+        self._end_exchanges("the supervisor went away", tell_actor=False)
         if self.state != "serving":
             return
         self._log("stdin closed: shutting down")
@@ -715,7 +1000,8 @@ class WrapperCore(object):
         tid = salvage_task_id(raw)
         if tid is not None:
             self._send("task_done", task_id=tid, status="error", exit_code=None, output="",
-                       error="invalid run_task: %s" % why, duration_s=0.0, truncated=False)
+                       error="invalid run_task: %s" % why, duration_s=0.0, truncated=False,
+                       failure="", usage=None)
 
     def _frame(self, raw):
         try:
@@ -734,7 +1020,13 @@ class WrapperCore(object):
         if kind == "run_task":
             self._submit(frame)
         elif kind == "cancel_task":
-            self._cancel(frame.get("task_id"))
+            self._cancel(frame.get("task_id"), frame.get("reason"))
+        elif kind == "http_response":
+            self._on_http_response(frame)
+        elif kind == "http_chunk":
+            self._on_http_chunk(frame)
+        elif kind == "http_end":
+            self._on_http_end(frame)
         elif kind == "shutdown":
             grace = _finite(frame.get("grace_s", DEFAULT_GRACE_S))
             if grace is None or grace < 0:
@@ -755,23 +1047,27 @@ class WrapperCore(object):
         if job is None:
             self._log("rejecting task %s: %s" % (task_id, problem))
             return self._send("task_done", task_id=task_id, status="error", exit_code=None, output="",
-                              error="invalid run_task: " + problem, duration_s=0.0, truncated=False)
+                              error="invalid run_task: " + problem, duration_s=0.0, truncated=False,
+                              failure="", usage=None)
         if self.job is not None:
             return self._send("task_done", task_id=task_id, status="error", exit_code=None, output="",
                               error="worker is busy with task %s" % self.job.task_id, duration_s=0.0,
-                              truncated=False)
+                              truncated=False, failure="", usage=None)
         job.t0 = self.clock()
         self.job = job
         prompt = job.prompt
         if len(prompt.encode("utf-8")) <= PROMPT_ARGV_MAX and not prompt.startswith("-"):
-            self._start_agent(job, self.agent.command(prompt, job.args, None), None)
+            self._start_agent(job, self._command(prompt, job.args, None), None)
         elif self.agent.indirect == "stdin":
-            self._start_agent(job, self.agent.command(prompt, job.args, "-"), prompt.encode("utf-8"))
+            self._start_agent(job, self._command(prompt, job.args, "-"), prompt.encode("utf-8"))
         else:
             self._out.append(WritePromptFile(job.task_id, prompt.encode("utf-8"), self.agent.prompt_suffix))
 
+    def _command(self, prompt, args, indirect):
+        return self.agent.command(prompt, list(args), indirect, self.setup)
+
     def _start_agent(self, job, argv, stdin):
-        self._out.append(StartAgent(job.task_id, argv, self.workspace, stdin))
+        self._out.append(StartAgent(job.task_id, argv, self.workspace, stdin, self.agent_env))
 
     def _on_prompt_file_written(self, ev):
         job = self._job(ev)
@@ -779,8 +1075,8 @@ class WrapperCore(object):
             return self._out.append(RemoveFile(ev.path))
         job.prompt_file = ev.path
         if job.cancelled:
-            return self._answer(job, "cancelled", None, "", "cancelled")
-        self._start_agent(job, self.agent.command(job.prompt, job.args, ev.path), None)
+            return self._answer_cancelled(job, None, "")
+        self._start_agent(job, self._command(job.prompt, job.args, ev.path), None)
 
     def _on_agent_not_started(self, ev):
         job = self._job(ev)
@@ -790,7 +1086,7 @@ class WrapperCore(object):
             why = "cannot write the prompt to a temporary file: %s" % ev.detail
         else:
             why = "cannot start the agent: %s" % ev.detail
-        self._answer(job, "error", None, "", why)
+        self._answer(job, "error", None, "", why, failure="agent_error")
 
     def _on_agent_started(self, ev):
         job = self._job(ev)
@@ -820,6 +1116,8 @@ class WrapperCore(object):
                 text = job.decoder.decode(ev.data[i:i + OUTPUT_CHUNK])
                 if text:
                     self._send("task_output", task_id=job.task_id, data=text)
+            if self.agent.final is not None and not job.final_seen:
+                self._scan_final(job, ev.data)
         else:
             # the agent's stderr goes to the container's log as it comes (so it survives a crash),
             # and its tail is kept for the task's error text
@@ -839,6 +1137,42 @@ class WrapperCore(object):
             del line[:start]
             if len(line) > STDERR_LINE:
                 self._flush_stderr_line(job)
+
+    def _scan_final(self, job, data):
+        """Look for the agent's final result in its stdout's lines: once it is there, the agent
+        has RESULT_LINGER_S to exit by itself, then it is stopped and the task answered."""
+        line = job.line
+        start = 0
+        while not job.final_seen:
+            i = data.find(b"\n", start)
+            if i < 0:
+                break
+            if not job.line_skip:
+                line += data[start:i]
+                job.final_seen = self._is_final(bytes(line))
+            job.line_skip = False
+            del line[:]
+            start = i + 1
+        if job.final_seen:
+            del line[:]
+            if not job.exited and job.kill_reason is None:
+                self._start_timer("linger", RESULT_LINGER_S)
+            return
+        if not job.line_skip:
+            line += data[start:]
+            if len(line) > STDOUT_TAIL:
+                del line[:]
+                job.line_skip = True
+
+    def _is_final(self, line):
+        line = line.strip()
+        if not line.startswith(b"{"):
+            return False
+        try:
+            obj = json.loads(line.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(obj, dict) and bool(self.agent.final(obj))
 
     def _flush_stderr_line(self, job):
         if job.err_line:
@@ -871,7 +1205,7 @@ class WrapperCore(object):
         elif ev.name == "timeout" and running:
             self._kill(job, "timeout")
         elif ev.name == "linger" and running:
-            self._kill(job, "linger")
+            self._kill(job, "result" if job.final_seen and not job.exited else "linger")
         elif ev.name == "drain" and running:
             self._io_end(job)
         elif ev.name == "grace":
@@ -881,9 +1215,12 @@ class WrapperCore(object):
         elif ev.name == "stop":
             self._exit(0)
 
-    def _cancel(self, task_id):
+    def _cancel(self, task_id, reason=None):
         job = self.job
         if job is not None and job.task_id == task_id:
+            if reason in agent_table.FAILURES and not job.cancelled:
+                job.cancel_failure = reason
+                self._log("task %s stopped by the supervisor: %s" % (task_id, reason))
             return self._cancel_job(job)
         if not usable_task_id(task_id):
             return self._log("ignoring cancel_task without a usable task_id: %s" % _shown(task_id))
@@ -923,13 +1260,18 @@ class WrapperCore(object):
         if job is None or job.phase != "cleaning":
             return
         code = job.exit_code
+        if job.kill_reason == "result":
+            code = None         # it did not exit by itself: it was stopped after its result
         stdout = bytes(job.out_tail).decode("utf-8", "replace")
         stderr = bytes(job.err_tail).decode("utf-8", "replace")
         job.out_tail = job.err_tail = None
+        result = self.agent.parse(code, stdout, stderr)
         if job.cancelled:
-            status, output, error = "cancelled", stdout, "cancelled"
+            return self._answer_cancelled(job, code, stdout, result.usage,
+                                          exit_after=not ev.remaining, remaining=ev.remaining)
         elif job.kill_reason == "timeout":
             status, output, error = "timeout", stdout, "timed out after %ss" % _num(job.timeout_s)
+            failure = ""
         elif code == -SIGKILL and ev.oom_kills > job.oom_before:
             # The kernel killed the agent for memory: this container is out of memory. Say so and
             # end, so that the actor records oom_killed and starts a fresh container.
@@ -937,13 +1279,26 @@ class WrapperCore(object):
             self._remove_prompt_file(job)
             return self._fatal(OOM_REASON, EX_OOM)
         else:
-            status, output, error = self.agent.parse(code, stdout, stderr)
-        self._answer(job, status, code, output, error, exit_after=not ev.remaining)
-        if ev.remaining:
-            remaining = sorted(ev.remaining)
+            status, output, error, failure = result[:4]
+        self._answer(job, status, code, output, error, exit_after=not ev.remaining, failure=failure,
+                     usage=result.usage)
+        self._cleanup_failed(job, ev.remaining)
+
+    def _cleanup_failed(self, job, remaining):
+        if remaining:
+            remaining = sorted(remaining)
             self._fatal("cannot clean up after task %s: %d processes remain (pids %s)"
                         % (job.task_id, len(remaining), " ".join(str(p) for p in remaining[:20])),
                         EX_SOFTWARE)
+
+    def _answer_cancelled(self, job, code, output, usage=None, exit_after=True, remaining=()):
+        """A cancelled task: "cancelled", or "error" with the failure its cancel_task named."""
+        if job.cancel_failure:
+            self._answer(job, "error", code, output, "stopped by the supervisor: %s" % job.cancel_failure,
+                         exit_after=exit_after, failure=job.cancel_failure, usage=usage)
+        else:
+            self._answer(job, "cancelled", code, output, "cancelled", exit_after=exit_after, usage=usage)
+        self._cleanup_failed(job, remaining)
 
     def _on_task_crashed(self, ev):
         job = self._job(ev)
@@ -956,19 +1311,172 @@ class WrapperCore(object):
             self._out.append(RemoveFile(job.prompt_file))
             job.prompt_file = None
 
-    def _answer(self, job, status, code, output, error, exit_after=True):
+    def _answer(self, job, status, code, output, error, exit_after=True, failure="", usage=None):
         """task_done, and the worker is idle from that moment (the actor may send the next task
-        at once). Its prompt file is gone before."""
+        at once). Its prompt file is gone before, and its HTTP exchanges are ended."""
         self._remove_prompt_file(job)
         for name in ("timeout", "linger", "drain"):
             self._cancel_timer(name)
+        self._end_exchanges("the task ended", tell_actor=True)
         output, truncated = fit_output(_clean(output), job.max_output)
         self._send("task_done", task_id=job.task_id, status=status, exit_code=code, output=output,
                    error=clip_error(error), duration_s=round(self.clock() - job.t0, 6),
-                   truncated=truncated)
+                   truncated=truncated, failure=failure, usage=usage)
         self.job = None
         if self.state == "closing" and exit_after:
             self._exit(0)
+
+    # -- the model gateway's endpoint ------------------------------------------------------------
+    def _on_http_request_started(self, ev):
+        rid = ev.req_id
+        if rid in self.exchanges:
+            return self._log("ignoring a second HTTP request numbered %s" % rid)
+        job = self.job
+        if self.gateway_port is None or self.state not in ("serving", "closing"):
+            return self._http_local(rid, 503, "the endpoint is not serving")
+        if self.actor_gone:
+            return self._http_local(rid, 503, "the supervisor went away")
+        if job is None or job.phase not in ("starting", "running"):
+            return self._http_local(rid, 503, "no task is running")
+        if len(self.exchanges) >= MAX_EXCHANGES:
+            return self._http_local(rid, 503, "more than %d requests at once" % MAX_EXCHANGES)
+        headers = [list(h) if isinstance(h, (tuple, list)) else h for h in ev.headers]
+        problem = request_problem(ev.method, ev.target, headers)
+        if problem:
+            return self._http_local(rid, problem[0], problem[1])
+        ex = Exchange(rid, ev.method, ev.version)
+        if not self._send_exact("http_request", req_id=rid, method=ev.method, target=ev.target,
+                                headers=headers):
+            return self._http_local(rid, 431, "request target and header fields too long")
+        self.exchanges[rid] = ex
+
+    def _on_http_request_body(self, ev):
+        ex = self.exchanges.get(ev.req_id)
+        if ex is None or ex.phase != "request" or not ev.data:
+            return
+        ex.bytes_up += len(ev.data)
+        if ex.bytes_up > MAX_REQUEST_BODY:
+            return self._abort_exchange(ex, "request body over %d bytes" % MAX_REQUEST_BODY, status=413)
+        data = ev.data
+        for i in range(0, len(data), GATEWAY_CHUNK):
+            self._send_exact("http_chunk", req_id=ex.req_id,
+                             data=base64.b64encode(data[i:i + GATEWAY_CHUNK]).decode("ascii"))
+
+    def _on_http_request_end(self, ev):
+        ex = self.exchanges.get(ev.req_id)
+        if ex is None or ex.phase != "request":
+            return
+        ex.phase = "waiting"
+        self._send_exact("http_end", req_id=ex.req_id, error="")
+
+    def _on_http_client_gone(self, ev):
+        ex = self.exchanges.pop(ev.req_id, None)
+        if ex is None:
+            return
+        self._send_exact("http_end", req_id=ex.req_id,
+                         error=clip_error("the agent went away: " + (ev.error or "connection closed"),
+                                          MAX_HTTP_ERROR))
+
+    def _exchange_of(self, frame):
+        rid = frame.get("req_id")
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            self._log("ignoring a %s frame without a usable req_id: %s" % (frame.get("kind"), _shown(rid)))
+            return None
+        return self.exchanges.get(rid)    # None: over (late frames of an aborted exchange)
+
+    def _on_http_response(self, frame):
+        ex = self._exchange_of(frame)
+        if ex is None:
+            return
+        if ex.phase == "response":
+            return self._abort_exchange(ex, "a second http_response")
+        status = frame.get("status")
+        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+            return self._abort_exchange(ex, "http_response with a bad status %s" % _shown(status))
+        headers = response_headers(frame.get("headers", []))
+        if headers is None:
+            return self._abort_exchange(ex, "http_response with unusable headers")
+        out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+        if ex.method == "HEAD" or status in (204, 304):
+            framing = "none"
+            if ex.method == "HEAD":
+                out += [(k, v) for k, v in headers if k.lower() == "content-length"][:1]
+        elif ex.version == "HTTP/1.0":
+            framing = "close"
+            out.append(("Connection", "close"))
+        else:
+            framing = "chunked"
+            out.append(("Transfer-Encoding", "chunked"))
+        ex.phase = "response"
+        self._out.append(HttpRespond(ex.req_id, status, tuple(out), framing))
+
+    def _on_http_chunk(self, frame):
+        ex = self._exchange_of(frame)
+        if ex is None:
+            return
+        data = frame.get("data")
+        try:
+            if not isinstance(data, str):
+                raise ValueError
+            raw = base64.b64decode(data.encode("ascii"), validate=True)
+        except (ValueError, UnicodeEncodeError):
+            return self._abort_exchange(ex, "http_chunk whose data is not base64")
+        if ex.phase == "response":
+            if raw:
+                self._out.append(HttpBody(ex.req_id, raw))
+        elif raw:
+            self._abort_exchange(ex, "http_chunk before http_response")
+
+    def _on_http_end(self, frame):
+        ex = self._exchange_of(frame)
+        if ex is None:
+            return
+        error = frame.get("error") or ""
+        error = error if isinstance(error, str) else _shown(error)
+        del self.exchanges[ex.req_id]
+        if ex.phase == "response":
+            self._out.append(HttpFinish(ex.req_id, clip_error(error, MAX_HTTP_ERROR)))
+        else:
+            self._http_local(ex.req_id, 502, error or "the supervisor ended the request unanswered")
+
+    def _abort_exchange(self, ex, why, status=502, tell_actor=True):
+        """End an exchange with an error on both sides: ``http_end`` with the error to the actor;
+        the client's response aborted, or answered ``status`` if it has not begun."""
+        self.exchanges.pop(ex.req_id, None)
+        why = clip_error(why, MAX_HTTP_ERROR)
+        self._log("HTTP request %d ended: %s" % (ex.req_id, why))
+        if tell_actor:
+            self._send_exact("http_end", req_id=ex.req_id, error=why)
+        if ex.phase == "response":
+            self._out.append(HttpFinish(ex.req_id, why))
+        else:
+            self._http_local(ex.req_id, status, why)
+
+    def _end_exchanges(self, why, tell_actor):
+        for ex in list(self.exchanges.values()):
+            self._abort_exchange(ex, why, status=503, tell_actor=tell_actor)
+
+    def _http_local(self, rid, status, message):
+        """Answer a request here, without the actor."""
+        body = gateway_error_body(message)
+        self._out.append(HttpRespond(rid, status, (("Content-Type", "application/json"),
+                                                   ("Content-Length", str(len(body)))), "length"))
+        self._out.append(HttpBody(rid, body))
+        self._out.append(HttpFinish(rid, ""))
+
+    def _send_exact(self, kind, **fields):
+        """A gateway frame as it is (never cut to fit like task_done): False if it cannot be."""
+        fields["kind"] = kind
+        try:
+            data = _dumps(fields) + b"\n"
+        except Exception as exc:
+            self._log("cannot encode a %s frame: %r" % (kind, exc))
+            return False
+        if len(data) >= MAX_LINE:
+            self._log("not sending a %s frame of %d bytes" % (kind, len(data)))
+            return False
+        self._out.append(Send(kind, data))
+        return True
 
     # -- shutdown --------------------------------------------------------------------------------
     def _shutdown(self, grace):
@@ -990,5 +1498,8 @@ class WrapperCore(object):
         PromptFileWritten: _on_prompt_file_written, AgentNotStarted: _on_agent_not_started,
         AgentStarted: _on_agent_started, AgentOutput: _on_agent_output,
         AgentExited: _on_agent_exited, TimerFired: _on_timer_fired, CleanupDone: _on_cleanup_done,
-        TaskCrashed: _on_task_crashed,
+        TaskCrashed: _on_task_crashed, GatewayStarted: _on_gateway_started,
+        AgentPrepared: _on_agent_prepared, HttpRequestStarted: _on_http_request_started,
+        HttpRequestBody: _on_http_request_body, HttpRequestEnd: _on_http_request_end,
+        HttpClientGone: _on_http_client_gone,
     }

@@ -87,23 +87,58 @@ def parse_prompt(cli, argv, read_stdin, read_file):
     return value
 
 
+def _claude_result(text, is_error, duration_ms):
+    """As real claude prints it (2.1): errors keep subtype "success" and say is_error."""
+    return {"type": "result", "subtype": "success", "is_error": is_error,
+            "api_error_status": None, "duration_ms": duration_ms, "duration_api_ms": 0,
+            "num_turns": 1, "result": text, "stop_reason": "stop_sequence" if is_error else "end_turn",
+            "session_id": str(uuid.uuid4()), "total_cost_usd": 0,
+            "usage": {"input_tokens": 0, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 0,
+                      "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
+                      "service_tier": "standard"},
+            "modelUsage": {}, "permission_denials": [],
+            "terminal_reason": "api_error" if is_error else "completed", "uuid": str(uuid.uuid4())}
+
+
+def _droid_result(text, is_error, duration_ms):
+    """As real droid prints it (0.225): an error says only "Exec failed" (the cause is elsewhere:
+    here on stderr)."""
+    return {"type": "result", "subtype": "failure" if is_error else "success", "is_error": is_error,
+            "duration_ms": duration_ms, "num_turns": 0 if is_error else 1,
+            "result": "Exec failed" if is_error else text, "session_id": str(uuid.uuid4()),
+            "usage": {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+                      "cache_creation_input_tokens": 0, "factory_credits": 0}}
+
+
+def _codex_events(text, is_error):
+    """As real codex exec --json prints them (0.171)."""
+    events = [{"type": "thread.started", "thread_id": str(uuid.uuid4())}, {"type": "turn.started"}]
+    if is_error:
+        events.append({"type": "error", "message": text})
+        events.append({"type": "turn.failed", "error": {"message": text}})
+    else:
+        events.append({"type": "item.completed",
+                       "item": {"id": "item_0", "type": "agent_message", "text": text}})
+        events.append({"type": "turn.completed",
+                       "usage": {"input_tokens": 0, "cached_input_tokens": 0,
+                                 "cache_write_input_tokens": 0, "output_tokens": 0,
+                                 "reasoning_output_tokens": 0}})
+    return events
+
+
 def render(output_format, text, is_error, duration_s=0.0):
-    """``text`` as the real CLI prints it: (stdout bytes, stderr bytes)."""
+    """``text`` as the real CLI prints it: (stdout bytes, stderr bytes). ``result_json`` is
+    claude's shape."""
+    ms = int(duration_s * 1000)
     if output_format == "codex_jsonl":
-        events = [{"type": "thread.started", "thread_id": str(uuid.uuid4())}, {"type": "turn.started"}]
-        if is_error:
-            events.append({"type": "turn.failed", "error": {"message": text}})
-        else:
-            events.append({"type": "item.completed",
-                           "item": {"id": "item_0", "type": "agent_message", "text": text}})
-            events.append({"type": "turn.completed",
-                           "usage": {"input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0}})
+        events = _codex_events(text, is_error)
         return "".join(json.dumps(ev) + "\n" for ev in events).encode("utf-8", "replace"), b""
-    if output_format == "result_json":
-        obj = {"type": "result", "subtype": "error_during_execution" if is_error else "success",
-               "is_error": is_error, "duration_ms": int(duration_s * 1000), "num_turns": 1,
-               "result": text, "session_id": str(uuid.uuid4()), "total_cost_usd": 0.0}
-        return (json.dumps(obj) + "\n").encode("utf-8", "replace"), b""
+    if output_format in ("claude_json", "result_json"):
+        return (json.dumps(_claude_result(text, is_error, ms)) + "\n").encode("utf-8", "replace"), b""
+    if output_format == "droid_json":
+        err = (text + "\n").encode("utf-8", "replace") if is_error else b""
+        return (json.dumps(_droid_result(text, is_error, ms)) + "\n").encode("utf-8", "replace"), err
     # text (the shell): the answer on stdout, an error on stderr
     data = text.encode("utf-8", "replace")
     return (b"", data + b"\n") if is_error else (data, b"")

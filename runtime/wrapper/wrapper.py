@@ -47,13 +47,29 @@ One bad task, request or output can only ever fail itself:
 
 The agents it starts get CORRAL_WRAPPER_DIR (this file's directory) in their environment: a stub
 agent copied elsewhere finds the agent table there.
+
+The model gateway's endpoint (CORRAL_GATEWAY=1; CORRAL_GATEWAY_PORT, default 8787): an HTTP/1.1
+server on 127.0.0.1 (``http.server``, one thread per connection, at most MAX_CONNECTIONS; more
+are answered 503 at once). Each request's head, body (Content-Length or chunked) and end go to the
+core, which makes frames of them; what the core says for that request (HttpRespond, HttpBody,
+HttpFinish) is queued for its connection's thread, which writes it as it comes (chunked, so that
+an SSE stream flows event by event; an abort closes the connection without the last chunk). A
+client that does not read its response is cut off past MAX_QUEUED bytes or CLIENT_TIMEOUT_S. With
+the gateway on, the agent also gets a writable home (HOME, else a private temporary directory),
+its files (droid's settings) and PATH additions (codex's codex-path), see PrepareAgent.
 """
 
 import errno
+import http.server
+import itertools
 import os
 import queue
 import select
+import shutil
 import signal
+import socket
+import socketserver
+import struct
 import subprocess
 import sys
 import tempfile
@@ -71,6 +87,10 @@ except ImportError:     # run as a script (python3 /opt/corral/wrapper.py, or th
 
 PR_SET_CHILD_SUBREAPER = 36
 READ_CHUNK = 65536
+MAX_CONNECTIONS = 96        # HTTP connections to the gateway's endpoint at once (threads)
+CLIENT_TIMEOUT_S = 600.0    # a connection idle this long, or a client not reading this long, is closed
+MAX_QUEUED = 16 << 20       # response bytes waiting for a client that does not read them
+BODY_READ = 65536
 
 
 def log(msg):
@@ -198,6 +218,9 @@ class Driver(object):
         self.stdout = sys.stdout.buffer
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        self.gateway = None          # the GatewayServer, once StartGateway
+        self.exchanges = {}          # req_id -> ClientExchange (its connection's thread writes it)
+        self.req_ids = itertools.count(1)
 
     # -- events in, actions out -----------------------------------------------------------------
     def feed(self, event):
@@ -250,11 +273,165 @@ class Driver(object):
             return core.WorkspaceChecked(check_workspace(a.path))
         elif isinstance(a, core.RunProbe):
             return run_probe(a)
+        elif isinstance(a, (core.HttpRespond, core.HttpBody, core.HttpFinish)):
+            return self._to_client(a)
+        elif isinstance(a, core.StartGateway):
+            return self._start_gateway(a.port)
+        elif isinstance(a, core.PrepareAgent):
+            return prepare_agent(a)
         elif isinstance(a, core.Exit):
             _exit(a.code)
         else:
             raise TypeError("not a wrapper action: %r" % (a,))
         return None
+
+    # -- the model gateway's endpoint -----------------------------------------------------------
+    def _start_gateway(self, port):
+        try:
+            server = GatewayServer(self, port)
+        except (OSError, OverflowError) as exc:
+            return core.GatewayStarted(0, exc.strerror if isinstance(exc, OSError) and exc.strerror
+                                       else str(exc))
+        try:
+            threading.Thread(target=server.serve_forever, name="gateway", daemon=True).start()
+        except RuntimeError as exc:
+            server.server_close()
+            return core.GatewayStarted(0, "cannot start its thread: %s" % exc)
+        self.gateway = server
+        return core.GatewayStarted(server.server_address[1])
+
+    def _to_client(self, a):
+        """Queue what the core says for one HTTP client (under the lock). -> HttpClientGone when
+        the client has fallen too far behind."""
+        ex = self.exchanges.get(a.req_id)
+        if ex is None or ex.dropped:
+            return None
+        if isinstance(a, core.HttpBody):
+            if ex.queued + len(a.data) > MAX_QUEUED:
+                ex.dropped = True
+                ex.queue.put(("finish", "the client does not read its response"))
+                return core.HttpClientGone(a.req_id, "it did not read %d bytes of its response"
+                                           % MAX_QUEUED)
+            ex.queued += len(a.data)
+            ex.queue.put(("body", a.data))
+        elif isinstance(a, core.HttpRespond):
+            ex.queue.put(("respond", a.status, a.headers, a.framing))
+        else:
+            ex.queue.put(("finish", a.error))
+        return None
+
+    def serve_exchange(self, handler):
+        """One HTTP request on its connection's thread: to the core, and its response back."""
+        rid = next(self.req_ids)
+        ex = ClientExchange(rid)
+        with self.lock:
+            self.exchanges[rid] = ex
+        gone = "connection closed"
+        try:
+            headers = tuple((k, v) for k, v in handler.headers.items())
+            self.feed(core.HttpRequestStarted(rid, handler.command, handler.path, headers,
+                                              handler.request_version))
+            try:
+                problem = self._read_body(handler, rid)
+            except (OSError, ValueError) as exc:
+                problem = "cannot read the request body: %s" % (exc,)
+            if problem is not None:
+                gone = problem
+                handler.close_connection = True
+                return
+            self.feed(core.HttpRequestEnd(rid))
+            try:
+                if self._write_response(handler, ex):
+                    gone = None
+            except (OSError, ValueError, UnicodeError) as exc:
+                gone = "cannot write the response: %s" % (exc,)
+                handler.close_connection = True
+        finally:
+            with self.lock:
+                self.exchanges.pop(rid, None)
+            if gone is not None:
+                self.feed(core.HttpClientGone(rid, gone))    # ignored if the exchange is over
+
+    def _read_body(self, handler, rid):
+        """Feed the request body to the core. -> None, or why it cannot be read."""
+        rfile = handler.rfile
+        te = handler.headers.get("Transfer-Encoding")
+        if te is not None:
+            if te.strip().lower() != "chunked":
+                return "unsupported Transfer-Encoding %r" % te
+            while True:
+                line = rfile.readline(1026)
+                if not line.endswith(b"\n"):
+                    return "a chunked body cut short"
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    return "a bad chunk size %r" % line[:40]
+                if size < 0:
+                    return "a bad chunk size %r" % line[:40]
+                if size == 0:
+                    while True:                       # trailers, then the empty line
+                        line = rfile.readline(65537)
+                        if not line.endswith(b"\n"):
+                            return "a chunked body cut short"
+                        if line in (b"\r\n", b"\n"):
+                            return None
+                problem = self._read_exactly(rfile, rid, size)
+                if problem:
+                    return problem
+                if rfile.readline(3) not in (b"\r\n", b"\n"):
+                    return "a chunk without its line end"
+        length = handler.headers.get("Content-Length")
+        if length is None:
+            return None
+        try:
+            size = int(length)
+            if size < 0:
+                raise ValueError
+        except ValueError:
+            return "a bad Content-Length %r" % length[:40]
+        return self._read_exactly(rfile, rid, size)
+
+    def _read_exactly(self, rfile, rid, size):
+        while size:
+            data = rfile.read(min(size, BODY_READ))
+            if not data:
+                return "the request body ended early"
+            size -= len(data)
+            self.feed(core.HttpRequestBody(rid, data))
+        return None
+
+    def _write_response(self, handler, ex):
+        """Write what the core queues for this request. -> True when the response is complete."""
+        framing = None
+        while True:
+            item = ex.queue.get()
+            kind = item[0]
+            if kind == "respond":
+                _, status, headers, framing = item
+                handler.send_response_only(status)
+                for name, value in headers:
+                    handler.send_header(name, value)
+                handler.end_headers()
+                if framing == "close":
+                    handler.close_connection = True
+            elif kind == "body":
+                data = item[1]
+                with self.lock:
+                    ex.queued -= len(data)
+                if framing == "chunked":
+                    handler.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+                elif framing in ("close", "length"):
+                    handler.wfile.write(data)
+            else:
+                if item[1]:
+                    # cut short: the client must see an error, not an end
+                    handler.close_connection = True
+                    _abort_connection(handler.connection)
+                    return True     # the core already knows
+                if framing == "chunked":
+                    handler.wfile.write(b"0\r\n\r\n")
+                return True
 
     def _wake(self):
         try:
@@ -322,7 +499,7 @@ class Driver(object):
     def _spawn(self, start):
         return subprocess.Popen(start.argv, stdin=subprocess.PIPE if start.stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=start.cwd,
-                                start_new_session=True)
+                                env=start.env, start_new_session=True)
 
     def _run(self, start):
         tid = start.task_id
@@ -520,6 +697,146 @@ class Driver(object):
             time.sleep(0.005)
 
 
+# --- the model gateway's endpoint: HTTP on 127.0.0.1 -------------------------------------------
+
+class ClientExchange(object):
+    """What the core says for one HTTP request, queued for its connection's thread."""
+
+    def __init__(self, req_id):
+        self.req_id = req_id
+        self.queue = queue.Queue()
+        self.queued = 0           # body bytes in the queue (under the driver's lock)
+        self.dropped = False      # cut off: nothing more is queued
+
+
+def _abort_connection(sock):
+    """Close with a reset, so that the client sees its response cut short."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+class GatewayHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = CLIENT_TIMEOUT_S
+    server_version = "corral-wrapper"
+
+    def handle_one_request(self):
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():       # answers 400/431/505 itself
+                return
+            self.server.driver.serve_exchange(self)
+            self.wfile.flush()
+        except (OSError, ValueError):      # the client went away, or timed out
+            self.close_connection = True
+
+    def log_message(self, format, *args):  # the core logs what matters
+        pass
+
+
+class GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+
+    def __init__(self, driver, port):
+        self.driver = driver
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        http.server.HTTPServer.__init__(self, ("127.0.0.1", port), GatewayHandler)
+
+    def server_bind(self):
+        # not HTTPServer's: it looks up the host's name (no DNS in a container without network)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = "127.0.0.1"
+        self.server_port = self.server_address[1]
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            return self._refuse(request)
+        try:
+            socketserver.ThreadingMixIn.process_request(self, request, client_address)
+        except Exception:           # no thread (the pids limit): refuse it
+            self.slots.release()
+            self._refuse(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse(self, request):
+        try:
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                            b"Connection: close\r\n\r\n")
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        log("model gateway: error serving a connection: %s" % (sys.exc_info()[1],))
+
+
+def _writable_dir(path):
+    if not path:
+        return False
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".corral-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
+def prepare_agent(a):
+    """PrepareAgent: a writable home, the agent's files in it, its PATH additions."""
+    home = a.home if _writable_dir(a.home) else None
+    if home is None:
+        tried = []
+        for d in (os.environ.get("TMPDIR"), "/tmp", "/var/tmp", "/dev/shm"):
+            if not d:
+                continue
+            tried.append(d)
+            try:
+                home = tempfile.mkdtemp(prefix="corral-home-", dir=d)
+                break
+            except OSError:
+                continue
+        if home is None:
+            return core.AgentPrepared(error="HOME %r is not writable, and no temporary directory "
+                                            "is (%s)" % (a.home, ", ".join(tried)))
+        log("HOME %r is not writable: the agent's home is %s" % (a.home, home))
+    for rel, data in a.files:
+        path = os.path.join(home, rel)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            return core.AgentPrepared(error="cannot write %s: %s" % (path, exc.strerror or exc))
+    dirs = []
+    exe = shutil.which(a.cli, path=a.path or None)
+    if exe:
+        base = os.path.dirname(os.path.realpath(exe))
+        for hint in a.path_hints:
+            d = os.path.normpath(os.path.join(base, hint))
+            if os.path.isdir(d):
+                dirs.append(d)
+    return core.AgentPrepared(home, tuple(dirs))
+
+
 # --- startup --------------------------------------------------------------------------------
 
 def check_workspace(workspace):
@@ -536,8 +853,9 @@ def check_workspace(workspace):
 
 def run_probe(action):
     try:
-        p = subprocess.run(action.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=action.timeout_s, cwd=action.cwd)
+        p = subprocess.run(action.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=action.timeout_s, cwd=action.cwd,
+                           env=action.env)
     except FileNotFoundError:
         return core.ProbeFailed("not_found")
     except subprocess.TimeoutExpired:

@@ -247,7 +247,7 @@ def test_a_task_from_run_task_to_task_done():
     w.clock.t = 201.5
     acts = w.finish("t", 0)
     assert done_of(acts) == {"kind": "task_done", "task_id": "t", "status": "ok", "exit_code": 0, "output": "hi\n",
-                             "error": "", "duration_s": 1.5, "truncated": False}
+                             "error": "", "duration_s": 1.5, "truncated": False, "failure": "", "usage": None}
     assert not w.core.busy
 
 
@@ -288,13 +288,19 @@ def test_a_driver_error_is_the_task_s_error():
 LONG = "x" * (c.PROMPT_ARGV_MAX + 1)
 
 
+CLAUDE = ["--permission-mode", "acceptEdits"]       # CORRAL_PERMISSIONS' default: workspace-write
+CODEX = ["--skip-git-repo-check", "-c", "analytics.enabled=false", "-c", "features.plugins=false",
+         "--sandbox", "workspace-write"]
+DROID = ["--auto", "low"]
+
+
 @pytest.mark.parametrize("agent,prompt,argv,stdin", [
-    ("claude", "hi", ["claude", "-p", "hi", "--output-format", "json", "--model", "m"], None),
-    ("claude", LONG, ["claude", "-p", "--output-format", "json", "--model", "m"], LONG),
-    ("claude", "-v", ["claude", "-p", "--output-format", "json", "--model", "m"], "-v"),
-    ("codex", "hi", ["codex", "exec", "--json", "--model", "m", "hi"], None),
-    ("codex", LONG, ["codex", "exec", "--json", "--model", "m", "-"], LONG),
-    ("factory", "hi", ["droid", "exec", "-o", "json", "--model", "m", "hi"], None),
+    ("claude", "hi", ["claude", "-p", "hi", "--output-format", "json", *CLAUDE, "--model", "m"], None),
+    ("claude", LONG, ["claude", "-p", "--output-format", "json", *CLAUDE, "--model", "m"], LONG),
+    ("claude", "-v", ["claude", "-p", "--output-format", "json", *CLAUDE, "--model", "m"], "-v"),
+    ("codex", "hi", ["codex", "exec", "--json", *CODEX, "--model", "m", "hi"], None),
+    ("codex", LONG, ["codex", "exec", "--json", *CODEX, "--model", "m", "-"], LONG),
+    ("factory", "hi", ["droid", "exec", "-o", "json", *DROID, "--model", "m", "hi"], None),
     ("shell", "hi", ["/bin/sh", "-c", "hi", "--model", "m"], None),
 ])
 def test_command_lines_short_prompts_on_argv_long_ones_on_stdin(agent, prompt, argv, stdin):
@@ -304,7 +310,7 @@ def test_command_lines_short_prompts_on_argv_long_ones_on_stdin(agent, prompt, a
 
 
 @pytest.mark.parametrize("agent,argv,suffix", [
-    ("factory", ["droid", "exec", "-o", "json", "a1", "-f", "/tmp/p 'x'"], ".txt"),
+    ("factory", ["droid", "exec", "-o", "json", *DROID, "a1", "-f", "/tmp/p 'x'"], ".txt"),
     ("shell", ["/bin/sh", "-c", ". '/tmp/p '\"'\"'x'\"'\"''", "a1"], ".sh"),
 ])
 def test_long_prompts_in_a_file_that_is_gone_before_the_answer(agent, argv, suffix):
@@ -551,7 +557,8 @@ def codex(text, is_error=False):
     ("factory", 0, b'{"message": {"a": 1}}', b"", ("ok", '{"a": 1}', "")),
     ("codex", 0, codex("hi"), b"", ("ok", "hi", "")),
     ("codex", 1, codex("rate limited", True), b"", ("error", "", "rate limited")),
-    ("codex", 0, b'{"type":"error","message":"boom"}\nnot json\n', b"", ("error", "", "boom")),
+    ("codex", 0, b'{"type":"error","message":"Reconnecting... 1/5"}\nnot json\n', b"", ("ok", "", "")),  # transient
+    ("codex", 1, b'{"type":"error","message":"boom"}\nnot json\n', b"", ("error", "", "boom")),
     ("shell", 0, b"out", b"", ("ok", "out", "")),
     ("shell", 3, b"out", b"", ("error", "out", "exit 3")),
 ])
@@ -573,7 +580,7 @@ def test_stub_answers_in_the_real_format_and_the_real_parser_reads_it(agent):
     a = table.AGENTS[agent]
     plan = answer(a.cli, a.command("hello", [], None)[1:])
     assert (plan.exit_code, plan.then, plan.sleep_s, plan.stderr) == (0, "exit", 0.0, b"")
-    assert a.parse(0, plan.stdout.decode(), "") == ("ok", f"stub-{agent}: hello", "")
+    assert a.parse(0, plan.stdout.decode(), "")[:3] == ("ok", f"stub-{agent}: hello", "")
     plan = answer(a.cli, a.command("!exit 3", [], None)[1:])
     assert plan.exit_code == 3 and a.parse(3, plan.stdout.decode(), "")[0] == "error"
     assert answer(a.cli, ["--version"]) == StubPlan(stdout=(a.stub_version + "\n").encode())
@@ -637,4 +644,5 @@ def test_the_stub_reads_the_prompt_where_the_command_line_puts_it(agent, args):
 
 def test_a_prompt_file_that_cannot_be_read_is_the_agent_s_error():
     plan = answer("droid", ["exec", "-o", "json", "-f", "/nope"])
-    assert plan.exit_code == 2 and "cannot read the prompt" in json.loads(plan.stdout)["result"]
+    result = table.AGENTS["factory"].parse(plan.exit_code, plan.stdout.decode(), plan.stderr.decode())
+    assert plan.exit_code == 2 and "cannot read the prompt" in result.error    # as droid: on stderr
