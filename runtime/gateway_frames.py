@@ -1,8 +1,10 @@
 """Wire frames of the model gateway: HTTP exchanges carried over the wrapper's stdio.
 
 They share ``protocol.Frame`` (one JSON object per line, tagged by ``"kind"``) and its 1 MiB line
-limit. Bodies travel base64-encoded (msgspec encodes ``bytes`` so) in chunks of at most
-``CHUNK_BYTES`` raw bytes, which keeps every frame far below the limit.
+limit, and are defined in ``runtime.protocol`` beside the other frames (so that the actor's one
+decoder knows them all); this module re-exports them with the helpers of an exchange. Bodies
+travel base64-encoded (msgspec encodes ``bytes`` so) in chunks of at most ``CHUNK_BYTES`` raw
+bytes, which keeps every frame far below the limit.
 
 One exchange, ``req_id`` chosen by the wrapper (unique within its container's life):
 
@@ -26,57 +28,21 @@ One exchange, ``req_id`` chosen by the wrapper (unique within its container's li
 
 from __future__ import annotations
 
-from typing import Annotated, Union
-
 import msgspec
-from msgspec import Meta, field
 
-from .protocol import Frame
-
-CHUNK_BYTES = 256 * 1024
-"""raw body bytes per http_chunk (base64 makes that ~342 KiB of JSON, well under 1 MiB)"""
-MAX_HEADERS = 128
-MAX_HEADER_BYTES = 16 * 1024
-
-ReqId = Annotated[int, Meta(ge=0, le=2**53)]
-Header = tuple[Annotated[str, Meta(min_length=1, max_length=256)],
-               Annotated[str, Meta(max_length=MAX_HEADER_BYTES)]]
-Headers = Annotated[list[Header], Meta(max_length=MAX_HEADERS)]
-
-
-class HttpRequest(Frame, tag="http_request"):
-    """wrapper -> actor: the start of a request the agent made to the wrapper's endpoint."""
-    req_id: ReqId
-    method: Annotated[str, Meta(pattern=r"^[A-Z]{1,16}$")]
-    target: Annotated[str, Meta(min_length=1, max_length=16 * 1024)]
-    """the request target as the agent sent it: origin-form ``/v1/messages?beta=true``, or
-    absolute-form ``http://host/path`` when the agent uses the endpoint as a proxy"""
-    headers: Headers = field(default_factory=list)
-
-
-class HttpResponse(Frame, tag="http_response"):
-    """actor -> wrapper: the response's status line and headers."""
-    req_id: ReqId
-    status: Annotated[int, Meta(ge=100, le=599)]
-    headers: Headers = field(default_factory=list)
-
-
-class HttpChunk(Frame, tag="http_chunk"):
-    """either way: the next piece of a body (base64 in JSON)."""
-    req_id: ReqId
-    data: Annotated[bytes, Meta(max_length=CHUNK_BYTES)]
-
-
-class HttpEnd(Frame, tag="http_end"):
-    """either way: the body is complete (``error`` empty) or was cut short (``error`` says why)."""
-    req_id: ReqId
-    error: Annotated[str, Meta(max_length=1024)] = ""
-
-
-GatewayFrame = Union[HttpRequest, HttpResponse, HttpChunk, HttpEnd]
-WrapperGatewayFrame = Union[HttpRequest, HttpChunk, HttpEnd]
-"""what a wrapper sends; the actor's decoder should accept these beside its other frames"""
-ActorGatewayFrame = Union[HttpResponse, HttpChunk, HttpEnd]
+from .protocol import CHUNK_BYTES as CHUNK_BYTES
+from .protocol import MAX_HEADER_BYTES as MAX_HEADER_BYTES
+from .protocol import MAX_HEADERS as MAX_HEADERS
+from .protocol import ActorGatewayFrame as ActorGatewayFrame
+from .protocol import GatewayFrame as GatewayFrame
+from .protocol import Header as Header
+from .protocol import Headers as Headers
+from .protocol import HttpChunk as HttpChunk
+from .protocol import HttpEnd as HttpEnd
+from .protocol import HttpRequest as HttpRequest
+from .protocol import HttpResponse as HttpResponse
+from .protocol import ReqId as ReqId
+from .protocol import WrapperGatewayFrame as WrapperGatewayFrame
 
 _decode_from_wrapper = msgspec.json.Decoder(WrapperGatewayFrame).decode
 _decode_from_actor = msgspec.json.Decoder(ActorGatewayFrame).decode

@@ -6,10 +6,10 @@ than MAX_LINE, undecodable lines and unknown kinds are protocol errors of that w
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
-from msgspec import Struct, field
+from msgspec import Meta, Struct, field
 
 from .errors import ProtocolError
 
@@ -42,6 +42,13 @@ class TaskOutput(Frame, tag="task_output"):
     data: str
 
 
+class AgentUsage(Struct, frozen=True, kw_only=True):
+    """Tokens and cost as the agent itself reported them in its result."""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+
+
 class TaskDone(Frame, tag="task_done"):
     task_id: str
     status: str
@@ -51,6 +58,11 @@ class TaskDone(Frame, tag="task_done"):
     duration_s: float = 0.0
     truncated: bool = False
     """the output was longer than the task's max_output_bytes: ``output`` is its tail"""
+    failure: str = ""
+    """why a task failed while its container stayed healthy (``TaskResult.failure``), as the
+    wrapper sees it: its agent's result (``permission_denied``, ``auth_failed``, ...) or the
+    reason of a ``cancel_task`` that ended it (``stalled``, an upstream failure); "" if none"""
+    usage: AgentUsage | None = None
 
 
 class Fatal(Frame, tag="fatal"):
@@ -68,14 +80,68 @@ class RunTask(Frame, tag="run_task"):
 
 class CancelTask(Frame, tag="cancel_task"):
     task_id: str
+    reason: str = ""
+    """"" (the caller gave up, or corral's deadline passed): the task ends "cancelled". A failure
+    (``stalled``, ``auth_failed``, ``rate_limited``, ``upstream_error``,
+    ``upstream_unreachable``): the wrapper kills the agent (not the container) and answers
+    task_done "error" with ``failure`` = reason."""
 
 
 class Shutdown(Frame, tag="shutdown"):
     grace_s: float = 5.0
 
 
-WrapperFrame = Union[Ready, Heartbeat, TaskStarted, TaskOutput, TaskDone, Fatal]
-ActorFrame = Union[RunTask, CancelTask, Shutdown]
+# --- the model gateway's frames: HTTP exchanges carried over the same stdio -------------------
+# (see runtime/gateway_frames.py for the exchange's rules; they live here so that one decoder
+# per direction knows every frame)
+
+CHUNK_BYTES = 256 * 1024
+"""raw body bytes per http_chunk (base64 makes that ~342 KiB of JSON, well under 1 MiB)"""
+MAX_HEADERS = 128
+MAX_HEADER_BYTES = 16 * 1024
+
+ReqId = Annotated[int, Meta(ge=0, le=2**53)]
+Header = tuple[Annotated[str, Meta(min_length=1, max_length=256)],
+               Annotated[str, Meta(max_length=MAX_HEADER_BYTES)]]
+Headers = Annotated[list[Header], Meta(max_length=MAX_HEADERS)]
+
+
+class HttpRequest(Frame, tag="http_request"):
+    """wrapper -> actor: the start of a request the agent made to the wrapper's endpoint."""
+    req_id: ReqId
+    method: Annotated[str, Meta(pattern=r"^[A-Z]{1,16}$")]
+    target: Annotated[str, Meta(min_length=1, max_length=16 * 1024)]
+    """the request target as the agent sent it: origin-form ``/v1/messages?beta=true``, or
+    absolute-form ``http://host/path`` when the agent uses the endpoint as a proxy"""
+    headers: Headers = field(default_factory=list)
+
+
+class HttpResponse(Frame, tag="http_response"):
+    """actor -> wrapper: the response's status line and headers."""
+    req_id: ReqId
+    status: Annotated[int, Meta(ge=100, le=599)]
+    headers: Headers = field(default_factory=list)
+
+
+class HttpChunk(Frame, tag="http_chunk"):
+    """either way: the next piece of a body (base64 in JSON)."""
+    req_id: ReqId
+    data: Annotated[bytes, Meta(max_length=CHUNK_BYTES)]
+
+
+class HttpEnd(Frame, tag="http_end"):
+    """either way: the body is complete (``error`` empty) or was cut short (``error`` says why)."""
+    req_id: ReqId
+    error: Annotated[str, Meta(max_length=1024)] = ""
+
+
+GatewayFrame = Union[HttpRequest, HttpResponse, HttpChunk, HttpEnd]
+WrapperGatewayFrame = Union[HttpRequest, HttpChunk, HttpEnd]
+ActorGatewayFrame = Union[HttpResponse, HttpChunk, HttpEnd]
+
+WrapperFrame = Union[Ready, Heartbeat, TaskStarted, TaskOutput, TaskDone, Fatal,
+                     HttpRequest, HttpChunk, HttpEnd]
+ActorFrame = Union[RunTask, CancelTask, Shutdown, HttpResponse, HttpChunk, HttpEnd]
 
 _decode_wrapper = msgspec.json.Decoder(WrapperFrame).decode
 _decode_actor = msgspec.json.Decoder(ActorFrame).decode
