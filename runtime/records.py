@@ -15,6 +15,13 @@ WorkerState = Literal["pending", "building", "creating", "starting", "ready", "b
 """``held``: between containers, waiting for its supervisor to restart it in start order
 (one_for_all / rest_for_one)"""
 TaskStatus = Literal["ok", "error", "timeout", "cancelled", "worker_died"]
+Failure = Literal["auth_failed", "rate_limited", "upstream_error", "upstream_unreachable",
+                  "permission_denied", "stalled", "agent_error"]
+"""Why a task failed while its container stayed healthy (``TaskResult.failure``): the model
+API refused the key (401/403), rate-limited it (429), failed (5xx, a response cut short) or could
+not be reached; the agent was refused a tool by its permissions; no progress for
+``WorkerSpec.stall_timeout_s``; or the agent failed on its own."""
+FAILURES: tuple[str, ...] = Failure.__args__  # type: ignore[attr-defined]
 
 TASK_CAUSES: frozenset[str] = frozenset({"crashed", "exited", "oom_killed", "hung", "protocol_error"})
 """Causes of death that a task running at the time may have brought about (a kill from outside,
@@ -48,6 +55,25 @@ class DeathCertificate(_Record):
     """delay before the next container; None when the worker gives up and escalates"""
 
 
+class TokenUsage(_Record):
+    """Model tokens and cost. In a TaskResult: that task's; in WorkerInfo: the worker's totals
+    since it was spawned (every container, every task, and model calls between tasks)."""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+    """as the agent reported it (the gateway sees tokens, not prices); None: not reported"""
+    source: Literal["gateway", "agent", ""] = ""
+    """where the token counts come from: ``gateway`` (counted from the model API's own responses
+    as they crossed corral's gateway: preferred), ``agent`` (the agent's own report, when nothing
+    crossed the gateway, e.g. a stub agent); "" for totals"""
+
+    def __add__(self, other: "TokenUsage") -> "TokenUsage":
+        cost = None if self.cost_usd is None and other.cost_usd is None else \
+            (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
+        return TokenUsage(input_tokens=self.input_tokens + other.input_tokens,
+                          output_tokens=self.output_tokens + other.output_tokens, cost_usd=cost)
+
+
 class TaskResult(_Record):
     task_id: str
     status: TaskStatus
@@ -62,6 +88,10 @@ class TaskResult(_Record):
     """the output exceeded Task.max_output_bytes; ``output`` holds its tail"""
     poison: bool = False
     """every attempt of this task killed the container running it: it is not retried further"""
+    failure: Failure | None = None
+    """with status "error": why, at the agent level (see ``Failure``); None otherwise"""
+    usage: TokenUsage | None = None
+    """tokens and cost of this task, where the gateway or the agent saw them"""
 
 
 class WorkerInfo(_Record):
@@ -76,6 +106,8 @@ class WorkerInfo(_Record):
     restarts: int = 0
     pool: str | None = None
     last_death: DeathCertificate | None = None
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    """totals since the worker was spawned (they survive container restarts)"""
 
 
 class WorkerSnapshot(_Record, tag="worker"):
