@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import secrets
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -81,6 +84,27 @@ class RestartPolicy(_Config):
 
 
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
+Permissions = Literal["read-only", "workspace-write", "full"]
+
+
+class EnvSecret(_Config):
+    """A secret held in an environment variable of the supervisor's process (``corral run``),
+    read when a container starts: ``secrets = {ANTHROPIC_API_KEY = {env = "MY_KEY"}}``."""
+    env: EnvName
+
+
+SecretValue = str | EnvSecret
+
+REDACTED = "<redacted>"
+
+_FOREIGN_LOGINS = {
+    "CLAUDE_CODE_OAUTH_TOKEN": "claude's subscription login (OAuth, /login)",
+    "FACTORY_API_KEY": "droid's Factory account login",
+    "CODEX_API_KEY": "codex's own login",
+    "CHATGPT_TOKEN": "codex's ChatGPT login",
+}
+"""credentials of agent logins that talk to their vendor's own service, not to a model API:
+they cannot go through an upstream override (nor through corral's gateway)"""
 
 
 class WorkerSpec(_Config):
@@ -111,6 +135,25 @@ class WorkerSpec(_Config):
     """past a task's timeout_s plus this, corral ends the task itself ("timeout") even if the
     wrapper does not; if the wrapper still has not answered after another task_grace_s, the
     container is replaced"""
+    upstream: str | None = None
+    """the model API's base URL (``https://host[:port][/path]``) that corral's gateway forwards
+    the agent's requests to; None: the agent's public API for the credential given
+    (api.anthropic.com, api.openai.com). Only this origin is reachable for the agent."""
+    secrets: dict[EnvName, SecretValue] = field(default_factory=dict)
+    """credentials (``ANTHROPIC_API_KEY``, ``ANTHROPIC_AUTH_TOKEN``, ``OPENAI_API_KEY``), each a
+    value or ``EnvSecret(env=NAME)``. Held by the supervisor, which injects them into the agent's
+    requests as they cross the gateway: never written into a container (env, labels, files)
+    and never shown (repr, logs, snapshots)."""
+    model: str | None = None
+    """the model name passed to the agent, where it takes one"""
+    permissions: Permissions = "workspace-write"
+    """what the agent may do, mapped to each agent's own flags: ``read-only`` (no edits, no
+    commands), ``workspace-write`` (edits in /workspace), ``full`` (anything, inside the
+    container)"""
+    stall_timeout_s: NonNeg | None = None
+    """a task with no agent output and no model traffic for this long ends "error" with failure
+    ``stalled`` (the agent is killed, the container stays). None: 300 s for real agents (which
+    reach a model through the gateway), off for stub and shell agents; 0: off"""
 
     def _check(self) -> None:
         for k, v in self.env.items():
@@ -118,6 +161,109 @@ class WorkerSpec(_Config):
         for c in self.capabilities:
             _check_text("a capability name", c)
         _check_text("agent", self.agent)
+        if self.model is not None:
+            _check_text("model", self.model)
+        for k, v in self.secrets.items():
+            if isinstance(v, str):
+                _check_text(f"secrets[{k!r}]", v)
+        if self.upstream is not None:
+            check_upstream(self.upstream)
+        self._check_credentials()
+
+    def _check_credentials(self) -> None:
+        from .gateway import AGENT_AUTH
+        rules = AGENT_AUTH.get(self.agent)
+        if rules is None:
+            if self.agent in ("claude", "codex", "factory"):   # pragma: no cover - table drift
+                raise ConfigError(f"agent {self.agent!r} has no gateway credentials")
+            used = [n for n, v in (("upstream", self.upstream), ("secrets", self.secrets),
+                                   ("model", self.model)) if v]
+            if used:
+                raise ConfigError(f"agent {self.agent!r} calls no model: {', '.join(used)} "
+                                  f"{'is' if len(used) == 1 else 'are'} not used by it (agents "
+                                  f"that reach a model through corral's gateway: "
+                                  f"{', '.join(sorted(AGENT_AUTH))})")
+            return
+        known = [r.secret for r in rules]
+        for name in self.secrets:
+            if name in known:
+                continue
+            if name in _FOREIGN_LOGINS:
+                raise ConfigError(
+                    f"secrets[{name!r}]: {_FOREIGN_LOGINS[name]} cannot go through an upstream "
+                    f"override: corral's gateway forwards model API calls only. Give agent "
+                    f"{self.agent!r} a model API key instead: {' or '.join(known)}")
+            raise ConfigError(f"secrets[{name!r}] is not a credential agent {self.agent!r} can "
+                              f"use through corral's gateway; it takes {' or '.join(known)}")
+
+    @property
+    def uses_gateway(self) -> bool:
+        """A real agent (not a stub, not shell): it reaches its model API through corral's
+        gateway, with the credential from ``secrets``."""
+        from .gateway import AGENT_AUTH
+        return not self.stub_agent and self.agent in AGENT_AUTH
+
+    @property
+    def effective_stall_timeout_s(self) -> float | None:
+        if self.stall_timeout_s is None:
+            return 300.0 if self.uses_gateway else None
+        return self.stall_timeout_s or None
+
+    def resolve_secrets(self) -> dict[str, str]:
+        """The secrets' values; an ``EnvSecret`` whose variable is unset: ConfigError naming
+        it. Call where the credential is needed, and keep the result out of anything shown."""
+        out: dict[str, str] = {}
+        for k, v in self.secrets.items():
+            if isinstance(v, EnvSecret):
+                value = os.environ.get(v.env)
+                if not value:
+                    raise ConfigError(f"secrets[{k!r}] is read from the environment variable "
+                                      f"{v.env}, which is not set in this process")
+                out[k] = value
+            else:
+                out[k] = v
+        return out
+
+    def redacted(self) -> "WorkerSpec":
+        """This spec with every secret value replaced by ``<redacted>`` (environment variable
+        names are kept): what may be shown or logged."""
+        if not any(isinstance(v, str) for v in self.secrets.values()):
+            return self
+        return msgspec.structs.replace(self, secrets={
+            k: v if isinstance(v, EnvSecret) else REDACTED for k, v in self.secrets.items()})
+
+    def fingerprint(self) -> str:
+        """16 hex digits that change whenever the spec does (secrets included) and reveal no
+        secret: each value enters as a domain-separated sha256 of itself, never as text."""
+        data = msgspec.to_builtins(self)
+        data["secrets"] = {k: v if isinstance(v, dict) else
+                           "sha256:" + hashlib.sha256(b"corral.secret\x00" + v.encode()).hexdigest()
+                           for k, v in data["secrets"].items()}
+        return hashlib.sha256(_canonical(data)).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        spec = self.redacted()
+        fields = ", ".join(f"{f}={getattr(spec, f)!r}" for f in spec.__struct_fields__)
+        return f"WorkerSpec({fields})"
+
+
+def check_upstream(url: str) -> None:
+    """An upstream is an http(s) URL with a host, and nothing but scheme, host, port and path."""
+    _check_text("upstream", url)
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError as exc:
+        raise ConfigError(f"upstream {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"upstream {url!r} is not an http(s) URL with a host "
+                          f"(e.g. https://api.anthropic.com or http://127.0.0.1:8080)")
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"upstream {url!r}: give scheme, host, port and path only "
+                          f"(no credentials, query or fragment: put keys in secrets)")
+
+
+_canonical = msgspec.json.Encoder(order="sorted").encode
 
 
 class PoolSpec(_Config):
@@ -179,15 +325,32 @@ def new_worker_id() -> str:
 
 
 def load_config(data: bytes | str, *, fmt: str = "toml") -> SupervisorConfig:
-    """Decode a SupervisorConfig; errors name the ``$.path`` of the bad field."""
+    """Decode a SupervisorConfig; errors name the ``$.path`` of the bad field. A secret read
+    from an environment variable (``{env = "NAME"}``) that is not set is an error here, naming
+    the variable."""
     try:
         if fmt == "toml":
-            return msgspec.toml.decode(data, type=SupervisorConfig)
-        return msgspec.json.decode(data, type=SupervisorConfig)
+            config = msgspec.toml.decode(data, type=SupervisorConfig)
+        else:
+            config = msgspec.json.decode(data, type=SupervisorConfig)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"config is not valid {fmt.upper()}: {exc}") from None
+    check_secret_env(config)
+    return config
+
+
+def check_secret_env(config: SupervisorConfig) -> None:
+    """ConfigError naming the first secret whose environment variable is unset."""
+    specs = [(f"$.workers[{i}]", w) for i, w in enumerate(config.workers)]
+    specs += [(f"$.pools[{i}].worker", p.worker) for i, p in enumerate(config.pools)]
+    for where, spec in specs:
+        for k, v in spec.secrets.items():
+            if isinstance(v, EnvSecret) and not os.environ.get(v.env):
+                raise ConfigError(f"invalid config: `{where}.secrets.{k}` is read from the "
+                                  f"environment variable {v.env}, which is not set (export "
+                                  f"{v.env} before `corral run`)")
 
 
 def load_config_file(path: str) -> SupervisorConfig:
