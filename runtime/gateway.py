@@ -431,6 +431,23 @@ class Gateway:
             with trio.CancelScope() as cs:
                 p.scope = cs
                 await self._answer_error(rid, exc.status, exc.reason)
+        except Exception as exc:
+            # a failure nobody foresaw (the HTTP client's, or ours) ends this exchange only,
+            # never the worker's session: the agent gets a 502 or a cut-short body
+            st.error = f"{type(exc).__name__}: {exc}"
+            log.error("gateway_exchange_failed", req_id=rid, error=self._scrub(st.error),
+                      exc_info=False)
+            if st.failure is None:
+                st.failure = "upstream_error"
+                self._failed(rid, "upstream_error", st.status,
+                             "corral gateway error: " + st.error)
+            with trio.CancelScope() as cs:
+                p.scope = cs
+                if st.responded:
+                    await self._emit(HttpEnd(req_id=rid, error="gateway: " + self._scrub(
+                        st.error)[:900]))
+                else:
+                    await self._answer_error(rid, 502, "gateway error: " + st.error)
         finally:
             self._pending.pop(rid, None)
             self._exchanges += 1
@@ -513,6 +530,7 @@ class Gateway:
             meter = UsageMeter(response.headers.get("content-type", ""))
             await self._emit(HttpResponse(req_id=rid, status=response.status_code,
                                           headers=_response_headers(response)))
+            st.responded = True
             try:
                 async for data in response.aiter_raw():
                     self.last_activity = trio.current_time()
@@ -564,9 +582,10 @@ class Gateway:
 
 class _ExchangeState:
     __slots__ = ("status", "failure", "refused", "aborted", "usage", "bytes_down", "ttfb_s",
-                 "error")
+                 "error", "responded")
 
     def __init__(self) -> None:
+        self.responded = False
         self.status: int | None = None
         self.failure: GatewayFailure | None = None
         self.refused = False
