@@ -26,7 +26,7 @@ import msgspec
 import trio
 from msgspec import Struct
 
-from .errors import ConfigError, CorralError
+from .errors import ConfigError, ImageBuildError
 
 CACHE_LAYOUT = 1
 """bumped when the cache's directory layout changes (old entries are then ignored)"""
@@ -129,9 +129,10 @@ class Progress(Struct, frozen=True, kw_only=True):
 ProgressFn = Callable[[Progress], None]
 
 
-class AgentPackageError(CorralError):
+class AgentPackageError(ImageBuildError):
     """An agent package cannot be made ready: not fetchable (offline, no npm), or not what its
-    pin says (integrity mismatch). The message names the package."""
+    pin says (integrity mismatch). The message names the package. An ImageBuildError: the worker
+    image cannot be built without it."""
 
 
 def package_for(agent: str) -> AgentPackage:

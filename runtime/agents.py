@@ -2,16 +2,18 @@
 
 The agents themselves (names, CLI names, version probes, command lines, result parsers, stub
 versions) are defined once, in the wrapper's agent table ``runtime/wrapper/agents.py``, which is
-shipped into every image; this host-side registry adds what only the image builder needs (the
-install recipes) and derives the rest from that table.
+shipped into every image; this host-side registry derives from it and adds what only the host
+needs: the pinned package holding each real CLI (``runtime.agentpkgs``: fetched on the host,
+COPYed into the image; nothing is installed inside a build).
 
-Every field here is an input of the image tag, so changing a recipe changes the image.
+Every field here is an input of the image tag, so changing a pin changes the image.
 """
 
 from __future__ import annotations
 
 from msgspec import Struct, field
 
+from .agentpkgs import AGENT_PACKAGES, AgentPackage
 from .errors import ConfigError
 from .wrapper import agents as agent_table
 
@@ -19,10 +21,9 @@ from .wrapper import agents as agent_table
 class AgentDef(Struct, frozen=True, kw_only=True):
     name: str
     cli: str
-    """the CLI's name on PATH (the stub is installed under this name)"""
-    install: list[str] = field(default_factory=list)
-    """Dockerfile RUN steps for the real CLI"""
-    install_needs_network: bool = False
+    """the CLI's name on PATH (the stub, or a link to the real binary, is installed under it)"""
+    package: AgentPackage | None = None
+    """the pinned package holding the real CLI (None: the agent needs none, e.g. shell)"""
     stubbable: bool = True
 
 
@@ -34,21 +35,8 @@ class CapabilityDef(Struct, frozen=True, kw_only=True):
     probe: list[str] = field(default_factory=list)
 
 
-_NPM = ("apt-get update && apt-get install -y --no-install-recommends nodejs npm "
-        "&& npm install -g {package} && apt-get clean")
-
-# how the real CLIs are installed (the shell agent needs nothing)
-_INSTALL: dict[str, dict] = {
-    "claude": dict(install=[_NPM.format(package="@anthropic-ai/claude-code")], install_needs_network=True),
-    # droid has no offline package: bake it into the base image; the build checks it.
-    "factory": dict(install=["command -v droid >/dev/null || { echo 'droid is not in the base image: "
-                             "install the Factory CLI into your base image (corral base-image builds "
-                             "only Debian packages)' >&2; exit 1; }"]),
-    "codex": dict(install=[_NPM.format(package="@openai/codex")], install_needs_network=True),
-}
-
 AGENTS: dict[str, AgentDef] = {
-    name: AgentDef(name=name, cli=a.cli, stubbable=a.stubbable, **_INSTALL.get(name, {}))
+    name: AgentDef(name=name, cli=a.cli, stubbable=a.stubbable, package=AGENT_PACKAGES.get(name))
     for name, a in agent_table.AGENTS.items()
 }
 
