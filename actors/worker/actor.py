@@ -10,7 +10,6 @@ container from create to removal, `session` the wrapper protocol, `tasks` the ta
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +35,11 @@ from runtime.messages import (
     reply_to,
     reply_value,
 )
-from runtime.records import DeathCertificate, WorkerInfo, WorkerSnapshot
+from runtime.records import DeathCertificate, TokenUsage, WorkerInfo, WorkerSnapshot
 from runtime.specs import WorkerSpec, new_worker_id
 
 from .handle import WorkerHandle
-from .life import MAX_DEATHS, ContainerLife, _spec_json
+from .life import MAX_DEATHS, ContainerLife, GatewaySetup
 from .restart import BackoffState, RestartWindow, decide
 from .session import WrapperSession
 from .tasks import TaskBook, _Pending
@@ -97,7 +96,14 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         self._restart_waiters: list[Any] = []
         self._hold: trio.Event | None = None
         """while set and not yet released: wait before the next container (group restarts)"""
-        self._spec_hash = hashlib.sha256(_spec_json(spec)).hexdigest()[:16]
+        self._spec_hash = spec.fingerprint()
+        """the ``corral.spec`` label: changes with the spec, reveals no secret"""
+        self.usage_totals = TokenUsage()
+        """model tokens and cost since the worker was spawned (every container)"""
+        self._gateway_setup: GatewaySetup | None = None
+        """a real agent's upstream and credential, resolved before each container"""
+        self._http = None
+        """the httpx client of this worker's model gateways (made on first use)"""
 
     def info(self) -> WorkerInfo:
         life = self._life
@@ -105,7 +111,8 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
                           container_id=life.container_id if life else None,
                           container_name=life.name if life else None, image_id=self.image_id,
                           image_tag=self.image_tag, generation=self.generation, restarts=self.restarts,
-                          pool=self.pool, last_death=self.deaths[-1] if self.deaths else None)
+                          pool=self.pool, last_death=self.deaths[-1] if self.deaths else None,
+                          usage=self.usage_totals)
 
     def snapshot(self) -> WorkerSnapshot:
         return WorkerSnapshot(info=self.info(), current_backoff_s=self.current_backoff_s,
@@ -162,6 +169,9 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         finally:
             self._finish(outcome_kind, certs)
             with trio.CancelScope(shield=True):
+                if self._http is not None:
+                    with trio.move_on_after(5):
+                        await self._http.aclose()
                 await self._notify_parent(outcome_kind, certs)
 
     def _finish(self, kind: str, certs: list[DeathCertificate]) -> None:

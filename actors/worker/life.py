@@ -13,6 +13,7 @@ import trio
 
 from runtime.engines import Attachment, ContainerSpec, TmpfsMount
 from runtime.errors import (
+    ConfigError,
     ContainerNotFound,
     CorralError,
     EngineError,
@@ -32,11 +33,40 @@ log = structlog.get_logger("corral.worker")
 LOG_TAIL = 4096
 MAX_DEATHS = 10
 EX_CONFIG = 78
-_spec_json = msgspec.json.Encoder(order="sorted").encode
+GATEWAY_PORT = 8787
+"""the wrapper's model-gateway endpoint: http://127.0.0.1:8787 inside the container"""
+OUTBOX = 64
+"""frames queued for the wrapper's stdin (backpressure beyond that)"""
 
 
 def container_name(supervisor: str, worker_id: str, generation: int) -> str:
     return f"corral-{supervisor}-{worker_id}-{generation}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySetup:
+    """What one container's gateway needs, resolved on the host (never sent to the container
+    but ``api``)."""
+    upstream: str
+    rule: object
+    """runtime.gateway.AuthRule"""
+    secrets: dict
+    api: str
+    """the wire API the upstream speaks for this credential: ``anthropic`` or ``openai``"""
+
+    def __repr__(self) -> str:          # never show the secrets
+        return f"GatewaySetup(upstream={self.upstream!r}, api={self.api!r})"
+
+
+def gateway_setup(spec) -> GatewaySetup:
+    """The upstream and credential of a real agent's worker; ConfigError when the credential is
+    missing (or its environment variable unset)."""
+    from runtime.gateway import auth_rule, default_upstream
+    secrets = spec.resolve_secrets()
+    rule = auth_rule(spec.agent, secrets)
+    upstream = spec.upstream or default_upstream(spec.agent, secrets)
+    api = "anthropic" if rule.secret.startswith("ANTHROPIC_") else "openai"
+    return GatewaySetup(upstream=upstream, rule=rule, secrets=secrets, api=api)
 
 
 @dataclass(slots=True)
@@ -56,6 +86,10 @@ class _Life:
     tail: bytearray = field(default_factory=bytearray)
     last_frame: float = 0.0
     att: Attachment | None = None
+    outbox: trio.MemorySendChannel | None = None
+    """whole frames for the container's stdin, written in order by one writer task"""
+    gateway: object | None = None
+    """the model gateway of this container (runtime.gateway.Gateway), for a real agent"""
     started: bool = False
     kill_sent: bool = False
     shutdown_sent: bool = False
@@ -85,6 +119,18 @@ class ContainerLife:
                "CORRAL_HEARTBEAT_S": str(spec.heartbeat_s), "CORRAL_WORKSPACE": "/workspace"}
         if spec.required_env:
             env["CORRAL_REQUIRED_ENV"] = ",".join(spec.required_env)
+        if spec.uses_gateway:
+            # where the agent's model API is (the wrapper's endpoint) and what it may do; never
+            # a credential: the wrapper gives the agent a placeholder, the gateway the real one
+            env.update(CORRAL_GATEWAY="1", CORRAL_GATEWAY_PORT=str(GATEWAY_PORT),
+                       CORRAL_PERMISSIONS=spec.permissions)
+            if spec.model:
+                env["CORRAL_MODEL"] = spec.model
+            if spec.agent == "factory" and self._gateway_setup is not None:
+                # droid's BYOK provider follows from the credential: Anthropic Messages with an
+                # Anthropic key, OpenAI-style chat completions otherwise
+                env["CORRAL_DROID_PROVIDER"] = ("anthropic" if self._gateway_setup.api == "anthropic"
+                                                else "generic-chat-completion-api")
         labels = {"corral.supervisor": self.supervisor, "corral.worker": self.id,
                   "corral.generation": str(generation), "corral.spec": self._spec_hash,
                   "corral.agent": spec.agent}
@@ -123,6 +169,16 @@ class ContainerLife:
         gen = self.generation
         name = container_name(self.supervisor, self.id, gen)
         t_create = trio.current_time()
+        if self.spec.uses_gateway:
+            # the credential is checked before anything is built or created: a worker that
+            # could only fail every task does not start (config_error, not retried)
+            try:
+                self._gateway_setup = gateway_setup(self.spec)
+            except ConfigError as exc:
+                log.error("worker_config_error", reason=str(exc))
+                return "died", DeathCertificate(
+                    worker_id=self.id, container_id=None, generation=gen, cause="config_error",
+                    reason=str(exc), at=time.time())
         if self.image_id is None:
             try:
                 await self._build_image()

@@ -1,20 +1,34 @@
 """The wrapper session: the container's attached stdio, read as typed frames. READY, heartbeats
 (a silent wrapper is ``hung``, unless the engine itself stalls), task frames, ``fatal``; a bad
-frame is a protocol error of this worker only."""
+frame is a protocol error of this worker only.
+
+Frames to the wrapper go through one writer task per container (``_Life.outbox``): every frame
+is written whole and in order, whoever sends it (tasks, cancels, shutdown, the model gateway's
+responses). A real agent's container has a model gateway (``runtime.gateway``) for its life:
+the wrapper's ``http_*`` frames are fed to it, and what it sees comes back here: upstream
+failures end the running task at once, token usage is counted."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
+import msgspec
 import structlog
 import trio
 
+from runtime import gateway as gateway_mod
 from runtime.engines import STDOUT, Attachment
 from runtime.errors import EngineError, EngineUnavailable, ProtocolError
+from runtime.gateway import ExchangeDone, UpstreamFailed
 from runtime.protocol import (
     Fatal,
     Heartbeat,
+    HttpChunk,
+    HttpEnd,
+    HttpRequest,
+    HttpResponse,
     LineSplitter,
     Ready,
     TaskDone,
@@ -23,6 +37,8 @@ from runtime.protocol import (
     decode_wrapper_frame,
     encode_frame,
 )
+
+from .life import OUTBOX
 
 if TYPE_CHECKING:
     from .life import _Life
@@ -39,17 +55,110 @@ class WrapperSession:
         await self._send_bytes(life, encode_frame(frame))
 
     async def _send_bytes(self, life: _Life, data: bytes) -> None:
+        """Queue whole frame(s) for the container's stdin (the writer writes them in order)."""
+        if life.outbox is None:
+            return
         try:
-            await life.att.send(data)
-        except EngineError as exc:
-            log.debug("stdin_write_failed", error=str(exc))
+            await life.outbox.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass        # the container's session is over
+
+    async def _writer(self, att: Attachment, frames: trio.MemoryReceiveChannel) -> None:
+        async with frames:
+            async for data in frames:
+                try:
+                    await att.send(data)
+                except EngineError as exc:
+                    log.debug("stdin_write_failed", error=str(exc))
 
     async def _attached(self, life: _Life, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Holds the container's attach stream for the life of the container, reading it."""
+        """Holds the container's attach stream for the life of the container, reading it; with
+        its stdin writer and, for a real agent, its model gateway."""
         async with self.engine.attach(life.container_id) as att:
             life.att = att
-            task_status.started()
-            await self._reader(life, att)
+            send, recv = trio.open_memory_channel[bytes](OUTBOX)
+            life.outbox = send
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, att, recv)
+                setup = self._gateway_setup if self.spec.uses_gateway else None
+                if setup is None:
+                    task_status.started()
+                    await self._reader(life, att)
+                else:
+                    failures_in, failures = trio.open_memory_channel[UpstreamFailed](math.inf)
+                    nursery.start_soon(self._upstream_failures, life, failures)
+                    async with gateway_mod.open_gateway(
+                            upstream=setup.upstream, agent=self.spec.agent, secrets=setup.secrets,
+                            rule=setup.rule, send=partial(self._gateway_send, life),
+                            on_event=partial(self._gateway_event, life, failures_in),
+                            client=self._http_client()) as gw:
+                        life.gateway = gw
+                        task_status.started()
+                        await self._reader(life, att)
+                    failures_in.close()
+                nursery.cancel_scope.cancel()
+
+    # -- the model gateway ----------------------------------------------------------------------
+    def _http_client(self):
+        """One httpx client per worker (its connections outlive a container), made on first
+        use and closed when the worker ends."""
+        if self._http is None:
+            self._http = gateway_mod.default_client()
+        return self._http
+
+    async def _gateway_send(self, life: _Life, frame) -> None:
+        # whole frames or nothing: a memory channel send is never half done when cancelled
+        await self._send_bytes(life, encode_frame(frame))
+
+    def _gateway_event(self, life: _Life, failures: trio.MemorySendChannel, event) -> None:
+        """Called by the gateway as things happen (must not block)."""
+        match event:
+            case ExchangeDone(usage=usage):
+                if usage is not None:
+                    self._count_gateway_usage(usage)
+            case UpstreamFailed():
+                p = self._current
+                if p is not None and p.gateway_failure is None:
+                    p.gateway_failure = event
+                try:
+                    failures.send_nowait(event)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    async def _upstream_failures(self, life: _Life, failures: trio.MemoryReceiveChannel) -> None:
+        """An upstream failure (401/403, 429, 5xx, unreachable) during a task ends it now: the
+        agent's own retries (minutes, for some) are not waited for."""
+        async with failures:
+            async for ev in failures:
+                p = self._current
+                if p is None or p.gateway_failure is not ev or life.ended.is_set():
+                    continue
+                what = {"auth_failed": "the model API refused the credential",
+                        "rate_limited": "the model API rate-limited the request",
+                        "upstream_error": "the model API failed",
+                        "upstream_unreachable": "the model API could not be reached"}[ev.failure]
+                await self._end_early(
+                    life, p, status="error", failure=ev.failure, cancel_reason=ev.failure,
+                    error=f"{ev.failure}: {what}"
+                          + (f" ({ev.status})" if ev.status is not None else "")
+                          + (f": {ev.detail}" if ev.detail else ""))
+
+    async def _no_gateway(self, life: _Life, frame) -> None:
+        """Gateway frames from a wrapper whose worker has no gateway (not a real agent): each
+        complete request is refused (403)."""
+        if isinstance(frame, HttpRequest):
+            log.warning("gateway_refused", req_id=frame.req_id, method=frame.method,
+                        reason="this worker has no model gateway")
+        elif isinstance(frame, HttpEnd) and not frame.error:
+            body = msgspec.json.encode({"type": "error", "error": {
+                "type": "corral_gateway_error", "code": "corral_gateway_error",
+                "message": "corral gateway: this worker has no model gateway (its agent is a "
+                           "stub or calls no model)"}})
+            rid = frame.req_id
+            await self._send_bytes(life, b"".join(encode_frame(f) for f in (
+                HttpResponse(req_id=rid, status=403, headers=[
+                    ("content-type", "application/json"), ("content-length", str(len(body)))]),
+                HttpChunk(req_id=rid, data=body), HttpEnd(req_id=rid))))
 
     async def _reader(self, life: _Life, att: Attachment) -> None:
         splitter = LineSplitter()
@@ -90,7 +199,8 @@ class WrapperSession:
                 for line in splitter.feed(data):
                     frame = decode_wrapper_frame(line)
                     life.last_frame = trio.current_time()
-                    if not isinstance(frame, (Heartbeat, TaskOutput)):
+                    if not isinstance(frame, (Heartbeat, TaskOutput, HttpRequest, HttpChunk,
+                                              HttpEnd)):
                         life.add_tail(line + b"\n")
                     await self._on_frame(life, frame)
         except ProtocolError as exc:
@@ -115,8 +225,15 @@ class WrapperSession:
             case TaskStarted(task_id=tid):
                 if self.ledger is not None:
                     self.ledger.record(tid, self.id, life.generation)
-            case TaskOutput():
-                pass
+            case TaskOutput(task_id=tid):
+                p = self._current
+                if p is not None and p.task.task_id == tid:
+                    p.last_output = trio.current_time()
+            case HttpRequest() | HttpChunk() | HttpEnd():
+                if life.gateway is not None:
+                    await life.gateway.feed(frame)
+                else:
+                    await self._no_gateway(life, frame)
             case Fatal(reason=reason):
                 life.fatal_reason = reason
             case _:

@@ -3,7 +3,14 @@ running at a time, ended by corral's own deadline if the wrapper does not end it
 in a container's death: redelivered while it has attempts left (``Task.max_attempts``), else
 it fails "worker_died" with the certificate (at-most-once by default). A task whose every
 attempt killed its container is a poison task: it fails alone, marked ``poison``, and its
-deaths count against no restart budget or intensity."""
+deaths count against no restart budget or intensity.
+
+Agent-level outcomes (``TaskResult.failure``): a task also ends early, answered at once while
+the wrapper kills its agent (never the container), when the model gateway sees its upstream
+fail (auth_failed, rate_limited, upstream_error, upstream_unreachable) or when it makes no
+progress (no agent output, no model traffic) for the stall timeout (``stalled``). Usage: the
+gateway's token counts (what the model API itself reported) are preferred to the agent's own;
+the cost comes from the agent (the gateway sees no prices)."""
 
 from __future__ import annotations
 
@@ -13,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+import msgspec
+
 from runtime.messages import reply_value
-from runtime.protocol import CancelTask, RunTask, TaskDone, encode_frame
-from runtime.records import TASK_CAUSES, DeathCertificate, TaskResult
+from runtime.protocol import AgentUsage, CancelTask, RunTask, TaskDone, encode_frame
+from runtime.records import FAILURES, TASK_CAUSES, DeathCertificate, TaskResult, TokenUsage
 from runtime.specs import Task
 
 if TYPE_CHECKING:
@@ -35,7 +44,16 @@ class _Pending:
     charged_deaths: int = 0
     """deaths of a container while it ran this task, of a cause the task may have brought about"""
     released: trio.Event | None = None
-    """past corral's own deadline: set once the wrapper reports the task done after all"""
+    """ended by corral (deadline, upstream failure, stall): set once the wrapper reports the
+    task done after all"""
+    last_output: float = 0.0
+    """when the agent last printed something (task_output)"""
+    gateway_failure: Any = None
+    """the first UpstreamFailed the gateway saw while this task ran"""
+    gw_input: int = 0
+    gw_output: int = 0
+    gw_seen: bool = False
+    """token usage that crossed the gateway while this task ran"""
 
 
 class TaskBook:
@@ -46,14 +64,49 @@ class TaskBook:
         certificate when it failed, else "cancelled")."""
         for p in [q for q in (self._current, self._draining) if q is not None] + list(self._pending):
             if death is not None:
-                reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
-                                                error=why, attempts=p.attempts, worker_id=self.id,
-                                                death=death))
+                self._answer(p, TaskResult(task_id=p.task.task_id, status="worker_died",
+                                           error=why, attempts=p.attempts, worker_id=self.id,
+                                           death=death))
             else:
-                reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="cancelled",
-                                                error=why, attempts=p.attempts, worker_id=self.id))
+                self._answer(p, TaskResult(task_id=p.task.task_id, status="cancelled",
+                                           error=why, attempts=p.attempts, worker_id=self.id))
         self._current = self._draining = None
         self._pending.clear()
+
+    # -- answers and usage ----------------------------------------------------------------------
+    def _answer(self, p: _Pending, result: TaskResult, agent_usage: AgentUsage | None = None) -> None:
+        """Reply to the task's caller (once: a draining task was answered already), with its
+        usage, which is added to the worker's totals."""
+        usage = self._task_usage(p, agent_usage)
+        p.gw_input = p.gw_output = 0
+        p.gw_seen = False
+        if usage is not None:
+            self.usage_totals = self.usage_totals + usage
+            result = msgspec.structs.replace(result, usage=usage)
+        reply_value(p.reply, result)
+
+    @staticmethod
+    def _task_usage(p: _Pending, agent: AgentUsage | None) -> TokenUsage | None:
+        cost = agent.cost_usd if agent is not None else None
+        if p.gw_seen:
+            return TokenUsage(input_tokens=p.gw_input, output_tokens=p.gw_output, cost_usd=cost,
+                              source="gateway")
+        if agent is not None:
+            return TokenUsage(input_tokens=agent.input_tokens, output_tokens=agent.output_tokens,
+                              cost_usd=cost, source="agent")
+        return None
+
+    def _count_gateway_usage(self, usage) -> None:
+        """An exchange's usage (runtime.gateway.Usage): the running task's, or straight into the
+        totals when no unanswered task is running."""
+        p = self._current
+        if p is not None:
+            p.gw_input += usage.input_tokens
+            p.gw_output += usage.output_tokens
+            p.gw_seen = True
+        else:
+            self.usage_totals = self.usage_totals + TokenUsage(
+                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
 
     async def _dispatch(self) -> None:
         life = self._life
@@ -75,9 +128,14 @@ class TaskBook:
                                                 worker_id=self.id))
                 continue
             self._current = p
+            p.last_output = p.started_at
+            p.gateway_failure = None
             self._set_state("busy")
             if t.timeout_s is not None and life.nursery is not None:
                 life.nursery.start_soon(self._enforce_deadline, life, p)
+            stall = self.spec.effective_stall_timeout_s
+            if stall is not None and life.nursery is not None:
+                life.nursery.start_soon(self._watch_stall, life, p, stall)
             await self._send_bytes(life, data)
             return
 
@@ -91,21 +149,53 @@ class TaskBook:
         await trio.sleep_until(p.started_at + p.task.timeout_s + grace)
         if self._current is not p or life.ended.is_set():
             return
+        log.warning("task_deadline_passed", task_id=p.task.task_id, timeout_s=p.task.timeout_s,
+                    grace_s=grace)
+        await self._end_early(life, p, status="timeout", error=(
+            f"no result {p.task.timeout_s} s (timeout_s) + {grace} s (task_grace_s) after it "
+            f"started: corral ended the task"))
+
+    async def _watch_stall(self, life: _Life, p: _Pending, stall_s: float) -> None:
+        """The progress watchdog: no agent output and no model traffic (either way, through the
+        gateway) for ``stall_s`` ends the task "error" with failure ``stalled``; the wrapper
+        kills the agent, the container stays."""
+        while True:
+            if self._current is not p or life.ended.is_set():
+                return
+            last = p.last_output
+            gw = life.gateway
+            if gw is not None:
+                last = max(last, gw.last_activity)
+            if trio.current_time() >= last + stall_s:
+                break
+            await trio.sleep_until(last + stall_s)
+        log.warning("task_stalled", task_id=p.task.task_id, stall_timeout_s=stall_s)
+        await self._end_early(
+            life, p, status="error", failure="stalled", cancel_reason="stalled",
+            error=f"stalled: no agent output and no model traffic for {stall_s:g} s "
+                  f"(stall_timeout_s): corral stopped the agent")
+
+    async def _end_early(self, life: _Life, p: _Pending, *, status: str, error: str,
+                         failure: str | None = None, cancel_reason: str = "") -> None:
+        """corral ends the running task itself: its caller is answered now, the wrapper is told
+        to cancel it (killing the agent). Until the wrapper reports it done the worker takes no
+        other task; if that takes more than task_grace_s, the container is replaced (its agent
+        could not be stopped)."""
+        if self._current is not p or life.ended.is_set():
+            return
         tid = p.task.task_id
-        log.warning("task_deadline_passed", task_id=tid, timeout_s=p.task.timeout_s, grace_s=grace)
+        grace = self.spec.task_grace_s
         self._current, self._draining = None, p
         p.released = trio.Event()
-        reply_value(p.reply, TaskResult(
-            task_id=tid, status="timeout", attempts=p.attempts, worker_id=self.id,
-            duration_s=trio.current_time() - p.started_at,
-            error=f"no result {p.task.timeout_s} s (timeout_s) + {grace} s (task_grace_s) after it "
-                  f"started: corral ended the task"))
-        await self._send(life, CancelTask(task_id=tid))
+        self._answer(p, TaskResult(task_id=tid, status=status, attempts=p.attempts,  # type: ignore[arg-type]
+                                   worker_id=self.id, failure=failure,  # type: ignore[arg-type]
+                                   duration_s=trio.current_time() - p.started_at, error=error))
+        await self._send(life, CancelTask(task_id=tid, reason=cancel_reason))
         with trio.move_on_after(grace):
             await p.released.wait()
         if self._draining is p and not life.ended.is_set():
-            life.end("hung", f"task {tid} did not end within timeout_s + 2 x task_grace_s "
-                             f"({p.task.timeout_s + 2 * grace:g} s): the wrapper could not stop it")
+            life.end("hung", f"task {tid} did not end within {grace:g} s (task_grace_s) of its "
+                             f"cancel: the wrapper could not stop it")
 
     async def _cancel(self, task_id: str) -> None:
         for p in list(self._pending):
@@ -141,12 +231,14 @@ class TaskBook:
             log.warning("task_done_unknown", task_id=frame.task_id)
             return
         self._current = None
-        status = frame.status if frame.status in ("ok", "error", "timeout", "cancelled") else "error"
-        reply_value(p.reply, TaskResult(task_id=frame.task_id, status=status, output=frame.output,
-                                        exit_code=frame.exit_code, error=frame.error,
-                                        duration_s=frame.duration_s, attempts=p.attempts,
-                                        worker_id=self.id, truncated=frame.truncated))
-        log.debug("task_done", task_id=frame.task_id, status=status)
+        status, failure, error = task_outcome(frame, p.gateway_failure)
+        self._answer(p, TaskResult(task_id=frame.task_id, status=status, output=frame.output,  # type: ignore[arg-type]
+                                   exit_code=frame.exit_code, error=error,
+                                   duration_s=frame.duration_s, attempts=p.attempts,
+                                   worker_id=self.id, truncated=frame.truncated,
+                                   failure=failure),  # type: ignore[arg-type]
+                     frame.usage)
+        log.debug("task_done", task_id=frame.task_id, status=status, failure=failure)
         if self.state == "busy":
             self._set_state("ready")
         await self._dispatch()
@@ -173,7 +265,7 @@ class TaskBook:
             poison = p.charged_deaths == p.attempts
             if poison:
                 log.warning("poison_task", task_id=p.task.task_id, attempts=p.attempts, cause=cert.cause)
-            reply_value(p.reply, TaskResult(task_id=p.task.task_id, status="worker_died",
+            self._answer(p, TaskResult(task_id=p.task.task_id, status="worker_died",
                                             error=f"worker died: {cert.cause}"
                                                   + (f" (poison task: each of its {p.attempts} "
                                                      f"attempt(s) killed the container running it)"
@@ -181,3 +273,30 @@ class TaskBook:
                                             attempts=p.attempts, worker_id=self.id, death=cert,
                                             duration_s=trio.current_time() - p.started_at,
                                             poison=poison))
+
+
+def task_outcome(frame: TaskDone, gateway_failure=None) -> tuple[str, str | None, str]:
+    """(status, failure, error) of a task the wrapper reported done. Pure.
+
+    - A failure the gateway saw during the task (an UpstreamFailed) is the truthful one: some
+      agents only say "Exec failed".
+    - A failure named by the wrapper (its agent's result, or the reason of a cancel) makes the
+      task an "error" even if the agent exited 0 (claude's refused tool calls do).
+    - Any other "error" is the agent's own: ``agent_error``. timeout and cancelled carry none.
+    """
+    status = frame.status if frame.status in ("ok", "error", "timeout", "cancelled") else "error"
+    failure: str | None = frame.failure or None
+    if failure is not None and failure not in FAILURES:
+        failure = "agent_error"
+    error = frame.error
+    if gateway_failure is not None and status in ("ok", "error"):
+        failure = gateway_failure.failure
+        detail = f"{failure}: the model API answered " + (
+            str(gateway_failure.status) if gateway_failure.status is not None else "nothing")
+        error = detail + (f"; the agent said: {frame.error}" if frame.error else "")
+    if failure is not None and status == "ok":
+        status = "error"
+        error = error or failure
+    if status == "error" and failure is None:
+        failure = "agent_error"
+    return status, failure, error
