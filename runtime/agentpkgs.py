@@ -334,3 +334,38 @@ def _unpack(pkg: AgentPackage, tarball: Path, dest: Path, report: ProgressFn) ->
             done += m.size
             report(Progress(agent=pkg.agent, package=pkg.spec, phase="unpacking",
                             done=done, total=total))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime.agentpkgs [AGENT ...]``: make the pinned packages ready in the cache
+    (all of them by default), showing progress on stderr. Exit 1 naming what failed."""
+    import sys
+    agents = (argv if argv is not None else sys.argv[1:]) or sorted(AGENT_PACKAGES)
+    last: dict[str, tuple[str, int]] = {}
+
+    def show(p: Progress) -> None:
+        step = int(p.elapsed_s) // 5 if p.phase == "fetching" else \
+            (p.done * 4 // p.total if p.total else 0)
+        if last.get(p.agent) == (p.phase, step):
+            return
+        last[p.agent] = (p.phase, step)
+        extra = (f" {p.elapsed_s:.0f} s" if p.phase == "fetching" else
+                 f" {p.done / 1e6:.0f}/{p.total / 1e6:.0f} MB" if p.total else "")
+        print(f"[agents] {p.agent}: {p.package} {p.phase}{extra}", file=sys.stderr, flush=True)
+
+    async def run() -> int:
+        failed = 0
+        for agent in agents:
+            try:
+                files = await ensure_agent_files(agent, progress=show)
+            except (AgentPackageError, ConfigError) as exc:
+                print(f"[agents] {agent}: {exc}", file=sys.stderr, flush=True)
+                failed += 1
+                continue
+            print(f"[agents] {agent}: ready in {files.root}", file=sys.stderr, flush=True)
+        return 1 if failed else 0
+    return trio.run(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
