@@ -36,7 +36,13 @@ home directory and PATH additions its driver found):
   CLI expects on PATH when they exist (codex's ``codex-path``);
 - ``final(event)``: whether a JSON object the CLI printed on a line of its own is its final
   result: the task is answered soon after it even if the CLI lingers (``None`` when the CLI has
-  no such line).
+  no such line);
+- ``sandbox_check(setup)``: an argv that exits 0 when the CLI's own sandbox works here (None:
+  nothing to check). codex's sandbox (bubblewrap) needs user namespaces, which a CapDrop-ALL
+  container under Docker's seccomp profile does not allow ("bwrap: No permissions to create a
+  new namespace"; its legacy Landlock fallback refuses filesystem-restricted execution). Where
+  it does not work, workspace-write runs codex with ``danger-full-access`` (the container is
+  its sandbox), and read-only is a configuration error: it could not be enforced.
 
 ``parse`` returns a ``Result`` (status, output, error, failure, usage): ``failure`` is ``""``,
 ``"permission_denied"`` or ``"agent_error"``; ``usage`` is ``{"input_tokens", "output_tokens",
@@ -67,10 +73,11 @@ Result = namedtuple("Result", "status output error failure usage")
 class Setup(object):
     """How the agents are run in this container (see the module's docstring)."""
 
-    __slots__ = ("permissions", "model", "gateway_port", "home", "path_dirs", "droid_provider")
+    __slots__ = ("permissions", "model", "gateway_port", "home", "path_dirs", "droid_provider",
+                 "sandbox")
 
     def __init__(self, permissions=DEFAULT_PERMISSIONS, model="", gateway_port=None, home="",
-                 path_dirs=(), droid_provider=DROID_PROVIDERS[0]):
+                 path_dirs=(), droid_provider=DROID_PROVIDERS[0], sandbox=None):
         self.permissions = permissions
         self.model = model
         self.gateway_port = gateway_port
@@ -78,6 +85,8 @@ class Setup(object):
         self.home = home
         self.path_dirs = tuple(path_dirs)
         self.droid_provider = droid_provider
+        self.sandbox = sandbox
+        """whether the agent's own sandbox works here (``sandbox_check``); None: not checked"""
 
     @property
     def gateway(self):
@@ -340,7 +349,17 @@ def _codex_options(setup):
         opts += ["-c", "model_provider=corral", "-c", "model_providers.corral=" + _codex_provider(setup)]
     if setup.model:
         opts += ["-m", setup.model]
-    return opts + ["--sandbox", CODEX_SANDBOXES[setup.permissions]]
+    sandbox = CODEX_SANDBOXES[setup.permissions]
+    if setup.sandbox is False:
+        sandbox = "danger-full-access"      # its sandbox cannot work here: the container is it
+    return opts + ["--sandbox", sandbox]
+
+
+def _codex_sandbox_check(setup):
+    if setup.permissions == "full":
+        return None
+    return ["codex", "sandbox", "-c", "sandbox_mode=" + CODEX_SANDBOXES[setup.permissions], "--",
+            "true"]
 
 
 def _codex_env(setup):
@@ -376,6 +395,10 @@ def _join(home, rel):
 
 def _none(setup):
     return []
+
+
+def _no_check(setup):
+    return None
 
 
 def _no_env(setup):
@@ -425,11 +448,12 @@ def _shell_prompt(argv):
 
 class Agent(object):
     __slots__ = ("name", "cli", "probe", "command", "prompt_in", "indirect", "prompt_suffix", "parse",
-                 "output_format", "stub_version", "options", "env", "files", "path_hints", "final")
+                 "output_format", "stub_version", "options", "env", "files", "path_hints", "final",
+                 "sandbox_check")
 
     def __init__(self, name, cli, probe, command, prompt_in, indirect, prompt_suffix, parse,
                  output_format, stub_version, options=_none, env=_no_env, files=_none, path_hints=(),
-                 final=None):
+                 final=None, sandbox_check=_no_check):
         self.name = name
         self.cli = cli
         self.probe = probe
@@ -445,6 +469,7 @@ class Agent(object):
         self.files = files
         self.path_hints = path_hints
         self.final = final
+        self.sandbox_check = sandbox_check
 
     @property
     def stubbable(self):
@@ -463,7 +488,8 @@ AGENTS = {a.name: a for a in (
           options=_droid_options, env=_droid_env, files=_droid_files, final=_is_result),
     Agent("codex", "codex", ["codex", "--version"], _codex_cmd, _codex_prompt, "stdin", ".txt",
           parse_codex_jsonl, "codex_jsonl", "codex-cli 0.50.0 [corral stub]",
-          options=_codex_options, env=_codex_env, path_hints=("../codex-path",), final=_is_turn_end),
+          options=_codex_options, env=_codex_env, path_hints=("../codex-path",), final=_is_turn_end,
+          sandbox_check=_codex_sandbox_check),
     Agent("shell", "sh", ["/bin/sh", "-c", "echo sh"], _shell_cmd, _shell_prompt, "file", ".sh",
           parse_text, "text", None),
 )}

@@ -919,13 +919,30 @@ class WrapperCore(object):
         setup.path_dirs = tuple(ev.path_dirs)
         env = dict(self.env)
         env["HOME"] = ev.home
-        if setup.path_dirs:
-            env["PATH"] = ":".join(setup.path_dirs + tuple(p for p in [env.get("PATH")] if p))
+        path = [p for p in env.get("PATH", "").split(":") if p]
+        extra = tuple(d for d in setup.path_dirs if d not in path)
+        if extra:
+            env["PATH"] = ":".join(extra + tuple(path))
         env.update(self.agent.env(setup))
         self.agent_env = env
         self._log("model gateway on http://127.0.0.1:%d (permissions %s%s); agent home %s"
                   % (setup.gateway_port, setup.permissions,
                      ", model " + setup.model if setup.model else "", ev.home))
+        check = self.agent.sandbox_check(setup)
+        if check is None:
+            return self._probe()
+        self.state = "sandbox"
+        self._out.append(RunProbe(check, self.workspace, PROBE_TIMEOUT_S, self.agent_env))
+
+    def _sandbox_checked(self, works, detail):
+        """The agent's own sandbox works here, or not (see agents.py, sandbox_check)."""
+        setup = self.setup
+        setup.sandbox = works
+        if not works:
+            why = "%s's sandbox does not work here (%s)" % (self.agent.cli, detail or "no detail")
+            if setup.permissions == "read-only":
+                return self._fatal("CORRAL_PERMISSIONS=read-only cannot be enforced: " + why)
+            self._log(why + ": it runs without it, the container is its sandbox")
         self._probe()
 
     def _probe(self):
@@ -934,6 +951,8 @@ class WrapperCore(object):
                                   self.agent_env))
 
     def _on_probe_failed(self, ev):
+        if self.state == "sandbox":
+            return self._sandbox_checked(False, ev.why + (": " + ev.detail if ev.detail else ""))
         if self.state != "probing":
             return
         probe = self.agent.probe
@@ -945,6 +964,9 @@ class WrapperCore(object):
         return self._fatal("agent CLI version probe %r cannot run: %s" % (" ".join(probe), ev.detail))
 
     def _on_probe_done(self, ev):
+        if self.state == "sandbox":
+            err = (ev.stderr.decode("utf-8", "replace").strip().splitlines() or [""])[-1][-300:]
+            return self._sandbox_checked(ev.exit_code == 0, "exit %d: %s" % (ev.exit_code, err))
         if self.state != "probing":
             return
         out = ev.stdout.decode("utf-8", "replace").strip()

@@ -141,8 +141,8 @@ def ready_core(agent, home="/home/worker", path_dirs=(), port=PORT, **env):
     acts += core.handle(c.WorkspaceChecked(None))
     acts += core.handle(c.GatewayStarted(port))
     acts += core.handle(c.AgentPrepared(home, tuple(path_dirs)))
-    (probe,) = of(acts, c.RunProbe)
-    acts += core.handle(c.ProbeDone(0, b"1.0\n"))
+    while core.state != "serving":          # codex: its sandbox check, then the version probe
+        acts += core.handle(c.ProbeDone(0, b"1.0\n"))
     assert [f["kind"] for f in frames(acts)] == ["ready"]
     return core, acts
 
@@ -178,6 +178,53 @@ def test_the_bound_port_a_fallback_home_and_path_dirs_reach_the_agent():
     assert start.env["PATH"] == "/opt/codex/codex-path:/usr/bin:/bin"
     assert start.env["OPENAI_API_KEY"] == KEY
     assert 'base_url="http://127.0.0.1:40123/v1"' in " ".join(start.argv)
+
+
+BWRAP = (b"bwrap: No permissions to create a new namespace, likely because the kernel does not "
+         b"allow non-privileged user namespaces.\n")
+
+
+@pytest.mark.parametrize("permissions,works,sandbox", [
+    ("workspace-write", True, "workspace-write"),
+    ("workspace-write", False, "danger-full-access"),     # the container is its sandbox
+    ("read-only", True, "read-only"),
+])
+def test_codex_s_own_sandbox_is_checked_and_used_where_it_works(permissions, works, sandbox):
+    core = c.WrapperCore({**ENV, "CORRAL_AGENT": "codex", "CORRAL_GATEWAY": "1",
+                          "CORRAL_PERMISSIONS": permissions}, clock=Clock())
+    for ev in (c.Boot(), c.WorkspaceChecked(None), c.GatewayStarted(PORT)):
+        core.handle(ev)
+    (check,) = of(core.handle(c.AgentPrepared("/home/worker", ())), c.RunProbe)
+    assert check.argv == ["codex", "sandbox", "-c", "sandbox_mode=" + permissions, "--", "true"]
+    assert check.env["HOME"] == "/home/worker" and check.cwd == "/ws"
+    acts = core.handle(c.ProbeDone(0 if works else 1, b"", b"" if works else BWRAP))
+    assert of(acts, c.RunProbe)[0].argv == ["codex", "--version"]
+    if not works:
+        assert c.Log("codex's sandbox does not work here (exit 1: bwrap: No permissions to create a "
+                     "new namespace, likely because the kernel does not allow non-privileged user "
+                     "namespaces.): it runs without it, the container is its sandbox") in acts
+    core.handle(c.ProbeDone(0, b"codex-cli 0.171.0\n"))
+    (start,) = of(core.handle(c.StdinData(b'{"kind":"run_task","task_id":"t","prompt":"hi"}\n')),
+                  c.StartAgent)
+    assert start.argv[-3:] == ["--sandbox", sandbox, "hi"]
+
+
+def test_codex_read_only_where_its_sandbox_cannot_work_is_a_configuration_error():
+    core = c.WrapperCore({**ENV, "CORRAL_AGENT": "codex", "CORRAL_GATEWAY": "1",
+                          "CORRAL_PERMISSIONS": "read-only"}, clock=Clock())
+    for ev in (c.Boot(), c.WorkspaceChecked(None), c.GatewayStarted(PORT), c.AgentPrepared("/h", ())):
+        core.handle(ev)
+    acts = core.handle(c.ProbeDone(1, b"", BWRAP))
+    assert frames(acts) == [{"kind": "fatal", "reason": (
+        "CORRAL_PERMISSIONS=read-only cannot be enforced: codex's sandbox does not work here (exit 1: "
+        "bwrap: No permissions to create a new namespace, likely because the kernel does not allow "
+        "non-privileged user namespaces.)")}]
+    assert acts[-1] == c.Exit(78)
+
+
+def test_full_permissions_check_no_sandbox():
+    core, acts = ready_core("codex", CORRAL_PERMISSIONS="full")
+    assert [p.argv for p in of(acts, c.RunProbe)] == [["codex", "--version"]]
 
 
 @pytest.mark.parametrize("env,events,reason", [
