@@ -365,7 +365,7 @@ class ImageBuilder:
                 "without network. Bake it into the base image, or enable build "
                 "network with build_network = true in the supervisor config.")
         labels = {
-            "corral.image": "1", "corral.agent": inputs["agent"]["name"],
+            "corral.image": "1", "corral.kind": "worker", "corral.agent": inputs["agent"]["name"],
             "corral.capabilities": ",".join(c["name"] for c in inputs["capabilities"]),
             "corral.spec": digest, "corral.base": inputs["base_image_id"],
             "corral.stub": "1" if inputs["stub_agent"] else "0", "corral.schema": str(SCHEMA_VERSION),

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("corral.worker")
 
+WRITE_BATCH = 1 << 20
+"""frames already queued are joined into one stdin write up to this many bytes"""
+
 
 class WrapperSession:
     """The Worker's wrapper-session concern."""
@@ -64,10 +67,21 @@ class WrapperSession:
             pass        # the container's session is over
 
     async def _writer(self, att: Attachment, frames: trio.MemoryReceiveChannel) -> None:
+        """Writes the queued frames in order; what is queued at once goes in one write (a
+        streamed response's many small chunks cost one engine round trip, not one each)."""
         async with frames:
             async for data in frames:
+                batch = [data]
+                size = len(data)
+                while size < WRITE_BATCH:
+                    try:
+                        more = frames.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(more)
+                    size += len(more)
                 try:
-                    await att.send(data)
+                    await att.send(b"".join(batch) if len(batch) > 1 else data)
                 except EngineError as exc:
                     log.debug("stdin_write_failed", error=str(exc))
 
