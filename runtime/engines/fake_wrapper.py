@@ -285,7 +285,7 @@ class _FakeWrapper:
 
     # -- stdin --------------------------------------------------------------------------------
     async def _read_stdin(self) -> None:
-        while not self.core.closing:
+        while self.core.wants_stdin:
             if self.controls.hung:
                 await trio.sleep_forever()
             try:

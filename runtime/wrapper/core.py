@@ -758,7 +758,8 @@ class WrapperCore(object):
         self.clock = clock
         self.pid = pid
         self.note = note
-        self.state = "new"          # new | checking | probing | serving | closing | exited
+        self.state = "new"          # new | checking | gateway | preparing | sandbox | probing |
+        #                             serving | closing | exited
         self.exit_code = None
         self.worker_id = self.env.get("CORRAL_WORKER_ID", "")
         self.agent_name = self.env.get("CORRAL_AGENT", "shell")
@@ -779,8 +780,17 @@ class WrapperCore(object):
 
     @property
     def closing(self):
-        """No more frames are read: shutting down, or exited."""
+        """Shutting down, or exited."""
         return self.state in ("closing", "exited")
+
+    @property
+    def wants_stdin(self):
+        """Whether the driver should go on reading frames: until it shuts down, and while shutting
+        down until stdin ends (the running task's gateway responses and a cancel_task still come).
+        Frames are handled once serving."""
+        if self.state == "closing":
+            return not self.actor_gone
+        return self.state != "exited"
 
     @property
     def busy(self):
@@ -987,14 +997,19 @@ class WrapperCore(object):
 
     # -- frames in -------------------------------------------------------------------------------
     def _on_stdin_data(self, ev):
-        if self.state != "serving":
+        if self.state not in ("serving", "closing") or self.actor_gone:
             return
         for line, oversized in self.lines.feed(ev.data):
-            if self.state != "serving":
+            if self.state not in ("serving", "closing"):
                 break
             self._line(line, oversized)
 
     def _on_stdin_closed(self, ev):
+        if self.state == "closing" and not self.actor_gone:
+            for line, oversized in self.lines.close():
+                self._line(line, oversized)
+            self.actor_gone = True
+            return self._end_exchanges("the supervisor went away", tell_actor=False)
         if self.state != "serving":
             return
         for line, oversized in self.lines.close():
@@ -1039,6 +1054,9 @@ class WrapperCore(object):
             return self._log("ignoring a frame that is %s, not an object: %s"
                              % (_json_type(frame), _shown(frame)))
         kind = frame.get("kind")
+        if self.state == "closing" and kind not in ("cancel_task", "http_response", "http_chunk",
+                                                    "http_end"):
+            return      # shutting down: only what the running task still needs is read
         if kind == "run_task":
             self._submit(frame)
         elif kind == "cancel_task":

@@ -877,7 +877,7 @@ def main():
     except RuntimeError as exc:
         driver.feed(core.WrapperFailed("cannot start the wrapper's threads: %s" % exc))
     driver.feed(core.Boot())      # the startup checks and the version probe; then ready
-    while not wrapper_core.closing:
+    while wrapper_core.wants_stdin:
         try:
             data = os.read(0, 1 << 20)
         except InterruptedError:

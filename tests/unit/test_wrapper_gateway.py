@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from runtime.gateway_frames import (CHUNK_BYTES, HttpChunk, HttpEnd, HttpRequest, HttpResponse,
                                     decode_from_wrapper)
@@ -38,6 +39,11 @@ class Clock:
 
 def of(actions, cls):
     return [a for a in actions if isinstance(a, cls)]
+
+
+def kind(frame):
+    """A decoded frame's tag, e.g. "http_request"."""
+    return type(frame).__struct_config__.tag
 
 
 def frames(actions):
@@ -672,3 +678,96 @@ def test_process_a_read_only_home_gets_a_private_writable_one(tmp_path):
         assert done["output"].strip() == str(home)
     else:
         assert done["status"] == "ok" and done["output"].startswith(str(tmp_path / "corral-home-"))
+
+
+# --- shutdown: the running task's exchanges go on during the grace --------------------------------
+
+def test_during_the_shutdown_grace_the_running_task_s_responses_still_come():
+    g = G()
+    g.request(1)
+    acts = g.actor({"kind": "shutdown", "grace_s": 5},
+                   {"kind": "run_task", "task_id": "late", "prompt": "x"},       # not read
+                   HttpResponse(req_id=1, status=200), HttpChunk(req_id=1, data=b"a"), HttpEnd(req_id=1))
+    assert c.StartTimer("grace", 5.0) in acts and frames(acts) == []
+    assert client(acts, 1) == [("respond", 200, {"Transfer-Encoding": "chunked"}, "chunked"),
+                               ("body", b"a"), ("finish", "")]
+    assert [type(f) for f in frames(g.request(2))] == [HttpRequest, HttpEnd]     # the agent goes on
+    acts = g.actor({"kind": "cancel_task", "task_id": "t", "reason": "stalled"})
+    assert of(acts, c.KillAgent) == [c.KillAgent("t")]
+    acts = g(c.StdinClosed())           # the actor is gone: its client is cut off, nothing more read
+    assert local_answer(acts, 2) == (503, "the supervisor went away") and not g.core.wants_stdin
+    acts = g.end_task()
+    assert [(type(f).__name__, f.status, f.failure) for f in frames(acts)] == [("TaskDone", "error", "stalled")]
+    assert acts[-1] == c.Exit(0)
+
+
+# --- FakeEngine's driver: the same core, HTTP in process ------------------------------------------
+
+async def test_fake_wrapper_carries_http_through_the_real_core(autojump_clock, nursery):
+    from runtime.engines.fake_wrapper import FakeControls, run_fake_wrapper
+
+    stdin_send, stdin_recv = trio.open_memory_channel(100)
+    out: list = []
+    wrote = trio.Event()
+    box = {"wrote": wrote}
+
+    def write(stream, data):
+        if stream == 1:
+            out.append(decode_wrapper_frame(data.rstrip(b"\n")))
+            box["wrote"].set()
+            box["wrote"] = trio.Event()
+
+    async def next_frame(pred):
+        while True:
+            for f in out:
+                if pred(f):
+                    out.remove(f)
+                    return f
+            await box["wrote"].wait()
+
+    controls = FakeControls()
+    env = {"CORRAL_WORKER_ID": "w-1", "CORRAL_AGENT": "claude", "CORRAL_HEARTBEAT_S": "30",
+           "CORRAL_GATEWAY": "1", "CORRAL_MODEL": "m"}
+    nursery.start_soon(lambda: run_fake_wrapper(env=env, stdin=stdin_recv, write=write,
+                                                controls=controls))
+    await next_frame(lambda f: kind(f) == "ready")
+    no_task = await controls.http("GET", "/v1/models")
+    assert no_task.status == 503 and b"no task is running" in no_task.body
+
+    await stdin_send.send(b'{"kind":"run_task","task_id":"t","prompt":"!sleep 10"}\n')
+    await next_frame(lambda f: kind(f) == "task_started")
+
+    async def actor():
+        req = await next_frame(lambda f: kind(f) == "http_request")
+        body = await next_frame(lambda f: kind(f) == "http_chunk")
+        await next_frame(lambda f: kind(f) == "http_end")
+        assert (req.method, req.target, body.data) == ("POST", "/v1/messages", b'{"stream":true}')
+        for frame in (HttpResponse(req_id=req.req_id, status=200, headers=[("content-type", "text/event-stream")]),
+                      HttpChunk(req_id=req.req_id, data=SSE[0]), HttpChunk(req_id=req.req_id, data=SSE[1]),
+                      HttpEnd(req_id=req.req_id)):
+            await trio.sleep(0.5)
+            await stdin_send.send(encode_frame(frame))
+
+    nursery.start_soon(actor)
+    t0 = trio.current_time()
+    resp = await controls.http("POST", "/v1/messages", [("x-api-key", "corral-gateway")], b'{"stream":true}')
+    assert (resp.status, resp.body, resp.error) == (200, SSE[0] + SSE[1], "")
+    assert trio.current_time() - t0 == 2.0
+    assert ("content-type", "text/event-stream") in resp.headers
+    # a request in flight when the task ends: cut short for the client, ended for the actor
+    pending: list = []
+    answered = trio.Event()
+
+    async def agent():
+        pending.append(await controls.http("POST", "/v1/messages", [], b"{}"))
+        answered.set()
+
+    nursery.start_soon(agent)
+    req = await next_frame(lambda f: kind(f) == "http_request")
+    await stdin_send.send(encode_frame(HttpResponse(req_id=req.req_id, status=200)))
+    done = await next_frame(lambda f: kind(f) == "task_done")
+    end = await next_frame(lambda f: kind(f) == "http_end" and f.req_id == req.req_id and f.error)
+    assert done.status == "ok" and end.error == "the task ended"
+    await answered.wait()
+    assert pending[0].status == 200 and pending[0].error == "the task ended"
+    await stdin_send.aclose()
