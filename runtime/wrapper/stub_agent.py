@@ -10,7 +10,13 @@ droid ``exec ... -f FILE`` reads it from FILE. Prompt directives (part of corral
 - ``!sleep S [TEXT]``: sleeps S seconds, then answers ``stub-<agent>: TEXT`` (or ``slept``);
 - ``!crash-wrapper``: kills the worker-wrapper (its parent);
 - ``!oom``: allocates memory until the kernel kills it;
+- ``!deny [TOOL]`` (claude): answers, exit 0, is_error false, with ``permission_denials`` naming
+  TOOL (default Bash), as real claude does when it was refused the tools it asked for (the task
+  fails ``permission_denied``); the other agents print no denials and answer it as a prompt;
 - anything else: answers ``stub-<agent>: <prompt>``.
+
+Outputs take the real CLIs' shapes (claude 2.1, codex 0.171, droid 0.225: docs/real-agents.md;
+tests/integration/test_stub_vs_real.py compares them with the real ones).
 
 ``CORRAL_STUB_FAIL_PROBE=1`` makes ``--version`` fail. Standard library only.
 
@@ -87,8 +93,10 @@ def parse_prompt(cli, argv, read_stdin, read_file):
     return value
 
 
-def _claude_result(text, is_error, duration_ms):
+def _claude_result(text, is_error, duration_ms, denied=None):
     """As real claude prints it (2.1): errors keep subtype "success" and say is_error."""
+    denials = [] if denied is None else [{"tool_name": denied, "tool_use_id": "toolu_stub",
+                                          "tool_input": {"command": "true"}}]
     return {"type": "result", "subtype": "success", "is_error": is_error,
             "api_error_status": None, "duration_ms": duration_ms, "duration_api_ms": 0,
             "num_turns": 1, "result": text, "stop_reason": "stop_sequence" if is_error else "end_turn",
@@ -97,7 +105,7 @@ def _claude_result(text, is_error, duration_ms):
                       "cache_read_input_tokens": 0, "output_tokens": 0,
                       "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
                       "service_tier": "standard"},
-            "modelUsage": {}, "permission_denials": [],
+            "modelUsage": {}, "permission_denials": denials,
             "terminal_reason": "api_error" if is_error else "completed", "uuid": str(uuid.uuid4())}
 
 
@@ -127,15 +135,15 @@ def _codex_events(text, is_error):
     return events
 
 
-def render(output_format, text, is_error, duration_s=0.0):
+def render(output_format, text, is_error, duration_s=0.0, denied=None):
     """``text`` as the real CLI prints it: (stdout bytes, stderr bytes). ``result_json`` is
-    claude's shape."""
+    claude's shape; ``denied`` (claude): the tool it was refused."""
     ms = int(duration_s * 1000)
     if output_format == "codex_jsonl":
         events = _codex_events(text, is_error)
         return "".join(json.dumps(ev) + "\n" for ev in events).encode("utf-8", "replace"), b""
     if output_format in ("claude_json", "result_json"):
-        return (json.dumps(_claude_result(text, is_error, ms)) + "\n").encode("utf-8", "replace"), b""
+        return (json.dumps(_claude_result(text, is_error, ms, denied)) + "\n").encode("utf-8", "replace"), b""
     if output_format == "droid_json":
         err = (text + "\n").encode("utf-8", "replace") if is_error else b""
         return (json.dumps(_droid_result(text, is_error, ms)) + "\n").encode("utf-8", "replace"), err
@@ -196,6 +204,11 @@ def stub_plan(cli, argv, env, read_stdin=lambda: "", read_file=None):
                         sleep_s=CRASH_DELAY_S, exit_code=1, then=THEN_KILL_WRAPPER)
     if head == "!oom":
         return StubPlan(exit_code=-9, then=THEN_OOM)
+    if head == "!deny" and fmt in ("claude_json", "result_json"):
+        tool = words[1] if len(words) > 1 else "Bash"
+        out, err = render(fmt, "stub-%s: I was not allowed to use %s" % (name, tool), False,
+                          denied=tool)
+        return StubPlan(stdout=out, stderr=err)
     out, err = render(fmt, "stub-%s: %s" % (name, prompt), False)
     return StubPlan(stdout=out, stderr=err)
 

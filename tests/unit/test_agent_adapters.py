@@ -516,3 +516,17 @@ def test_the_agent_not_starting_is_an_agent_error():
     w(c.StdinData(b'{"kind":"run_task","task_id":"t","prompt":"hi"}\n'))
     d = done(w(c.AgentNotStarted("t", "spawn", "[Errno 2] No such file or directory: 'claude'")))
     assert (d["status"], d["failure"], d["usage"]) == ("error", "agent_error", None)
+
+
+@pytest.mark.parametrize("agent,prompt,expected", [
+    ("claude", "!deny", ("error", "stub-claude: I was not allowed to use Bash", "permission denied: Bash(true)",
+                         "permission_denied")),
+    ("claude", "!deny Edit", ("error", "stub-claude: I was not allowed to use Edit",
+                              "permission denied: Edit(true)", "permission_denied")),
+    ("codex", "!deny", ("ok", "stub-codex: !deny", "", "")),       # codex prints no denials
+])
+def test_the_stub_s_deny_directive_is_read_as_real_claude_s_denial(agent, prompt, expected):
+    a = table.AGENTS[agent]
+    plan = stub_plan(a.cli, a.command(prompt, [], None, setup())[1:], {})
+    assert plan.exit_code == 0
+    assert tuple(a.parse(0, plan.stdout.decode(), plan.stderr.decode()))[:4] == expected
