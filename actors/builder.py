@@ -38,7 +38,7 @@ from runtime.errors import ImageBuildError, ImageNotFound
 from runtime.messages import ImageRequest, ask, drain_mailbox, reply_error, reply_value
 from runtime.wrapper import agents as agent_table
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 WORKER_USER = "worker"
 AGENTS_DIR = "/opt/agents"
 """where an agent image holds its package: ``/opt/agents/<agent>/``"""
@@ -139,7 +139,9 @@ def dockerfile(inputs: dict, *, base_ref: str, from_ref: str | None = None) -> s
     check = (f"id -u {WORKER_USER} >/dev/null 2>&1 || {{ echo \"corral: the base image {base_ref} "
              f"({base_id[:19]}) has no user '{WORKER_USER}': workers run as user {WORKER_USER} "
              f"(uid 1000); rebuild the base with 'corral base-image'\" >&2; exit 1; }}")
-    setup = [check, "chmod 0755 /opt/corral/*.py"]
+    # precompiled: a worker's wrapper starts without compiling its modules (it cannot write
+    # /opt/corral/__pycache__ as user worker, so it would compile them at every start)
+    setup = [check, "chmod 0755 /opt/corral/*.py", "python3 -m compileall -q /opt/corral"]
     if inputs["stub_agent"]:
         setup.append(f"ln -sf /opt/corral/stub_agent.py /usr/local/bin/{STUB_CLIS[agent['name']]}")
     pkg = inputs["package"]
