@@ -92,7 +92,7 @@ try:                    # imported as runtime.wrapper.core
 except ImportError:     # in the image: /opt/corral/core.py beside agents.py
     import agents as agent_table
 
-WRAPPER_VERSION = "3"
+WRAPPER_VERSION = "4"                # 4: model gateway (http_* frames), task_done failure and usage
 EX_CONFIG = 78
 EX_SOFTWARE = 70
 EX_OOM = 137                        # 128 + SIGKILL: as if the kernel had killed the wrapper
