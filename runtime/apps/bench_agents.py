@@ -224,7 +224,8 @@ async def agent_image(bench, engine, quick: bool) -> None:
             try:
                 files = await ensure_agent_files(agent, cache_dir=cache)
             except CorralError as exc:
-                bench.report(f"agent-image-{agent}", skipped=str(exc).splitlines()[0], met=True)
+                bench.report(f"agent-image-{agent}", skipped=str(exc).splitlines()[0],
+                         target="skipped", met=True)
                 continue
             fetch_s = time.perf_counter() - t0
             async with open_image_builder(engine, base_image=tag,
@@ -286,7 +287,8 @@ async def agent_spawn(bench, sup, engine, quick: bool) -> None:
         for s in (real_spec, stub_spec):      # images built (or found) before timing
             await (await sup.spawn(s)).stop()
     except CorralError as exc:
-        bench.report("agent-spawn", skipped=str(exc).splitlines()[0], met=True)
+        bench.report("agent-spawn", skipped=str(exc).splitlines()[0],
+                         target="skipped", met=True)
         return
     real, stub = [], []
     for i in range(n):
@@ -312,7 +314,8 @@ async def gateway(bench, sup, engine, quick: bool) -> None:
             w = await sup.spawn(WorkerSpec(agent="claude", upstream=api.url,
                                            secrets={"ANTHROPIC_API_KEY": "bench-not-a-key"}))
         except CorralError as exc:
-            bench.report("gateway", skipped=str(exc).splitlines()[0], met=True)
+            bench.report("gateway", skipped=str(exc).splitlines()[0],
+                         target="skipped", met=True)
             nursery.cancel_scope.cancel()
             return
         cid = (await w.info()).container_id

@@ -234,3 +234,22 @@ async def test_a_read_only_rootfs_gets_a_writable_home(images, engine, corral_na
                     results[agent] = await w.run(Task(prompt="Say hello", timeout_s=120))
     for agent, r in results.items():
         assert (r.status, r.output.strip()) == ("ok", mock.answer), (agent, r)
+
+
+async def test_the_agent_benchmarks_run_and_clean_up(images, engine, tmp_path):
+    """`python -m runtime.apps.bench_agents --quick` (spawn and gateway; its numbers are not
+    asserted: no timed tests)."""
+    import sys
+    from pathlib import Path
+    out = tmp_path / "bench.json"
+    root = Path(__file__).resolve().parents[2]
+    proc = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-m", "runtime.apps.bench_agents", "--quick", "--only", "agent-spawn",
+         "--only", "gateway", "--json", str(out)], cwd=root, capture_output=True, text=True,
+        timeout=300))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    for key in ("agent-spawn", "gateway-burst", "gateway-paced"):
+        assert results[key]["met"] is True, results[key]
+    assert results["gateway-paced"]["ratio_total_corral_over_direct"] > 0
+    assert "summary: all targets met" in proc.stdout
