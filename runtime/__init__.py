@@ -20,12 +20,14 @@ from .errors import WorkerGone as WorkerGone
 from .errors import WorkerStartupError as WorkerStartupError
 from .instance import AlreadyRunning as AlreadyRunning
 from .records import DeathCertificate as DeathCertificate
+from .records import TokenUsage as TokenUsage
 from .records import PoolSnapshot as PoolSnapshot
 from .records import SupervisorSnapshot as SupervisorSnapshot
 from .records import TaskResult as TaskResult
 from .records import WorkerInfo as WorkerInfo
 from .records import WorkerSnapshot as WorkerSnapshot
 from .specs import Backoff as Backoff
+from .specs import EnvSecret as EnvSecret
 from .specs import PoolSpec as PoolSpec
 from .specs import RestartPolicy as RestartPolicy
 from .specs import SupervisorConfig as SupervisorConfig

@@ -166,7 +166,7 @@ async def handle(sup, line: bytes) -> dict[str, Any]:
     except CorralError as exc:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:   # a client must never take the supervisor down
-        log.exception("control_request_failed", request=line[:200].decode(errors="replace"))
+        log.exception("control_request_failed", request=_describe(line))
         return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
     raise AssertionError(f"unhandled request {req!r}")   # pragma: no cover
 
@@ -274,7 +274,7 @@ async def serve_connection(sup, stream: trio.abc.Stream) -> None:
                             pass
                     raise
                 if answer is None:
-                    log.info("control_client_gone", request=line[:200].decode(errors="replace"))
+                    log.info("control_client_gone", request=_describe(line))
                     return
                 await _send(stream, answer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -311,6 +311,16 @@ async def _remove_stale_socket(path: str) -> None:
     await probe.aclose()
     raise ConfigError(f"the control socket {path} is in use by another process (another "
                       f"`corral run`?); pass another --socket")
+
+
+def _describe(line: bytes) -> str:
+    """What a log line may say of a request: its op and size, never its body (a spawn request
+    may carry secrets)."""
+    try:
+        op = msgspec.json.decode(line).get("op")
+    except Exception:
+        op = None
+    return f"{op if isinstance(op, str) else '?'} ({len(line)} bytes)"
 
 
 async def serve_control(sup, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
