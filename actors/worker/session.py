@@ -2,9 +2,10 @@
 (a silent wrapper is ``hung``, unless the engine itself stalls), task frames, ``fatal``; a bad
 frame is a protocol error of this worker only.
 
-Frames to the wrapper go through one writer task per container (``_Life.outbox``): every frame
-is written whole and in order, whoever sends it (tasks, cancels, shutdown, the model gateway's
-responses). A real agent's container has a model gateway (``runtime.gateway``) for its life:
+A real agent's frames to the wrapper go through one writer task per container
+(``_Life.outbox``): every frame is written whole and in order, whoever sends it (tasks, cancels,
+shutdown, the model gateway's streamed responses). Other workers send their few frames (run,
+cancel, shutdown) straight to the attachment, which serializes writes: no task per worker. A real agent's container has a model gateway (``runtime.gateway``) for its life:
 the wrapper's ``http_*`` frames are fed to it, and what it sees comes back here: upstream
 failures end the running task at once, token usage is counted."""
 
@@ -58,8 +59,14 @@ class WrapperSession:
         await self._send_bytes(life, encode_frame(frame))
 
     async def _send_bytes(self, life: _Life, data: bytes) -> None:
-        """Queue whole frame(s) for the container's stdin (the writer writes them in order)."""
+        """Queue whole frame(s) for the container's stdin (the writer writes them in order), or
+        write them straight when the container has no writer (no model gateway)."""
         if life.outbox is None:
+            if life.att is not None:
+                try:
+                    await life.att.send(data)
+                except EngineError as exc:
+                    log.debug("stdin_write_failed", error=str(exc))
             return
         try:
             await life.outbox.send(data)
@@ -90,11 +97,13 @@ class WrapperSession:
         its stdin writer and, for a real agent, its model gateway."""
         async with self.engine.attach(life.container_id) as att:
             life.att = att
-            send, recv = trio.open_memory_channel[bytes](OUTBOX)
-            life.outbox = send
+            setup = self._gateway_setup if self.spec.uses_gateway else None
+            if setup is not None:
+                send, recv = trio.open_memory_channel[bytes](OUTBOX)
+                life.outbox = send
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, att, recv)
-                setup = self._gateway_setup if self.spec.uses_gateway else None
+                if setup is not None:
+                    nursery.start_soon(self._writer, att, recv)
                 if setup is None:
                     task_status.started()
                     await self._reader(life, att)
