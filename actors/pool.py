@@ -91,6 +91,9 @@ class Pool:
         self._inflight: dict[str, tuple[_Job, Worker]] = {}
         self._busy: set[Worker] = set()
         self._idle: dict[Worker, None] = {}   # READY members with no pool task, oldest first
+        self._held: dict[_Job, None] = {}
+        """jobs out of the queue and with no worker yet (the dispatcher's, a full queue's
+        requeues): answered too if the pool stops"""
         self._cancelled: set[str] = set()
         self._changed = trio.Event()
         self._ids = itertools.count(1)
@@ -120,7 +123,8 @@ class Pool:
 
     def _fail_queued(self) -> None:
         self.jobs_send.close()
-        pending = [job for job, _ in self._inflight.values()]
+        pending = [job for job, _ in self._inflight.values()] + list(self._held)
+        self._held.clear()
         while True:
             try:
                 pending.append(self.jobs_recv.receive_nowait())
@@ -214,7 +218,9 @@ class Pool:
             if job.task.task_id in self._cancelled:
                 self._cancelled.discard(job.task.task_id)
                 continue
+            self._held[job] = None           # out of the queue, not yet with a worker
             worker = await self._idle_worker()
+            del self._held[job]
             self._busy.add(worker)
             self._idle.pop(worker, None)
             job.attempts += 1
@@ -275,8 +281,11 @@ class Pool:
                                               error=f"pool {self.spec.name} stopped", attempts=job.attempts))
 
     async def _requeue_wait(self, job: _Job) -> None:
+        self._held[job] = None
         try:
             await self.jobs_send.send(job)
+            del self._held[job]
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._held.pop(job, None)
             reply_value(job.reply, TaskResult(task_id=job.task.task_id, status="cancelled",
                                               error=f"pool {self.spec.name} stopped", attempts=job.attempts))
