@@ -60,7 +60,6 @@ its files (droid's settings) and PATH additions (codex's codex-path), see Prepar
 """
 
 import errno
-import http.server
 import itertools
 import os
 import queue
@@ -68,7 +67,6 @@ import select
 import shutil
 import signal
 import socket
-import socketserver
 import struct
 import subprocess
 import sys
@@ -288,7 +286,9 @@ class Driver(object):
     # -- the model gateway's endpoint -----------------------------------------------------------
     def _start_gateway(self, port):
         try:
-            server = GatewayServer(self, port)
+            import gateway_server     # only a real agent's wrapper pays for http.server
+            server = gateway_server.GatewayServer(self, port, timeout_s=CLIENT_TIMEOUT_S,
+                                                  max_connections=MAX_CONNECTIONS, log=log)
         except (OSError, OverflowError) as exc:
             return core.GatewayStarted(0, exc.strerror if isinstance(exc, OSError) and exc.strerror
                                        else str(exc))
@@ -715,75 +715,6 @@ def _abort_connection(sock):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
-
-
-class GatewayHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = CLIENT_TIMEOUT_S
-    server_version = "corral-wrapper"
-
-    def handle_one_request(self):
-        try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.requestline = self.request_version = self.command = ""
-                self.send_error(414)
-                return
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            if not self.parse_request():       # answers 400/431/505 itself
-                return
-            self.server.driver.serve_exchange(self)
-            self.wfile.flush()
-        except (OSError, ValueError):      # the client went away, or timed out
-            self.close_connection = True
-
-    def log_message(self, format, *args):  # the core logs what matters
-        pass
-
-
-class GatewayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 64
-
-    def __init__(self, driver, port):
-        self.driver = driver
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        http.server.HTTPServer.__init__(self, ("127.0.0.1", port), GatewayHandler)
-
-    def server_bind(self):
-        # not HTTPServer's: it looks up the host's name (no DNS in a container without network)
-        socketserver.TCPServer.server_bind(self)
-        self.server_name = "127.0.0.1"
-        self.server_port = self.server_address[1]
-
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            return self._refuse(request)
-        try:
-            socketserver.ThreadingMixIn.process_request(self, request, client_address)
-        except Exception:           # no thread (the pids limit): refuse it
-            self.slots.release()
-            self._refuse(request)
-
-    def process_request_thread(self, request, client_address):
-        try:
-            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
-        finally:
-            self.slots.release()
-
-    def _refuse(self, request):
-        try:
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                            b"Connection: close\r\n\r\n")
-        except OSError:
-            pass
-        self.shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        log("model gateway: error serving a connection: %s" % (sys.exc_info()[1],))
 
 
 def _writable_dir(path):
