@@ -256,6 +256,11 @@ class Bench:
                     for key in ("restart", "spawn", "task", "idle"):
                         if key in want:
                             await getattr(self, key)(sup, engine, image)
+                    # the real-agent scenarios (image builds, spawn, gateway overhead) run when
+                    # named: `corral bench --only agent-image --only agent-spawn --only gateway`
+                    from .bench_agents import AGENT_SCENARIOS, run_agent_scenarios
+                    if want & set(AGENT_SCENARIOS):
+                        await run_agent_scenarios(self, sup, engine, want & set(AGENT_SCENARIOS))
             finally:
                 with trio.CancelScope(shield=True):
                     await self.cleanup(engine)
