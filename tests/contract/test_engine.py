@@ -17,6 +17,7 @@ from runtime.errors import (
 )
 from runtime.protocol import Fatal, Ready, RunTask, Shutdown, TaskDone
 
+from .conftest import flavour
 from .helpers import DEADLINE, Session, collect, start_worker, story, worker_spec
 
 
@@ -88,7 +89,23 @@ async def test_kill_ends_a_container_with_128_plus_the_signal(engine, sup_name, 
 
 
 async def test_the_events_of_kill_stop_restart_and_remove(engine, sup_name, image):
-    """What each way of ending a container tells, in order, with the corral labels and signals."""
+    """What each way of ending a container tells, in order, with the corral labels and signals.
+    Podman tells less: no kill for a stop, a restart or a forced removal, the restart before the
+    death, and a stop event only when its stop call wins a race with the container's own cleanup
+    (so a story there is told without its stop events); its kill events name no signal (the
+    adapter takes it from the death that follows)."""
+    podman = flavour(engine) == "podman"
+    if podman:
+        want = {"a": [("started", None), ("killed", 9), ("died", 137), ("removed", None)],
+                "b": [("started", None), ("died", 143)],
+                "c": [("started", None), ("restarted", None), ("died", 143), ("started", None)],
+                "d": [("started", None), ("died", 137), ("removed", None)]}
+    else:
+        want = {"a": [("started", None), ("killed", 9), ("died", 137), ("removed", None)],
+                "b": [("started", None), ("killed", 15), ("died", 143), ("stopped", None)],
+                "c": [("started", None), ("killed", 15), ("died", 143), ("stopped", None),
+                      ("started", None), ("restarted", None)],
+                "d": [("started", None), ("killed", 9), ("died", 137), ("removed", None)]}
     with trio.fail_after(DEADLINE):
         t0 = time.time_ns()
         async with engine.events(labels={"corral.supervisor": sup_name}) as stream:
@@ -106,15 +123,13 @@ async def test_the_events_of_kill_stop_restart_and_remove(engine, sup_name, imag
                 await engine.container_remove(d, force=True)       # running: killed, then removed
                 await engine.container_remove(a)
 
+                def told(seen, cid):
+                    return [e for e in story(seen, cid) if not (podman and e == ("stopped", None))]
+
                 def done(seen):
-                    kinds = {(ev.container_id, ev.kind) for ev in seen}
-                    return {(a, "removed"), (b, "stopped"), (c, "restarted"), (d, "removed")} <= kinds
+                    return all(len(told(seen, ids[w])) >= len(want[w]) for w in ids)
                 events = await collect(stream, done)
-        assert story(events, a) == [("started", None), ("killed", 9), ("died", 137), ("removed", None)]
-        assert story(events, b) == [("started", None), ("killed", 15), ("died", 143), ("stopped", None)]
-        assert story(events, c) == [("started", None), ("killed", 15), ("died", 143), ("stopped", None),
-                                    ("started", None), ("restarted", None)]
-        assert story(events, d) == [("started", None), ("killed", 9), ("died", 137), ("removed", None)]
+        assert {w: told(events, cid) for w, cid in ids.items()} == want
         for ev in events:
             assert (ev.supervisor, ev.generation) == (sup_name, 1)
             assert ev.worker_id == next(w for w, i in ids.items() if i == ev.container_id)
@@ -236,7 +251,8 @@ async def test_attached_to_an_exited_container_the_output_ends_at_once(engine, s
 
 async def test_oom_kill_under_a_memory_limit(engine, sup_name, image):
     """The stub agent's ``!oom`` under a memory limit: the wrapper says so and dies (137); the
-    engine tells an oom event and the state says OOM killed."""
+    engine tells an oom event and the state says OOM killed. Podman on cgroup v1 tells neither
+    (``reports_oom``): the wrapper's own word is all there is, and the state does not pretend."""
     with trio.fail_after(DEADLINE):
         async with engine.events(labels={"corral.supervisor": sup_name}) as stream:
             async with AsyncExitStack() as stack:
@@ -248,9 +264,11 @@ async def test_oom_kill_under_a_memory_limit(engine, sup_name, image):
                 assert await session.until_end() == []
             assert await engine.container_wait(cid) == 137
             events = await collect(stream, lambda seen: seen[-1].kind == "died")
-        assert ("oom", None) in story(events, cid) and story(events, cid)[-1] == ("died", 137)
+        reports_oom = getattr(engine, "reports_oom", True)
+        assert (("oom", None) in story(events, cid)) is reports_oom
+        assert story(events, cid)[-1] == ("died", 137)
         state = await engine.container_inspect(cid)
-        assert (state.status, state.exit_code, state.oom_killed) == ("exited", 137, True)
+        assert (state.status, state.exit_code, state.oom_killed) == ("exited", 137, reports_oom)
 
 
 async def test_listing_filters_by_labels_and_running(engine, sup_name, image):

@@ -8,6 +8,7 @@ import trio
 from actors.watcher import Watcher
 from runtime.engines import ContainerEvent, Engine
 
+from .conftest import flavour
 from .helpers import DEADLINE, worker_spec
 
 
@@ -99,13 +100,21 @@ async def test_the_watcher_resubscribes_and_replays_what_it_missed(engine, sup_n
 
             dropping.let_in()
             await watcher.wait_alive()
-            while not wb.stopped:                      # replayed: kill, die, then stop
+            # replayed: kill, die, then stop. Podman tells no kill for a stop, and its stop event
+            # only when the stop call wins a race with the container's cleanup
+            podman = flavour(engine) == "podman"
+            while not ((podman or wb.stopped) and wb.died.is_set()):
                 await wb.changed.wait()
+            if podman:
+                with trio.move_on_after(0.5):
+                    while not wb.stopped:
+                        await wb.changed.wait()
             nursery.cancel_scope.cancel()
     assert watcher.subscriptions == 2
     assert (wa.kills, wa.exit_code, wa.stopped) == (["9"], 137, False)
-    assert (wb.kills, wb.exit_code, wb.stopped) == (["15"], 143, True)
+    assert (wb.kills, wb.exit_code) == ([] if podman else ["15"], 143)
+    assert wb.stopped or podman
     assert not wa.restarted and not wb.restarted
     # every event once, though the replay starts a little before the last one seen (a's death):
-    # started a, b; killed, died a; killed, died, stopped b
-    assert watcher.events_seen == 7
+    # started a, b; killed, died a; killed, died, stopped b (Podman: died, stopped if told)
+    assert watcher.events_seen == (5 + wb.stopped if podman else 7)
