@@ -7,6 +7,12 @@ Scenarios (see BENCHMARKS.md for what limits each number):
   task      a trivial task on a READY worker, vs `docker exec <container> true`
   scale     10,000 workers on FakeEngine (time to READY, RSS per worker); 100 idle real workers' CPU
   mailbox   actor ask/reply round trips per second, vs a bare trio memory channel round trip
+
+CORRAL_BENCH_COMPARE_ENGINE=URL (or a ``compare_engine`` argument) runs restart and spawn again on
+a second engine (e.g. Podman's unix:///run/corral-podman/podman.sock) in the same run, with ``lifecycle`` on both: one worker
+container's engine calls timed one at a time (create, attach, start to READY, a kill's call, the
+kill to the end of output and to the death event, wait + inspect, remove), which says what
+limits each engine's restart.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import trio
 
+COMPARE_ENV = "CORRAL_BENCH_COMPARE_ENGINE"
 QUICK = {"restart": 3, "spawn": 10, "spawn_rounds": 1, "task": 30, "exec": 10, "fake": 1000, "idle": 10, "idle_s": 5.0,
          "mailbox": 20_000}
 FULL = {"restart": 10, "spawn": 50, "spawn_rounds": 5, "task": 300, "exec": 50, "fake": 10_000, "idle": 100, "idle_s": 60.0,
@@ -53,13 +60,20 @@ def rss_kib() -> int:
 
 
 class Bench:
-    def __init__(self, sizes: dict[str, Any], engine_url: str | None) -> None:
+    def __init__(self, sizes: dict[str, Any], engine_url: str | None,
+                 compare_url: str | None = None) -> None:
         self.sizes = sizes
         self.engine_url = engine_url
+        self.compare_url = compare_url
         self.name = "bench" + uuid.uuid4().hex[:6]
         self.results: dict[str, Any] = {}
+        self.suffix = ""
+        """"" on the first engine, "@<flavour>" on the one compared with it"""
+        self.cli_env: dict[str, str] | None = None
+        """the docker CLI's environment: DOCKER_HOST of the engine being measured"""
 
     def report(self, key: str, **data: Any) -> None:
+        key += self.suffix
         self.results[key] = data
         print(f"\n[{key}]", flush=True)
         for k, v in data.items():
@@ -71,7 +85,8 @@ class Bench:
 
     # -- helpers -------------------------------------------------------------------------------
     async def docker(self, *args: str) -> str:
-        p = await trio.run_process(["docker", *args], capture_stdout=True, capture_stderr=True, check=False)
+        p = await trio.run_process(["docker", *args], capture_stdout=True, capture_stderr=True, check=False,
+                                   env=self.cli_env)
         if p.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args)}: {p.stderr.decode().strip()}")
         return p.stdout.decode().strip()
@@ -147,6 +162,77 @@ class Bench:
                     corral_per_s=c_rate, docker_run_d_s=summary(cli), docker_run_d_per_s=d_rate,
                     ratio_corral_over_cli=c_rate / d_rate,
                     target="corral rate >= 0.9x the CLI's", met=c_rate >= 0.9 * d_rate)
+
+    async def lifecycle(self, sup, engine, image: str) -> None:
+        """One shell worker container at a time, each engine call timed on its own."""
+        from contextlib import AsyncExitStack
+
+        from ..engines import STDOUT, ContainerSpec
+        from ..protocol import LineSplitter, Ready, decode_wrapper_frame
+        phases: dict[str, list[float]] = {}
+
+        def took(phase: str, t0: float) -> float:
+            now = time.perf_counter()
+            phases.setdefault(phase, []).append(now - t0)
+            return now
+
+        async def ready(att) -> None:
+            split = LineSplitter()
+            async for stream, data in att.output:
+                if stream == STDOUT and any(isinstance(decode_wrapper_frame(line), Ready)
+                                            for line in split.feed(data)):
+                    return
+            raise RuntimeError("the wrapper's output ended before READY")
+
+        async def drained(att) -> None:
+            async for _ in att.output:
+                pass
+
+        def spec(i: int) -> ContainerSpec:
+            return ContainerSpec(image=image, name=f"{self.name}-life-{i}", user="worker",
+                                 labels={"corral.supervisor": self.name, "corral.bench": "1"},
+                                 env={"CORRAL_WORKER_ID": f"life-{i}", "CORRAL_AGENT": "shell"},
+                                 pids_limit=512, working_dir="/workspace")
+        labels = {"corral.supervisor": self.name}
+        async with engine.events(labels=labels, kinds=["died"]) as events:
+            for i in range(self.sizes["restart"]):
+                await trio.sleep(0.5)
+                async with AsyncExitStack() as stack:
+                    t = time.perf_counter()
+                    cid = await engine.container_create(spec(i))
+                    t = took("create", t)
+                    att = await stack.enter_async_context(engine.attach(cid))
+                    t = took("attach", t)
+                    await engine.container_start(cid)
+                    t = took("start_call", t)
+                    await ready(att)
+                    took("start_call_to_ready", t)
+                    pid = (await engine.container_inspect(cid)).pid
+                    t0 = time.perf_counter()
+                    os.kill(pid, signal.SIGKILL)
+                    await drained(att)
+                    took("kill_to_output_end", t0)
+                    async for ev in events.receive:
+                        if ev.container_id == cid:
+                            break
+                    t = took("kill_to_die_event", t0)
+                t = time.perf_counter()
+                await engine.container_wait(cid)
+                await engine.container_inspect(cid)
+                t = took("wait_and_inspect", t)
+                await engine.container_remove(cid, force=True)
+                took("remove", t)
+                # a kill through the engine's API (what `docker kill` costs): the call alone
+                cid = await engine.container_create(spec(i))
+                async with engine.attach(cid) as att:
+                    await engine.container_start(cid)
+                    await ready(att)
+                    t = time.perf_counter()
+                    await engine.container_kill(cid, "SIGKILL")
+                    took("kill_call", t)
+                await engine.container_remove(cid, force=True)
+        self.report("lifecycle", **{k: summary(v) for k, v in phases.items()},
+                    target="reported (no target)", met=True)
 
     async def task(self, sup, engine, image: str) -> None:
         from ..specs import Task, WorkerSpec
@@ -235,9 +321,6 @@ class Bench:
                     target="reported (no target)", met=True)
 
     async def run(self, only: list[str] | None) -> dict[str, Any]:
-        from ..api import open_supervisor
-        from ..engines import open_engine
-        from ..specs import SupervisorConfig
         want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox"])
         print(f"corral bench ({'quick' if self.sizes is QUICK else 'full'}) on {platform.node()}: "
               f"{os.cpu_count()} cores, python {platform.python_version()}", flush=True)
@@ -245,15 +328,38 @@ class Bench:
             await self.mailbox()
         if "scale" in want:
             await trio.to_thread.run_sync(self.scale_fake)
-        async with open_engine(self.engine_url) as engine:
+        compared = want & {"restart", "spawn"}
+        if self.compare_url and compared:
+            want |= {"lifecycle"}
+        first = await self.on_engine(self.engine_url, want)
+        self.results["engine"] = first
+        if self.compare_url and compared:
+            second = await self.on_engine(self.compare_url, compared | {"lifecycle"}, second=True)
+            self.results["engine" + self.suffix] = second
+            self.compare(first, second, sorted(compared))
+        return self.results
+
+    async def on_engine(self, url: str | None, want: set[str], *, second: bool = False) -> dict[str, Any]:
+        """The real-engine scenarios in ``want`` on the engine at ``url``; what engine it is."""
+        from ..api import open_supervisor
+        from ..engines import open_engine
+        from ..engines.docker import resolve_url
+        from ..specs import SupervisorConfig
+        url = resolve_url(url)
+        self.cli_env = {**os.environ, "DOCKER_HOST": url}
+        async with open_engine(url) as engine:
             v = await engine.version()
-            self.results["engine"] = {"version": v.version, "api": v.api_version,
-                                      "kernel": v.kernel_version}
+            flavour = getattr(engine, "flavour", "docker")
+            label = flavour + ("-rootless" if getattr(engine, "rootless", False) else "")
+            self.suffix = f"@{label}" if second else ""
+            about = {"url": url, "flavour": label, "version": v.version, "api": v.api_version,
+                     "kernel": v.kernel_version}
+            print(f"\n== {label} {v.version} at {url}", flush=True)
             try:
-                async with open_supervisor(SupervisorConfig(name=self.name, engine_url=self.engine_url,
+                async with open_supervisor(SupervisorConfig(name=self.name, engine_url=url,
                                                             max_restarts=10_000), engine=engine) as sup:
                     image = (await sup.builder.image_for("shell", [], False)).tag
-                    for key in ("restart", "spawn", "task", "idle"):
+                    for key in ("restart", "spawn", "lifecycle", "task", "idle"):
                         if key in want:
                             await getattr(self, key)(sup, engine, image)
                     # the real-agent scenarios (image builds, spawn, gateway overhead) run when
@@ -264,7 +370,26 @@ class Bench:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.cleanup(engine)
-        return self.results
+        return about
+
+    def compare(self, first: dict[str, Any], second: dict[str, Any], keys: list[str]) -> None:
+        """The two engines' figures side by side (each measured on its own engine, one run)."""
+        a, b, sfx = first["flavour"], second["flavour"], self.suffix
+        self.suffix = ""
+        data: dict[str, Any] = {"engines": f"{a} {first['version']} vs {b} {second['version']}"}
+        r = self.results
+        if "restart" in keys:
+            ra, rb = r["restart"]["corral_s"]["median"], r["restart" + sfx]["corral_s"]["median"]
+            data[f"restart_median_s_{a}"] = ra
+            data[f"restart_median_s_{b}"] = rb
+            data[f"restart_ratio_{b}_over_{a}"] = rb / ra
+            data[f"engine_restart_policy_median_s_{b}"] = r["restart" + sfx]["docker_restart_policy_s"]["median"]
+        if "spawn" in keys:
+            sa, sb = r["spawn"]["corral_per_s"], r["spawn" + sfx]["corral_per_s"]
+            data[f"spawn_per_s_{a}"] = sa
+            data[f"spawn_per_s_{b}"] = sb
+            data[f"spawn_rate_ratio_{b}_over_{a}"] = sb / sa
+        self.report("compare", **data, target="reported (no target)", met=True)
 
 
 async def _scale_child(n: int, mode: str) -> None:
@@ -315,7 +440,8 @@ async def _scale_child(n: int, mode: str) -> None:
 
 def main(args) -> int:
     sizes = QUICK if args.quick else FULL
-    bench = Bench(sizes, args.engine)
+    compare = getattr(args, "compare_engine", None) or os.environ.get(COMPARE_ENV) or None
+    bench = Bench(sizes, args.engine, compare)
     results = trio.run(bench.run, args.only)
     missed = [k for k, v in results.items() if isinstance(v, dict) and v.get("met") is False]
     print("\nsummary: " + ("all targets met" if not missed else f"missed: {', '.join(missed)}"))
