@@ -1,53 +1,95 @@
-"""`corral chaos`: a pool under fire on the real engine, with its invariants checked.
+"""`corral chaos`: a pool under fire, its invariants checked - built on runtime.chaoskit.
 
-A producer keeps tasks flowing through a pool while a seeded monkey kills (`docker kill`) or
-removes (`docker rm -f`) random worker containers. At the end it checks what a user relies on:
-every task has exactly one result, the workers came back, and no container is left behind.
+A producer keeps tasks flowing through a pool while the kit's seeded monkey kills (`docker kill`)
+or removes (`docker rm -f`) a serving worker's container about every ``kill_interval_s`` (jitter
+0.5; four kills to one removal). At the end, once every task has its answer, the supervisor stops
+and the kit's invariants are checked (runtime.chaoskit.invariants): every task has exactly one
+result, executions counted inside the containers stay within max_attempts, no container is left,
+each fault's certificate names its cause, restart delays follow the policy, no escalation.
+
+The report (JSON, or ``text()``) lists the faults by kind, every death by cause (each worker's
+``deaths_by_cause``: all of them, not the last few), restart latency percentiles (fault -> the
+worker's next container READY), and each invariant with its violations.
 """
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 from collections import Counter
-from typing import Any
+from contextlib import AsyncExitStack
 
 import msgspec
 import trio
 
-from ..api import open_supervisor
-from ..executions import ExecutionLedger, check_deliveries
-from ..errors import EngineError
+from ..chaoskit import INVARIANTS, Harness
+from ..engines import Engine
 from ..specs import Backoff, PoolSpec, RestartPolicy, SupervisorConfig, Task, WorkerSpec
 
 
 class ChaosReport(msgspec.Struct, kw_only=True):
     supervisor: str
+    engine: str = ""
+    seed: int = 0
     workers: int
     duration_s: float
-    actions: dict[str, int]
+    faults: dict[str, int] = {}
+    """faults injected, by kind (kill, remove)"""
+    schedule: list[str] = []
     restart_latency_s: dict[str, float]
+    """fault -> the worker's next container READY: n, p50, p90, p95, p99, max, mean"""
     tasks_submitted: int
     results: dict[str, int]
+    """results by status"""
     tasks_without_result: int
     tasks_with_several_results: int
-    deaths: int
-    """every death of a worker container during the run (whatever killed it)"""
-    causes: dict[str, int]
-    """those deaths by cause (from each worker's deaths_by_cause: every death since its spawn)"""
-    containers_left: int
     executions: int = 0
     """task executions the wrappers reported (task_started frames), redeliveries included"""
+    deaths: int
+    """every death of a worker container during the run (whatever killed it)"""
+    deaths_by_cause: dict[str, int] = {}
+    """those deaths by cause (every worker's deaths_by_cause: every death since its spawn)"""
+    containers_left: int
+    invariants: dict[str, list[str]] = {}
+    """each invariant of runtime.chaoskit.invariants -> its violations ([]: it holds)"""
+    left_behind: list[str] = []
+    """what the run left behind: tasks without an answer, containers (removed since)"""
     delivery_violations: list[str] = []
-    """runtime.executions.check_deliveries: exactly one result each, never more executions than
-    max_attempts, exactly one with max_attempts=1 when it succeeded"""
+    """the results and executions invariants' violations (runtime.executions.check_deliveries)"""
+    actions: dict[str, int] = {}
+    """= faults (the name older readers use)"""
+    causes: dict[str, int] = {}
+    """= deaths_by_cause (the name older readers use)"""
 
     @property
     def ok(self) -> bool:
-        return (self.tasks_without_result == 0 and self.tasks_with_several_results == 0
-                and self.containers_left == 0 and self.results.get("worker_died", 0) == 0
-                and not self.delivery_violations)
+        return (not any(self.invariants.values()) and not self.left_behind
+                and self.tasks_without_result == 0 and self.tasks_with_several_results == 0
+                and self.containers_left == 0 and self.results.get("worker_died", 0) == 0)
+
+    def text(self) -> str:
+        def counts(d: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+        lat = self.restart_latency_s
+        lines = [
+            f"corral chaos: supervisor {self.supervisor}, {self.workers} workers, {self.duration_s:g} s"
+            + (f" on {self.engine}" if self.engine else "") + f" (seed {self.seed})",
+            f"faults:    {sum(self.faults.values())} ({counts(self.faults)})",
+            f"deaths:    {self.deaths} ({counts(self.deaths_by_cause)})",
+            ("restarts:  " + (f"{int(lat['n'])} measured: p50 {lat['p50']:.3f} s, p90 {lat['p90']:.3f} s, "
+                              f"p95 {lat['p95']:.3f} s, p99 {lat['p99']:.3f} s, max {lat['max']:.3f} s"
+                              if lat.get("n") else "none measured")),
+            f"tasks:     {self.tasks_submitted} submitted, {self.executions} executions; results "
+            f"{counts(self.results)}",
+            "invariants:",
+        ]
+        for name in INVARIANTS:
+            bad = self.invariants.get(name, [])
+            lines.append(f"  {name:<15} {'holds' if not bad else f'VIOLATED ({len(bad)})'}")
+            lines += [f"    - {v}" for v in bad[:20]]
+        lines += [f"  left behind: {p}" for p in self.left_behind]
+        lines.append("chaos: invariants hold" if self.ok else "chaos: INVARIANT VIOLATED")
+        return "\n".join(lines)
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -57,92 +99,90 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+def latency_summary(values: list[float]) -> dict[str, float]:
+    out = {"n": float(len(values))}
+    for p in (50, 90, 95, 99):
+        out[f"p{p}"] = round(_pct(values, p), 3)
+    out["max"] = round(max(values), 3) if values else float("nan")
+    out["mean"] = round(statistics.fmean(values), 3) if values else float("nan")
+    return out
+
+
 async def run_chaos(*, engine_url: str | None = None, name: str = "chaos", workers: int = 4,
                     duration_s: float = 20.0, kill_interval_s: float = 1.0, seed: int = 0,
-                    agent: str = "claude") -> ChaosReport:
-    rng = random.Random(seed)
+                    agent: str = "claude", engine: Engine | None = None) -> ChaosReport:
+    """Run the chaos scenario on ``engine`` (None: the Docker engine at ``engine_url``); the
+    supervisor is named ``name`` exactly (one instance per name per engine)."""
     policy = RestartPolicy(max_restarts=10_000, within_s=60,
                            backoff=Backoff(initial_s=0.05, max_s=1.0, stable_s=2.0))
     config = SupervisorConfig(name=name, engine_url=engine_url, max_restarts=10_000, within_s=60)
-    submitted: dict[str, int] = {}
-    results: dict[str, list] = {}
-    latencies: list[float] = []
-    actions: Counter[str] = Counter()
-    hit: dict[str, Any] = {}
-    """every worker the monkey acted on, by id (a worker the pool no longer has still counts)"""
     t_start = time.monotonic()
-    ledger = ExecutionLedger()
-    by_id: dict[str, Task] = {}
-    async with open_supervisor(config, ledger=ledger) as sup:
-        engine = sup.engine
-        pool = await sup.start_pool(PoolSpec(name="chaos", replicas=workers, queue_size=4 * workers,
-                                             worker=WorkerSpec(agent=agent, stub_agent=True, restart=policy)))
-        deadline = trio.current_time() + duration_s
+    async with AsyncExitStack() as stack:
+        if engine is None:
+            from ..engines import open_engine
+            engine = await stack.enter_async_context(open_engine(engine_url))
+        async with trio.open_nursery() as nursery:
+            h = Harness(engine, nursery, seed=seed, unique_names=False)
+            try:
+                report = await _scenario(h, config, policy, workers=workers, duration_s=duration_s,
+                                         kill_interval_s=kill_interval_s, agent=agent)
+            finally:
+                await h.close()
+                nursery.cancel_scope.cancel()
+    report.duration_s = round(time.monotonic() - t_start, 2)
+    return report
 
-        async def producer() -> None:
-            limiter = trio.Semaphore(2 * workers)
-            n = 0
-            async with trio.open_nursery() as tasks:
-                while trio.current_time() < deadline:
-                    await limiter.acquire()
-                    n += 1
-                    task = Task(prompt=f"!sleep 0.1 task {n}", max_attempts=10)
-                    submitted[task.task_id] = n
-                    by_id[task.task_id] = task
 
-                    async def one(task=task) -> None:
-                        try:
-                            results.setdefault(task.task_id, []).append(await pool.run(task))
-                        finally:
-                            limiter.release()
-                    tasks.start_soon(one)
+async def _scenario(h: Harness, config: SupervisorConfig, policy: RestartPolicy, *, workers: int,
+                    duration_s: float, kill_interval_s: float, agent: str) -> ChaosReport:
+    sup = await h.supervisor(config)
+    pool = await sup.start_pool(PoolSpec(name="chaos", replicas=workers, queue_size=4 * workers,
+                                         worker=WorkerSpec(agent=agent, stub_agent=True, restart=policy)))
+    h.chaos.every(kill_interval_s, jitter=0.5, until=max(0.0, duration_s - 1)).any(
+        {"kill": 4.0, "remove": 1.0}, pool="chaos")
+    deadline = trio.current_time() + duration_s
 
-        async def watch_back(w, gen: int, t0: float) -> None:
-            with trio.move_on_after(30):
-                await w.wait_until(lambda i: i.generation > gen and i.state in ("ready", "busy"))
-                latencies.append(time.monotonic() - t0)
+    async def producer() -> None:
+        limiter = trio.Semaphore(2 * workers)
+        n = 0
+        async with trio.open_nursery() as tasks:
+            while trio.current_time() < deadline:
+                await limiter.acquire()
+                n += 1
+                task = Task(prompt=f"!sleep 0.1 task {n}", max_attempts=10)
 
-        async def monkey() -> None:
-            async with trio.open_nursery() as watchers:
-                while trio.current_time() < deadline - 1:
-                    await trio.sleep(rng.uniform(0.5, 1.5) * kill_interval_s)
-                    ready = [w for w in pool.workers if w.state in ("ready", "busy")]
-                    if not ready:
-                        continue
-                    w = rng.choice(ready)
-                    info = await w.info()
-                    action = "docker_kill" if rng.random() < 0.8 else "docker_rm"
-                    t0 = time.monotonic()
+                async def one(task=task) -> None:
                     try:
-                        if action == "docker_kill":
-                            await engine.container_kill(info.container_id)
-                        else:
-                            await engine.container_remove(info.container_id, force=True)
-                    except EngineError:
-                        continue
-                    actions[action] += 1
-                    hit[w.id] = w
-                    watchers.start_soon(watch_back, w, info.generation, t0)
+                        await h.history.run_task(pool, task)
+                    except Exception:
+                        pass              # recorded as its answer
+                    finally:
+                        limiter.release()
+                tasks.start_soon(one)
 
-        async with trio.open_nursery() as n:
-            n.start_soon(producer)
-            n.start_soon(monkey)
-        causes: Counter[str] = Counter()
-        for w in {**hit, **{w.id: w for w in pool.workers}}.values():
-            causes.update(w.snapshot_nowait().deaths_by_cause)
-    from ..engines import open_engine
-    async with open_engine(engine_url) as engine:
-        left = len(await engine.container_list(labels={"corral.supervisor": name}))
-    statuses = Counter(r.status for rs in results.values() for r in rs)
+    async with h.chaos.running():
+        await producer()
+    await h.settle()
+    left_behind = await h.close()
+    violations = await h.invariants.violations(final=True)
+    history = h.history
+    by_invariant: dict[str, list[str]] = {name: [] for name in INVARIANTS}
+    for v in violations:
+        by_invariant.setdefault(v.invariant, []).append(v.text)
+    tasks = history.tasks.values()
+    statuses = Counter(res.status for r in tasks for _, res in r.results)
+    causes = history.deaths_by_cause()
+    faults = history.faults_by_kind()
     return ChaosReport(
-        supervisor=name, workers=workers, duration_s=round(time.monotonic() - t_start, 2),
-        actions=dict(actions),
-        restart_latency_s={"p50": round(_pct(latencies, 50), 3), "p95": round(_pct(latencies, 95), 3),
-                           "max": round(max(latencies), 3) if latencies else float("nan"),
-                           "mean": round(statistics.fmean(latencies), 3) if latencies else float("nan")},
-        tasks_submitted=len(submitted), results=dict(statuses),
-        tasks_without_result=sum(1 for t in submitted if not results.get(t)),
-        tasks_with_several_results=sum(1 for rs in results.values() if len(rs) > 1),
-        deaths=sum(causes.values()), causes=dict(causes), containers_left=left,
-        executions=sum(ledger.counts.values()),
-        delivery_violations=check_deliveries(by_id, results, ledger))
+        supervisor=config.name, engine=h.engine.url, seed=h.seed, workers=workers,
+        duration_s=0.0, faults=faults, actions=dict(faults),
+        schedule=[r.describe() for r in h.chaos.rules],
+        restart_latency_s=latency_summary(history.restart_latencies()),
+        tasks_submitted=len(history.tasks), results=dict(sorted(statuses.items())),
+        tasks_without_result=sum(1 for r in tasks if not r.results),
+        tasks_with_several_results=sum(1 for r in tasks if len(r.results) > 1),
+        executions=sum(history.ledger.counts.values()),
+        deaths=sum(causes.values()), deaths_by_cause=causes, causes=dict(causes),
+        containers_left=sum(len(v) for v in h.containers_left.values()),
+        invariants=by_invariant, left_behind=[p for p in left_behind if "container" not in p],
+        delivery_violations=by_invariant.get("results", []) + by_invariant.get("executions", []))

@@ -300,8 +300,11 @@ def cmd_chaos(args) -> int:
     report = trio.run(lambda: run_chaos(engine_url=args.engine, name=args.name, workers=args.workers,
                                         duration_s=args.duration, kill_interval_s=args.kill_interval,
                                         seed=args.seed))
-    _out(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
-    _out("chaos: invariants hold" if report.ok else "chaos: INVARIANT VIOLATED")
+    if args.text:
+        _out(report.text())                 # ends with the verdict line
+    else:
+        _out(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+        _out("chaos: invariants hold" if report.ok else "chaos: INVARIANT VIOLATED")
     return 0 if report.ok else 1
 
 
@@ -359,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", type=float, default=20.0)
     s.add_argument("--kill-interval", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--text", action="store_true", help="a text report instead of JSON")
     s.set_defaults(fn=cmd_chaos)
 
     s = sub.add_parser("bench", help="benchmarks, side by side with the alternatives")

@@ -1,14 +1,16 @@
 """Death certificates say what really happened, on the real engine: `docker stop`,
 `docker kill -s TERM` and `docker restart` are kills from outside corral; a SIGKILL that did not
-go through the engine is said to be one; `corral chaos` counts every death."""
+go through the engine is said to be one; the chaos kit (what `corral chaos` runs on) counts every
+death and certifies each fault with its cause."""
 
 import os
 import time
 
+import pytest
 import trio
 
-from runtime import SupervisorConfig, Task, WorkerSpec, open_supervisor
-from runtime.apps.chaos import run_chaos
+from runtime import (Backoff, PoolSpec, RestartPolicy, SupervisorConfig, Task, WorkerSpec,
+                     open_supervisor)
 from runtime.testing import wait_for_generation
 
 
@@ -73,14 +75,25 @@ async def test_a_host_kill_of_the_init_process_is_told_as_such(engine, corral_na
                                     "API: a kill on the host, or a process inside the container)")
 
 
-async def test_chaos_counts_every_death_by_cause(corral_name):
+@pytest.mark.corral_engine("docker", deadline=180)
+async def test_chaos_counts_every_death_by_cause(corral_supervisor, chaos, invariants):
+    """The kit `corral chaos` runs on (runtime.chaoskit), through its pytest fixtures: every fault
+    gets its own certificate with its cause (the invariants check it), every death is counted."""
+    policy = RestartPolicy(max_restarts=1000, within_s=60,
+                           backoff=Backoff(initial_s=0.05, max_s=1.0, stable_s=2.0))
     t0 = time.monotonic()
     with trio.fail_after(120):
-        report = await run_chaos(name=corral_name, workers=2, duration_s=6, kill_interval_s=0.3)
+        sup = await corral_supervisor(max_restarts=1000)
+        await sup.start_pool(PoolSpec(name="chaos", replicas=2, worker=WorkerSpec(
+            agent="claude", stub_agent=True, restart=policy)))
+        chaos.every(0.3, jitter=0.5, until=5).any({"kill": 4, "remove": 1}, pool="chaos")
+        await chaos.run_for(6)
+        await invariants.check()
     assert time.monotonic() - t0 < 60
-    kills = sum(report.actions.values())
-    assert kills > 0
-    assert sum(report.causes.values()) == report.deaths >= kills
-    assert report.causes.get("killed", 0) >= report.actions.get("docker_kill", 0)
-    assert report.causes.get("removed", 0) >= report.actions.get("docker_rm", 0)
-    assert report.containers_left == 0 and report.tasks_without_result == 0
+    history = chaos.harness.history
+    faults, causes = history.faults_by_kind(), history.deaths_by_cause()
+    assert sum(faults.values()) > 0
+    assert sum(causes.values()) >= sum(faults.values())
+    assert causes.get("killed", 0) >= faults.get("kill", 0)
+    assert causes.get("removed", 0) >= faults.get("remove", 0)
+    assert all(f.cert is not None for f in history.live_faults())
