@@ -26,7 +26,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -203,7 +202,7 @@ def parse_timings(text: str) -> tuple[list[float], list[float]]:
 
 async def agent_image(bench, engine, quick: bool) -> None:
     """Cold (empty package cache, images absent) vs warm (no change: no build), per agent."""
-    from actors.builder import (ImageBuilder, agent_image_inputs, agent_image_tag, image_inputs,
+    from actors.builder import (ImageBuilder, build_context, agent_image_inputs, agent_image_tag, image_inputs,
                                 open_image_builder)
     from runtime.agentpkgs import ensure_agent_files
     from runtime.errors import CorralError
@@ -212,7 +211,7 @@ async def agent_image(bench, engine, quick: bool) -> None:
     from .bench import Bench  # noqa: F401  (the reporter's type)
 
     tag = f"corral/bench-base:{bench.name}"
-    base_ctx = _context(f"FROM {BASE_REF}\nLABEL corral.bench={bench.name}\n")
+    base_ctx = build_context(f"FROM {BASE_REF}\nLABEL corral.bench={bench.name}\n", {})
     await engine.image_build(base_ctx, tag=tag, labels={"corral.bench": bench.name})
     cache = Path(tempfile.mkdtemp(prefix="corral-bench-cache-"))
     workers: list[str] = []
@@ -371,18 +370,6 @@ async def run_agent_scenarios(bench, sup, engine, want) -> None:
         await agent_spawn(bench, sup, engine, quick)
     if "gateway" in want:
         await gateway(bench, sup, engine, quick)
-
-
-def _context(dockerfile: str) -> bytes:
-    import io
-    import tarfile
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = dockerfile.encode()
-        ti = tarfile.TarInfo("Dockerfile")
-        ti.size = len(data)
-        tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

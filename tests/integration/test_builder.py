@@ -1,27 +1,19 @@
 """ImageBuilder against the real engine: content-addressed, shared builds, clear errors."""
 
-import io
-import tarfile
 import time
 import uuid
 
 import pytest
 import trio
 
-from actors.builder import (ImageBuilder, image_inputs, image_tag, network_steps,
+from actors.builder import (ImageBuilder, build_context, image_inputs, image_tag, network_steps,
                             open_image_builder, wrapper_sources)
 from runtime.apps.baseimage import BASE_REF
 from runtime.errors import ConfigError, ImageBuildError, ImageNotFound
 
 
 def context(dockerfile: str) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = dockerfile.encode()
-        ti = tarfile.TarInfo("Dockerfile")
-        ti.size = len(data)
-        tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
+    return build_context(dockerfile, {})
 
 
 @pytest.fixture

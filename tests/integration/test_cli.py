@@ -1,12 +1,10 @@
 """The operator's entry points: `corral run` as a service, driven over its control socket."""
 
-import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import tarfile
 import uuid
 from pathlib import Path
 
@@ -114,20 +112,16 @@ async def test_build_and_images_commands(engine):
 async def test_images_prune_removes_only_unused_corral_images(engine, corral_name):
     """Scoped to this test's own images: built on a base image of its own (a LABEL on top of
     corral/worker-base), so the prune cannot touch images other tests or users rely on."""
+    from actors.builder import build_context
     from runtime import SupervisorConfig, WorkerSpec, open_supervisor
 
     def corral(*args):
         return subprocess.run(CORRAL + ["--log-level", "ERROR", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
     base = f"{corral_name}/base:latest"
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        df = f"FROM corral/worker-base:latest\nLABEL corral.test={corral_name}\n".encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(df)
-        tar.addfile(info, io.BytesIO(df))
     with trio.fail_after(240):
-        await engine.image_build(context.getvalue(), tag=base, labels={})
+        await engine.image_build(build_context(
+            f"FROM corral/worker-base:latest\nLABEL corral.test={corral_name}\n", {}), tag=base, labels={})
         try:
             built = await trio.to_thread.run_sync(lambda: corral("build", "--agent", "shell", "--base", base))
             unused = built.stdout.split()[0]
