@@ -105,13 +105,7 @@ class MockModelAPI:
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
                        send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["type"] != "http":
             return
         body = b""
@@ -309,6 +303,17 @@ class MockModelAPI:
                 "prompt_tokens": self.usage[0], "completion_tokens": self.usage[1],
                 "total_tokens": sum(self.usage)}}))
         return ev
+
+
+async def lifespan(receive: Callable[[], Awaitable[dict]], send: Send) -> None:
+    """An ASGI app's lifespan protocol, for the test servers here (nothing to set up)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def _has_tool_result(payload: dict) -> bool:

@@ -30,7 +30,7 @@ from runtime.gateway import ExchangeDone, UpstreamFailed, open_gateway
 from runtime.gateway_frames import HttpChunk, HttpEnd, HttpRequest, HttpResponse, chunks
 from runtime.gateway_frames import decode_from_actor, decode_from_wrapper
 from runtime.protocol import encode_frame
-from tests.mock_model_api import open_mock_model_api, open_refusing_proxy
+from tests.mock_model_api import lifespan, open_mock_model_api, open_refusing_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -68,13 +68,7 @@ class FrameBridge:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["type"] != "http":
             return
         rid = next(self._ids)

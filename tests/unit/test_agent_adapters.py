@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from runtime.protocol import MAX_LINE, decode_wrapper_frame
 from runtime.wrapper import agents as table
 from runtime.wrapper import core as c
 from runtime.wrapper.stub_agent import render, stub_plan
+
+from .test_wrapper_core import Clock, frames
 
 PORT = 8787
 BASE = f"http://127.0.0.1:{PORT}"
@@ -111,23 +112,6 @@ def test_droid_settings_point_a_byok_model_at_the_gateway(provider, base):
 
 ENV = {"CORRAL_WORKER_ID": "w-1", "CORRAL_HEARTBEAT_S": "1", "CORRAL_WORKSPACE": "/ws",
        "HOME": "/home/worker", "PATH": "/usr/bin:/bin"}
-
-
-class Clock:
-    t = 100.0
-
-    def __call__(self):
-        return self.t
-
-
-def frames(actions):
-    out = []
-    for a in actions:
-        if isinstance(a, c.Send):
-            assert a.data.endswith(b"\n") and len(a.data) < MAX_LINE
-            decode_wrapper_frame(a.data.rstrip(b"\n"))
-            out.append(json.loads(a.data))
-    return out
 
 
 def of(actions, cls):
