@@ -323,8 +323,9 @@ class Supervisor:
             for c in group:                        # start: start order, each READY before the next
                 self._group_pending.discard(c.id)  # a death from here on is a new group restart
                 if c is dead:
+                    holds = c.actor.holds
                     c.actor.release()
-                    await _wait_back(c.actor, dead_gen)
+                    await _wait_back(c.actor, dead_gen, holds)
                 else:
                     await releases[c.id]()
 
@@ -486,12 +487,12 @@ async def _noop() -> None:
     pass
 
 
-async def _wait_back(worker: Worker, generation: int) -> None:
-    """Until ``worker`` has a container newer than ``generation`` READY, or is held again by a
-    new death (a later group restart takes it), or has ended."""
+async def _wait_back(worker: Worker, generation: int, holds: int) -> None:
+    """Until ``worker`` has a container newer than ``generation`` READY, or is held again (a new
+    death: a later group restart takes it, and waits for this one's lock), or has ended."""
     try:
-        await worker.wait_until(lambda i: i.generation > generation
-                                and i.state in ("ready", "busy", "held"))
+        await worker.wait_until(lambda i: worker.holds > holds or (
+            i.generation > generation and i.state in ("ready", "busy", "held")))
     except WorkerGone:
         pass
 
@@ -504,8 +505,9 @@ async def _hold_worker(worker: Worker, why: str):
         return _noop
 
     async def release() -> None:
+        holds = worker.holds
         worker.release()
-        await _wait_back(worker, gen)
+        await _wait_back(worker, gen, holds)
     return release
 
 

@@ -96,6 +96,9 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         self._restart_waiters: list[Any] = []
         self._hold: trio.Event | None = None
         """while set and not yet released: wait before the next container (group restarts)"""
+        self.holds = 0
+        """how many holds this worker was given (a group restart that released it knows by this
+        that a later death took it again: it must not wait for it to come back)"""
         self._spec_hash = spec.fingerprint()
         """the ``corral.spec`` label: changes with the spec, reveals no secret"""
         self.usage_totals = TokenUsage()
@@ -137,6 +140,9 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         of children in order). Several holds before one release are one hold."""
         if self._hold is None or self._hold.is_set():
             self._hold = trio.Event()
+            self.holds += 1
+            self._changed.set()
+            self._changed = trio.Event()
 
     def release(self) -> None:
         if self._hold is not None:
