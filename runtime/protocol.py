@@ -27,6 +27,13 @@ class Ready(Frame, tag="ready"):
     agent_version: str = ""
     wrapper_version: str = ""
     pid: int = 0
+    resumed: bool = False
+    """the answer to ``hello``: a supervisor attached to a wrapper that was already running"""
+    running: str | None = None
+    """(resumed) the task the wrapper is running now, if any"""
+    replay: list[str] = field(default_factory=list)
+    """(resumed) the tasks whose unacknowledged ``task_done`` follows (replayed in order, with
+    every other unacknowledged frame, right after this one)"""
 
 
 class Heartbeat(Frame, tag="heartbeat"):
@@ -35,11 +42,15 @@ class Heartbeat(Frame, tag="heartbeat"):
 
 class TaskStarted(Frame, tag="task_started"):
     task_id: str
+    seq: int = 0
+    """kept by the wrapper until a ``lease`` acknowledges it (see ``Lease``); 0: not kept"""
 
 
 class TaskOutput(Frame, tag="task_output"):
     task_id: str
     data: str
+    seq: int = 0
+    """kept by the wrapper until a ``lease`` acknowledges it (see ``Lease``); 0: not kept"""
 
 
 class AgentUsage(Struct, frozen=True, kw_only=True):
@@ -63,6 +74,8 @@ class TaskDone(Frame, tag="task_done"):
     wrapper sees it: its agent's result (``permission_denied``, ``auth_failed``, ...) or the
     reason of a ``cancel_task`` that ended it (``stalled``, an upstream failure); "" if none"""
     usage: AgentUsage | None = None
+    seq: int = 0
+    """kept by the wrapper until a ``lease`` acknowledges it"""
 
 
 class Fatal(Frame, tag="fatal"):
@@ -89,6 +102,20 @@ class CancelTask(Frame, tag="cancel_task"):
 
 class Shutdown(Frame, tag="shutdown"):
     grace_s: float = 5.0
+
+
+class Lease(Frame, tag="lease"):
+    """Sent every ``heartbeat_s``: renews the wrapper's lease (any frame from the actor does) and
+    acknowledges every kept frame with ``seq <= ack``: the wrapper forgets them. Kept frames
+    (task_started, task_output, task_done) are numbered 1, 2, ... over the wrapper's life."""
+    ack: int = 0
+
+
+class Hello(Frame, tag="hello"):
+    """A supervisor attached to a running wrapper (adoption, or re-attach after the engine came
+    back): the wrapper answers ``ready`` with ``resumed``, ``running`` and ``replay``, then
+    sends again, in order, every kept frame not yet acknowledged."""
+    worker_id: str
 
 
 # --- the model gateway's frames: HTTP exchanges carried over the same stdio -------------------
@@ -141,7 +168,7 @@ ActorGatewayFrame = Union[HttpResponse, HttpChunk, HttpEnd]
 
 WrapperFrame = Union[Ready, Heartbeat, TaskStarted, TaskOutput, TaskDone, Fatal,
                      HttpRequest, HttpChunk, HttpEnd]
-ActorFrame = Union[RunTask, CancelTask, Shutdown, HttpResponse, HttpChunk, HttpEnd]
+ActorFrame = Union[RunTask, CancelTask, Shutdown, Lease, Hello, HttpResponse, HttpChunk, HttpEnd]
 
 _decode_wrapper = msgspec.json.Decoder(WrapperFrame).decode
 _decode_actor = msgspec.json.Decoder(ActorFrame).decode

@@ -7,13 +7,15 @@ from typing import Literal, Union
 from msgspec import Struct, field
 
 Cause = Literal["config_error", "startup_timeout", "early_exit", "oom_killed", "killed", "crashed",
-                "exited", "hung", "removed", "engine_error", "protocol_error"]
+                "exited", "hung", "removed", "engine_error", "protocol_error",
+                "engine_unavailable"]
 CAUSES: tuple[str, ...] = Cause.__args__  # type: ignore[attr-defined]
 
 WorkerState = Literal["pending", "building", "creating", "starting", "ready", "busy", "backoff",
-                      "held", "stopping", "stopped", "failed"]
+                      "held", "stopping", "stopped", "failed", "engine_down"]
 """``held``: between containers, waiting for its supervisor to restart it in start order
-(one_for_all / rest_for_one)"""
+(one_for_all / rest_for_one). ``engine_down``: the engine went away; the worker waits for it
+(up to SupervisorConfig.engine_outage_s) and re-attaches to its container if it survived"""
 TaskStatus = Literal["ok", "error", "timeout", "cancelled", "worker_died"]
 Failure = Literal["auth_failed", "rate_limited", "upstream_error", "upstream_unreachable",
                   "permission_denied", "stalled", "agent_error"]

@@ -150,6 +150,14 @@ class WorkerSpec(_Config):
     """what the agent may do, mapped to each agent's own flags: ``read-only`` (no edits, no
     commands), ``workspace-write`` (edits in /workspace), ``full`` (anything, inside the
     container)"""
+    orphan_timeout_s: Pos = 60.0
+    """the wrapper's lease: with no frame from a supervisor for this long (corral sends one
+    every ``heartbeat_s``), the wrapper ends its task as ``orphan_policy`` says and exits, so a
+    container whose supervisor is gone for good does not live forever. A supervisor that comes
+    back within it adopts the container, task and unacknowledged results included"""
+    orphan_policy: Literal["cancel", "finish"] = "cancel"
+    """an orphaned wrapper's running task: ``cancel`` it at once, or let it ``finish`` first
+    (its result is kept for a supervisor that attaches before the wrapper exits)"""
     stall_timeout_s: NonNeg | None = None
     """a task with no agent output and no model traffic for this long ends "error" with failure
     ``stalled`` (the agent is killed, the container stays). None: 300 s for real agents (which
@@ -168,6 +176,10 @@ class WorkerSpec(_Config):
                 _check_text(f"secrets[{k!r}]", v)
         if self.upstream is not None:
             check_upstream(self.upstream)
+        if self.orphan_timeout_s < 2 * self.heartbeat_s:
+            raise ConfigError(f"orphan_timeout_s ({self.orphan_timeout_s}) must be at least twice "
+                              f"heartbeat_s ({self.heartbeat_s}): corral renews the lease every "
+                              f"heartbeat_s")
         self._check_credentials()
 
     def _check_credentials(self) -> None:
@@ -287,6 +299,15 @@ class SupervisorConfig(_Config):
     """let image builds use the host network (they run without network otherwise)"""
     control_socket: str | None = None
     """`corral run`: a unix socket for `corral ps` / `corral spawn` / `corral stop`"""
+    state_dir: str | None = None
+    """where the task journal (SQLite) lives; None: no journal (tasks live only in memory).
+    `corral run` defaults it to /var/lib/corral/<name> (``--state-dir``)"""
+    result_retention_s: Pos = 7 * 24 * 3600.0
+    """finished tasks stay in the journal this long"""
+    engine_outage_s: Pos = 60.0
+    """how long the engine may be unreachable before the supervisor escalates with cause
+    ``engine_unavailable``; meanwhile its workers wait in ``engine_down`` and re-attach to the
+    containers that survived"""
     workers: list[WorkerSpec] = field(default_factory=list)
     pools: list[PoolSpec] = field(default_factory=list)
 
