@@ -6,10 +6,10 @@ Two guards, both taken by `open_supervisor()` before it touches any container:
    owner's pid. It dies with the process, so a crashed corral never leaves a stale lock. The file
    lives in ``$CORRAL_LOCK_DIR``, else ``/run/corral`` (root), else ``$XDG_RUNTIME_DIR/corral``,
    else ``/tmp/corral-<uid>``. An in-memory engine (FakeEngine) is locked in memory, per engine.
-2. No running container may carry ``corral.supervisor=<name>``: such containers belong to an
-   instance this host's lock cannot see (another host or pid namespace, another lock directory),
-   or to a corral process that died while they still run. corral refuses to start and names them.
-   Only containers that no longer run (a dead instance's leftovers) are removed.
+2. With the lock held, the previous instance of this name is gone: the containers it left that
+   still run are adopted by the new instance's workers of the same id (``claim_engine`` returns
+   them), and the ones that no longer run are removed. (The lock is per host: two hosts must not
+   run the same supervisor name against one engine.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import structlog
 
-from .engines import Engine
+from .engines import ContainerSummary, Engine
 from .errors import ConfigError, ContainerNotFound, CorralError, RemovalInProgress
 
 log = structlog.get_logger("corral.instance")
@@ -167,27 +167,40 @@ def hold_instance(engine: Engine, name: str) -> Iterator[None]:
         lock.release()
 
 
-async def claim_engine(engine: Engine, name: str) -> int:
-    """With the lock held: refuse if containers of ``name`` still run (naming them), else remove
-    the ones that no longer run (what a crashed earlier run left behind). Returns how many."""
+async def claim_engine(engine: Engine, name: str) -> dict[str, ContainerSummary]:
+    """With the lock held, survey the containers of supervisor ``name``: the ones that no longer
+    run (what a crashed earlier run left behind) are removed; the running ones are returned by
+    worker id, to be adopted by the workers of the same id (the newest generation of each; an
+    older live generation of the same worker is removed too)."""
     found = await engine.container_list(labels={"corral.supervisor": name})
-    live = [c for c in found if c.status in LIVE_STATES]
-    if live:
-        names = sorted(c.name for c in live)
-        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-        raise AlreadyRunning(
-            f"supervisor {name!r} is in use on engine {getattr(engine, 'url', '?')}: "
-            f"{len(live)} running container(s) carry the label corral.supervisor={name} "
-            f"({shown}) but no corral process on this host holds its lock: another host or "
-            f"container runs it, or a corral process died and left them running. Stop that "
-            f"instance, or remove them (docker rm -f $(docker ps -q --filter "
-            f"label=corral.supervisor={name})), or use another supervisor name")
-    removed = 0
+    live: dict[str, ContainerSummary] = {}
+    doomed: list[ContainerSummary] = []
     for c in found:
+        wid = c.labels.get("corral.worker")
+        if c.status not in LIVE_STATES or not wid:
+            doomed.append(c)
+            continue
+        other = live.get(wid)
+        if other is None or _generation(c) > _generation(other):
+            if other is not None:
+                doomed.append(other)
+            live[wid] = c
+        else:
+            doomed.append(c)
+    for c in doomed:
         try:
             await engine.container_remove(c.id, force=True)
-            removed += 1
             log.info("stale_container_removed", supervisor=name, name=c.name, state=c.status)
         except (ContainerNotFound, RemovalInProgress):
             pass
-    return removed
+    if live:
+        log.info("containers_to_adopt", supervisor=name, count=len(live),
+                 workers=sorted(live)[:20])
+    return live
+
+
+def _generation(c: ContainerSummary) -> int:
+    try:
+        return int(c.labels.get("corral.generation", "0"))
+    except ValueError:
+        return 0
