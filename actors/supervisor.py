@@ -146,9 +146,20 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig, *, engine: Engine, builder, watcher=None,
                  start_limiter: trio.CapacityLimiter | None = None,
                  parent: trio.MemorySendChannel | None = None, rng: random.Random | None = None,
-                 root: str | None = None, mailbox_size: int = 4096, ledger=None) -> None:
+                 root: str | None = None, mailbox_size: int = 4096, ledger=None, journal=None,
+                 adoptable: dict | None = None, abandon: trio.Event | None = None,
+                 engine_outage_s: float | None = None, leftovers: set[str] | None = None) -> None:
         self.config = config
         self.ledger = ledger
+        self.journal = journal
+        """a TaskJournal (runtime.journal) its workers record dispatches and results in"""
+        self.adoptable: dict = adoptable if adoptable is not None else {}
+        """worker id -> a running container an earlier corral process left (one dict for the
+        whole tree): the worker of that id, when it is made, adopts it"""
+        self.abandon = abandon
+        self.leftovers: set[str] = leftovers if leftovers is not None else set()
+        """ids of containers of the tree that could not be removed (the engine was away)"""
+        self.engine_outage_s = engine_outage_s if engine_outage_s is not None else config.engine_outage_s
         self.root = root or config.name
         """the top-level supervisor's name: the corral.supervisor label of every container"""
         self.engine: Engine = engine
@@ -267,6 +278,17 @@ class Supervisor:
         self._certs.append(cert)
         self._recent.append((now, cert))
         cfg = self.config
+        if cert.cause == "engine_unavailable":
+            # the engine stayed away longer than engine_outage_s: nothing here can fix that
+            return SupervisorEscalation(
+                f"supervisor {cfg.name}: the engine was unreachable for over "
+                f"{self.engine_outage_s:g} s (engine_outage_s): {cert.reason}",
+                [cert], supervisor=cfg.name, reason="engine_unavailable")
+        if msg.in_outage:
+            # died while the engine was away, and the engine is back: not the worker's doing,
+            # and not a cause that persists: restarted without counting
+            log.info("child_restarting", child=msg.child_id, cause=cert.cause, in_outage=True)
+            return None
         # shared cause: many workers dying of the same environmental cause at once
         if cert.cause in SHARED_CAUSES:
             same = {c.worker_id for t, c in self._recent
@@ -431,9 +453,12 @@ class Supervisor:
 
     # -- children ------------------------------------------------------------------------------
     def _make_worker(self, spec: WorkerSpec, pool: str | None = None) -> Worker:
+        adopt = self.adoptable.pop(spec.id, None) if spec.id else None
         return Worker(spec, engine=self.engine, builder=self.builder, supervisor=self.root,
                       watcher=self.watcher, start_limiter=self.start_limiter, parent=self.mailbox,
-                      pool=pool, rng=self.rng, ledger=self.ledger)
+                      pool=pool, rng=self.rng, ledger=self.ledger, journal=self.journal,
+                      adopt=adopt, abandon=self.abandon, engine_outage_s=self.engine_outage_s,
+                      leftovers=self.leftovers)
 
     async def _run_child(self, child: _Child, reply: Any, fn) -> None:
         """Start ``fn`` as a child; reply with its handle once started, or with its start error.
@@ -478,7 +503,9 @@ class Supervisor:
     async def _start_supervisor(self, config: SupervisorConfig, reply: Any) -> None:
         sup = Supervisor(config, engine=self.engine, builder=self.builder, watcher=self.watcher,
                          start_limiter=self.start_limiter, parent=self.mailbox, rng=self.rng,
-                         root=self.root, ledger=self.ledger)
+                         root=self.root, ledger=self.ledger, journal=self.journal,
+                         adoptable=self.adoptable, abandon=self.abandon,
+                         engine_outage_s=self.engine_outage_s, leftovers=self.leftovers)
         await self._run_child(_Child(f"sup:{config.name}", "supervisor", sup, next(self._order)),
                               reply, sup.run)
 

@@ -12,7 +12,7 @@ import structlog
 
 from .configcheck import check_config
 from .engines import Engine, open_engine
-from .errors import SupervisorEscalation
+from .errors import ContainerNotFound, EngineError, RemovalInProgress, SupervisorEscalation
 from .instance import claim_engine, hold_instance
 from .specs import SupervisorConfig
 from .util import leaf_exceptions
@@ -25,7 +25,8 @@ log = structlog.get_logger("corral.api")
 async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Engine | None = None,
                           rng: random.Random | None = None,
                           force_stop: trio.Event | None = None,
-                          ledger=None) -> AsyncIterator["SupervisorHandle"]:
+                          ledger=None, abandon: trio.Event | None = None
+                          ) -> AsyncIterator["SupervisorHandle"]:
     """Run a supervisor tree for the duration of the block.
 
     ``engine``: None opens the real Docker engine (``config.engine_url``, else DOCKER_HOST, else
@@ -44,6 +45,16 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
 
     ``ledger``: a `runtime.executions.ExecutionLedger` that counts every task execution the
     wrappers report (tests and chaos runs check delivery guarantees with it).
+
+    Adoption: containers of this supervisor name that still run (a corral process that died,
+    or was killed, left them) are adopted by the workers of the same id as they are made
+    (configured ones at once, others when spawned): no new container, same generation, the
+    running task carried on, results that finished meanwhile replayed by the wrapper. Those no
+    worker claimed are removed when the block ends.
+
+    ``abandon``: set it to simulate a crash of this process (tests, chaos runs): the block ends
+    at once, and every container is left running, for the next `open_supervisor()` of the same
+    name to adopt. Nothing is stopped or removed.
     """
     from actors.builder import ImageBuilder
     from actors.supervisor import Supervisor
@@ -56,27 +67,24 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
             if engine is None:
                 engine = await stack.enter_async_context(open_engine(config.engine_url))
             stack.enter_context(hold_instance(engine, config.name))
-            await claim_engine(engine, config.name)
+            adoptable = await claim_engine(engine, config.name)
+            leftovers: set[str] = set()
+            stack.push_async_callback(_sweep, engine, config.name, abandon, adoptable, leftovers)
             async with trio.open_nursery() as nursery:
+                if abandon is not None:
+                    nursery.start_soon(_cancel_when_set, abandon, nursery.cancel_scope)
                 builder = await nursery.start(ImageBuilder(engine, base_image=config.base_image,
                                                            build_network=config.build_network).run)
                 watcher = await nursery.start(Watcher(engine, supervisor=config.name).run)
                 sup = Supervisor(config, engine=engine, builder=builder, watcher=watcher, rng=rng,
-                                 ledger=ledger)
+                                 ledger=ledger, adoptable=adoptable, abandon=abandon,
+                                 leftovers=leftovers)
                 handle = await nursery.start(sup.run)
                 try:
                     yield handle
                 finally:
-                    with trio.CancelScope(shield=True) as cs:
-                        cs.deadline = trio.current_time() + 300
-                        async with trio.open_nursery() as graceful:
-                            if force_stop is not None:
-                                graceful.start_soon(_cancel_when_set, force_stop, cs)
-                            await handle.shutdown()
-                            graceful.cancel_scope.cancel()
-                    if cs.cancelled_caught:
-                        log.warning("graceful_stop_cut_short", supervisor=config.name,
-                                    forced=force_stop is not None and force_stop.is_set())
+                    if abandon is None or not abandon.is_set():
+                        await _stop_gracefully(handle, config.name, force_stop)
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         leaves = leaf_exceptions(group)
@@ -89,6 +97,39 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
         if len(leaves) == 1:
             raise leaves[0]
         raise
+
+
+async def _stop_gracefully(handle, name: str, force_stop: trio.Event | None) -> None:
+    with trio.CancelScope(shield=True) as cs:
+        cs.deadline = trio.current_time() + 300
+        async with trio.open_nursery() as graceful:
+            if force_stop is not None:
+                graceful.start_soon(_cancel_when_set, force_stop, cs)
+            await handle.shutdown()
+            graceful.cancel_scope.cancel()
+    if cs.cancelled_caught:
+        log.warning("graceful_stop_cut_short", supervisor=name,
+                    forced=force_stop is not None and force_stop.is_set())
+
+
+async def _sweep(engine: Engine, name: str, abandon: trio.Event | None, adoptable: dict,
+                 leftovers: set[str]) -> None:
+    """The last step of a supervisor's stop: remove what is left of its containers: adopted ones
+    no worker claimed, and ones the engine could not remove while it was away. Nothing when
+    abandoned (a simulated crash leaves them all)."""
+    if abandon is not None and abandon.is_set():
+        return
+    doomed = [c.id for c in adoptable.values()] + sorted(leftovers)
+    with trio.CancelScope(shield=True), trio.move_on_after(30):
+        for cid in doomed:
+            try:
+                await engine.container_remove(cid, force=True)
+                log.info("container_swept", supervisor=name, container_id=cid[:12])
+            except (ContainerNotFound, RemovalInProgress):
+                pass
+            except EngineError as exc:
+                log.warning("final_sweep_failed", supervisor=name, container_id=cid[:12],
+                            error=str(exc))
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -18,8 +18,16 @@ class ExecutionLedger:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.where: list[tuple[str, str, int]] = []
+        self._seen: set[tuple[str, str, int, int]] = set()
 
-    def record(self, task_id: str, worker_id: str, generation: int) -> None:
+    def record(self, task_id: str, worker_id: str, generation: int, seq: int = 0) -> None:
+        """One execution of ``task_id`` (its task_started frame). ``seq``: the frame's sequence
+        number: a replayed frame (a supervisor that adopted the container) counts once."""
+        if seq:
+            key = (task_id, worker_id, generation, seq)
+            if key in self._seen:
+                return
+            self._seen.add(key)
         self.counts[task_id] += 1
         self.where.append((task_id, worker_id, generation))
 

@@ -97,6 +97,9 @@ class ChildDied(Msg):
     charged_to_task: str | None = None
     """the id of the task whose run caused this death (see records.TASK_CAUSES): such a death
     does not count against the supervisor's intensity"""
+    in_outage: bool = False
+    """the container died while the engine was away and the engine came back: the engine's
+    doing, so neither a shared cause nor a restart the intensity counts"""
     reply: Any | None = None
     """answered False (restart when ready) or True: wait for ``Worker.release()`` before the
     next container (the supervisor restarts a group of children in order)"""

@@ -17,7 +17,7 @@ import msgspec
 import structlog
 import trio
 
-from runtime.engines import Engine
+from runtime.engines import ContainerSummary, Engine
 from runtime.errors import CorralError, WorkerGone, WorkerStartupError
 from runtime.messages import (
     CancelTaskRequest,
@@ -54,10 +54,27 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
     def __init__(self, spec: WorkerSpec, *, engine: Engine, builder, supervisor: str = "corral",
                  watcher=None, start_limiter: trio.CapacityLimiter | None = None,
                  parent: trio.MemorySendChannel | None = None, pool: str | None = None,
-                 rng: random.Random | None = None, mailbox_size: int = 1024, ledger=None) -> None:
+                 rng: random.Random | None = None, mailbox_size: int = 1024, ledger=None,
+                 journal=None, adopt: ContainerSummary | None = None,
+                 abandon: trio.Event | None = None, engine_outage_s: float = 60.0,
+                 leftovers: set[str] | None = None) -> None:
         self.spec = spec
         self.ledger = ledger
         """an ExecutionLedger (runtime.executions), or None: executions are not counted"""
+        self.journal = journal
+        """a TaskJournal (runtime.journal), or None: dispatches and results are not recorded"""
+        self._adopt = adopt
+        """a running container of this worker that an earlier corral process left: the first
+        life attaches to it instead of creating one"""
+        self.abandon = abandon
+        """set: the supervisor was abandoned (a simulated crash): containers are left running"""
+        self.engine_outage_s = engine_outage_s
+        self._carried: set[str] = set()
+        """ids of the tasks adopted containers were running or replayed results of"""
+        self._unremoved: set[str] = leftovers if leftovers is not None else set()
+        """containers that could not be removed (the engine was away): tried again before the
+        next container, and by the supervisor's final sweep (one set for the whole tree)"""
+        self._nursery: trio.Nursery | None = None
         self.id = spec.id or new_worker_id()
         self.engine: Engine = engine
         self.builder = builder
@@ -167,6 +184,7 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         certs: list[DeathCertificate] = []
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._mailbox_loop)
                 try:
                     outcome_kind, certs = await self._lifecycle(task_status, handle)
@@ -250,9 +268,14 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
             self._hold = None
             if self._stop_event.is_set():
                 return "stopped", []
-            self.generation += 1
+            adopt, self._adopt = self._adopt, None
+            if adopt is not None:
+                self._take_over(adopt)
+            else:
+                self.generation += 1
             structlog.contextvars.bind_contextvars(generation=self.generation)
-            end_kind, cert = await self._one_life(task_status if first else None, handle, first)
+            end_kind, cert = await self._one_life(task_status if first else None, handle, first,
+                                                  adopt)
             was_first, first = first, False
             if end_kind == "stop":
                 return "stopped", []
@@ -268,7 +291,8 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
                     f"worker {self.id} did not become ready: {cert.cause}"
                     + (f": {cert.reason}" if cert.reason else ""), cert)
             charged = self._charged_task(cert)
-            decision, delay = self._decide(cert, charged=charged is not None)
+            outage = self._life is not None and self._life.outage
+            decision, delay = self._decide(cert, charged=charged is not None or outage)
             cert = msgspec.structs.replace(cert, restart_in_s=delay if decision == "restart" else None)
             self.deaths.append(cert)
             del self.deaths[:-MAX_DEATHS]
@@ -284,7 +308,7 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
                         gate = await ask(self.parent, lambda r: ChildDied(
                             child_id=self.id, certificate=cert, restarting=decision == "restart",
                             charged_to_task=charged.task.task_id if charged is not None else None,
-                            reply=r))
+                            in_outage=outage, reply=r))
                     except CorralError:     # the supervisor is stopping or escalating
                         gate = False
                     if gate and decision == "restart":
@@ -303,6 +327,25 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
                 self.current_backoff_s = 0.0
             else:
                 log.info("restart_scheduled", delay_s=0.0, consecutive=self._backoff.consecutive)
+
+    def _take_over(self, c: ContainerSummary) -> None:
+        """Adopting ``c``: the worker goes on where the earlier process left it (generation,
+        restarts, last death: the container's labels)."""
+        try:
+            self.generation = int(c.labels.get("corral.generation", "1"))
+            self.restarts = int(c.labels.get("corral.restarts", "0"))
+        except ValueError:
+            self.generation = max(self.generation + 1, 1)
+        last = c.labels.get("corral.last_death")
+        if last:
+            try:
+                self.deaths = [msgspec.json.decode(last, type=DeathCertificate)]
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("adopted_last_death_unreadable")
+
+    def carries(self, task_id: str) -> bool:
+        """An adopted container was running ``task_id``, or replays its result: it is not lost."""
+        return task_id in self._carried
 
     def _decide(self, cert: DeathCertificate, *, charged: bool = False) -> tuple[str, float]:
         decision, delay = decide(self.spec.restart, cert, charged=charged,

@@ -16,7 +16,7 @@ from runtime.records import Cause
 EX_CONFIG = 78
 """the wrapper's exit code for a configuration it cannot work with (sysexits.h)"""
 
-End = Literal["died", "hung", "protocol", "startup_timeout", "restart", "stop"]
+End = Literal["died", "hung", "protocol", "startup_timeout", "restart", "stop", "engine_unavailable"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +94,8 @@ def _exit_signal(exit_code: int | None) -> str | None:
 def classify(f: ExitFacts) -> tuple[Cause, str]:
     """The cause of a container's end and a reason a person can act on."""
     # corral ended it itself: its own account is the cause
+    if f.end == "engine_unavailable":
+        return "engine_unavailable", f.detail or "the engine stayed unreachable"
     if f.end == "hung":
         return "hung", f.detail or "heartbeats missed"
     if f.end == "protocol":

@@ -38,6 +38,12 @@ class WorkerHandle:
     def snapshot_nowait(self) -> WorkerSnapshot:
         return self._actor.snapshot()
 
+    def carries(self, task_id: str) -> bool:
+        """True if this worker adopted a container (left by an earlier corral process) that
+        was running ``task_id`` or had its result to replay: its result is recorded in the
+        journal when it comes, and the task is not lost."""
+        return self._actor.carries(task_id)
+
     async def run(self, task: Task | str) -> TaskResult:
         """Run a task on this worker and wait for its result. Tasks queue while the worker is
         busy or restarting. Cancelling the caller cancels the task in the container."""

@@ -11,7 +11,7 @@ import msgspec
 import structlog
 import trio
 
-from runtime.engines import Attachment, ContainerSpec, TmpfsMount
+from runtime.engines import Attachment, ContainerSpec, ContainerSummary, TmpfsMount
 from runtime.errors import (
     ConfigError,
     ContainerNotFound,
@@ -22,7 +22,7 @@ from runtime.errors import (
     NameConflict,
     RemovalInProgress,
 )
-from runtime.protocol import Shutdown
+from runtime.protocol import Hello, Shutdown
 from runtime.records import DeathCertificate
 
 from ..watcher import ENGINE_CHECK_S, SETTLE_S
@@ -95,6 +95,14 @@ class _Life:
     shutdown_sent: bool = False
     nursery: trio.Nursery | None = None
     """runs the tasks that live as long as this container (the reader, task deadlines)"""
+    adopted: bool = False
+    """a container of an earlier corral process (or of this one before the engine went away),
+    attached to while it runs: ``hello`` instead of create and start"""
+    seq: int = 0
+    """the highest kept-frame sequence number processed (what the next lease acknowledges)"""
+    reattaches: int = 0
+    outage: bool = False
+    """it ended while the engine was away (not the worker's doing)"""
 
     def end(self, kind: str, reason: str = "") -> None:
         if self.end_kind is None:
@@ -136,6 +144,15 @@ class ContainerLife:
                   "corral.agent": spec.agent}
         if self.pool:
             labels["corral.pool"] = self.pool
+        # what a later corral process that adopts this container must know of the worker's past
+        # (a container's labels are fixed for its life, and so are these: they change only
+        # when a new container is made)
+        labels["corral.restarts"] = str(self.restarts)
+        if self.deaths:
+            labels["corral.last_death"] = msgspec.json.encode(self.deaths[-1]).decode()[:8000]
+        if spec.orphan_timeout_s:
+            env["CORRAL_ORPHAN_TIMEOUT_S"] = repr(spec.orphan_timeout_s)
+            env["CORRAL_ORPHAN_POLICY"] = spec.orphan_policy
         tmpfs: list[TmpfsMount] = []
         if spec.read_only_rootfs or spec.disk:
             tmpfs += [TmpfsMount(path="/workspace", size=spec.disk, mode=0o755, uid=1000, gid=1000),
@@ -146,7 +163,7 @@ class ContainerLife:
             image=image_id, name=container_name(self.supervisor, self.id, generation), env=env,
             labels=labels, user="worker", working_dir="/workspace", memory=spec.memory,
             cpus=spec.cpus, pids_limit=spec.pids_limit, read_only_rootfs=spec.read_only_rootfs,
-            tmpfs=tuple(tmpfs))
+            tmpfs=tuple(tmpfs), stdin_once=False)
 
     async def _create(self, cspec: ContainerSpec) -> str:
         try:
@@ -163,11 +180,13 @@ class ContainerLife:
                     return await self.engine.container_create(cspec)
             raise
 
-    async def _one_life(self, task_status, handle, first: bool) -> tuple[str, DeathCertificate | None]:
-        """One container, from create to removal. Returns ("died", certificate), or ("restart" |
-        "stop", None) when it ended on request."""
+    async def _one_life(self, task_status, handle, first: bool,
+                        adopt: ContainerSummary | None = None) -> tuple[str, DeathCertificate | None]:
+        """One container, from create (or adoption: ``adopt``, a running container of this
+        worker left by an earlier corral process) to removal. Returns ("died", certificate), or
+        ("restart" | "stop", None) when it ended on request."""
         gen = self.generation
-        name = container_name(self.supervisor, self.id, gen)
+        name = adopt.name if adopt is not None else container_name(self.supervisor, self.id, gen)
         t_create = trio.current_time()
         if self.spec.uses_gateway:
             # the credential is checked before anything is built or created: a worker that
@@ -179,40 +198,59 @@ class ContainerLife:
                 return "died", DeathCertificate(
                     worker_id=self.id, container_id=None, generation=gen, cause="config_error",
                     reason=str(exc), at=time.time())
-        if self.image_id is None:
+        await self._remove_leftovers()
+        if adopt is not None:
+            if self.image_id is None:
+                self.image_id = adopt.image_id
+        elif self.image_id is None:
             try:
                 await self._build_image()
             except CorralError as exc:
                 if first:
                     raise          # spawn() reports ConfigError / ImageBuildError as they are
                 return "died", self._engine_cert(None, gen, exc, t_create)
-        self._set_state("creating")
+        self._set_state("creating" if adopt is None else "starting")
         await self.start_limiter.acquire()
         holding_slot = True
         try:
             # the startup deadline counts from here (waiting for a start slot is corral's own
             # throttle) and covers create, attach, start and the wait for READY
             deadline = trio.current_time() + self.spec.startup_timeout_s
-            try:
-                with trio.fail_after(self.spec.startup_timeout_s):
+            if adopt is not None:
+                cid = adopt.id
+            else:
+                while True:
                     try:
-                        cid = await self._create(self.container_spec(self.image_id, gen))
-                    except ImageNotFound:
-                        # the image went away (pruned, engine reset): rebuild it once, no death
-                        log.warning("image_missing_rebuilding", image=self.image_tag)
-                        self.builder.invalidate(self.image_tag)
-                        await self._build_image()
-                        self._set_state("creating")
-                        cid = await self._create(self.container_spec(self.image_id, gen))
-            except (CorralError, trio.TooSlowError) as exc:
-                if isinstance(exc, ImageNotFound):
-                    self.image_id = None
-                if isinstance(exc, trio.TooSlowError):
-                    exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
-                    await self._remove_container(name)   # in case the engine made it after all
-                return "died", self._engine_cert(None, gen, exc, t_create)
+                        with trio.fail_after(self.spec.startup_timeout_s):
+                            try:
+                                cid = await self._create(self.container_spec(self.image_id, gen))
+                            except ImageNotFound:
+                                # the image went away (pruned, engine reset): rebuild it once, no death
+                                log.warning("image_missing_rebuilding", image=self.image_tag)
+                                self.builder.invalidate(self.image_tag)
+                                await self._build_image()
+                                self._set_state("creating")
+                                cid = await self._create(self.container_spec(self.image_id, gen))
+                    except EngineUnavailable as exc:
+                        # the engine is away: not this worker's death; wait for it (up to
+                        # engine_outage_s), then create the container
+                        if await self._wait_for_engine():
+                            self._set_state("creating")
+                            deadline = trio.current_time() + self.spec.startup_timeout_s
+                            continue
+                        if self._stop_event.is_set():
+                            return "stop", None
+                        return "died", self._outage_cert(None, gen, exc, t_create)
+                    except (CorralError, trio.TooSlowError) as exc:
+                        if isinstance(exc, ImageNotFound):
+                            self.image_id = None
+                        if isinstance(exc, trio.TooSlowError):
+                            exc = EngineError(f"creating {name} took over {self.spec.startup_timeout_s} s")
+                            await self._remove_container(name)   # in case the engine made it after all
+                        return "died", self._engine_cert(None, gen, exc, t_create)
+                    break
             life = self._life = _Life(container_id=cid, name=name, generation=gen, created_at=t_create,
-                                      last_frame=t_create)
+                                      last_frame=t_create, adopted=adopt is not None)
             structlog.contextvars.bind_contextvars(container_id=cid[:12])
             watch = self.watcher.watch(cid) if self.watcher is not None else None
             try:
@@ -222,13 +260,17 @@ class ContainerLife:
                         with trio.move_on_at(deadline):
                             try:
                                 await nursery.start(self._attached, life)
-                                self._set_state("starting")
-                                await self.engine.container_start(cid)
+                                if adopt is None:
+                                    self._set_state("starting")
+                                    await self.engine.container_start(cid)
+                                else:
+                                    await self._send(life, Hello(worker_id=self.id))
                             except EngineError as exc:
                                 life.end("died", str(exc))
                                 return "died", await self._certify(life, watch, exc)
                             life.started = True
-                            log.debug("container_started", name=name)
+                            log.debug("container_started" if adopt is None else "container_adopting",
+                                      name=name)
                             await life.settled.wait()
                         if not life.settled.is_set():
                             life.end("startup_timeout", f"not READY within {self.spec.startup_timeout_s} s")
@@ -236,11 +278,22 @@ class ContainerLife:
                         self.start_limiter.release()
                         holding_slot = False
                         if life.ready and not life.ended.is_set():
-                            self._set_state("ready")
-                            log.info("worker_ready", name=name,
-                                     startup_s=round(trio.current_time() - t_create, 3))
+                            self._set_state("busy" if self._current is not None else "ready")
+                            if adopt is not None:
+                                log.info("worker_adopted", name=name, container_id=cid[:12],
+                                         running=self._current.task.task_id if self._current else None,
+                                         adopt_s=round(trio.current_time() - t_create, 3))
+                            else:
+                                log.info("worker_ready", name=name,
+                                         startup_s=round(trio.current_time() - t_create, 3))
                             if task_status is not None:
                                 task_status.started(handle)
+                            if adopt is not None and adopt.labels.get("corral.spec") != self._spec_hash:
+                                # adopted, but its spec changed since: drained (its task finishes
+                                # within stop_grace_s or is cancelled), then replaced
+                                log.info("adopted_spec_changed", name=name)
+                                self.image_id = None
+                                life.end("restart", "its spec changed: drained and replaced")
                             await self._dispatch()
                             await life.ended.wait()
                         return await self._end_of_life(life, watch)
@@ -249,10 +302,110 @@ class ContainerLife:
             finally:
                 if self.watcher is not None:
                     self.watcher.forget(cid)
-                await self._remove_container(cid)
+                if not self._abandoned():
+                    await self._remove_container(cid)
         finally:
             if holding_slot:
                 self.start_limiter.release()
+
+    def _abandoned(self) -> bool:
+        """The supervisor was abandoned (a simulated crash of the corral process): containers
+        are left running, as a killed process leaves them, for the next one to adopt."""
+        return self.abandon is not None and self.abandon.is_set()
+
+    async def _wait_for_engine(self) -> bool:
+        """The engine does not answer: wait (state ``engine_down``) until it does again, for at
+        most ``engine_outage_s``. False if it never came back in time, or the worker is asked to
+        stop meanwhile."""
+        prev = self.state
+        self._set_state("engine_down")
+        log.warning("engine_down", outage_limit_s=self.engine_outage_s)
+        t0 = trio.current_time()
+        deadline = t0 + self.engine_outage_s
+        delay = 0.05
+        while trio.current_time() < deadline and not self._stop_event.is_set():
+            with trio.move_on_after(min(ENGINE_CHECK_S, max(deadline - trio.current_time(), 0.01))):
+                try:
+                    await self.engine.ping()
+                    back = True
+                except EngineUnavailable:
+                    back = False
+                except EngineError:
+                    back = True               # it answered, with an error
+                if back:
+                    log.info("engine_back", down_s=round(trio.current_time() - t0, 3))
+                    self._set_state(prev)
+                    return True
+            with trio.move_on_after(min(delay, max(deadline - trio.current_time(), 0))):
+                await self._stop_event.wait()
+            delay = min(delay * 2, 1.0)
+        if self._stop_event.is_set():
+            return False
+        log.error("engine_unavailable", down_s=round(trio.current_time() - t0, 3))
+        return False
+
+    def _outage_cert(self, cid: str | None, gen: int, exc: BaseException | None,
+                     t0: float) -> DeathCertificate:
+        return DeathCertificate(
+            worker_id=self.id, container_id=cid, generation=gen, cause="engine_unavailable",
+            reason=f"the engine was unreachable for over {self.engine_outage_s:g} s "
+                   f"(engine_outage_s)" + (f": {exc}" if exc is not None else ""),
+            at=time.time(), uptime_s=trio.current_time() - t0)
+
+    async def _after_eof(self, life: _Life, watch) -> bool:
+        """The container's attach stream ended. True: attach again (the engine went away or the
+        stream broke, and the container still runs: it keeps its generation and task); False:
+        the container's life is over (``life`` was ended)."""
+        if life.ended.is_set():
+            return False
+        if watch is not None and watch.died.is_set():
+            life.end("died", "output closed")
+            return False
+        cid = life.container_id
+        try:
+            with trio.fail_after(ENGINE_CHECK_S):
+                st = await self.engine.container_inspect(cid)
+        except ContainerNotFound:
+            life.end("died", "output closed")
+            return False
+        except (EngineUnavailable, trio.TooSlowError):
+            if not await self._wait_for_engine():
+                if self._stop_event.is_set():
+                    life.end("stop", "stop requested while the engine was away")
+                    return False
+                life.end("engine_unavailable",
+                         f"the engine was unreachable for over {self.engine_outage_s:g} s "
+                         f"(engine_outage_s)")
+                return False
+            try:
+                st = await self.engine.container_inspect(cid)
+            except EngineError as exc:
+                life.end("died", f"output closed; after the engine came back: {exc}")
+                return False
+            if not st.running:
+                life.end("died", "the container did not survive the engine's outage")
+                life.outage = True
+                return False
+        except EngineError as exc:
+            life.end("died", f"output closed ({exc})")
+            return False
+        if not st.running:
+            life.end("died", "output closed")
+            return False
+        # still running: the stream broke, or the process is ending and the engine has not
+        # noticed yet (its die event then comes at once)
+        if watch is not None and self.watcher is not None and self.watcher.alive:
+            with trio.move_on_after(0.2):
+                await watch.died.wait()
+            if watch.died.is_set():
+                life.end("died", "output closed")
+                return False
+        life.reattaches += 1
+        if life.reattaches > 10:
+            life.end("died", "its output kept closing while the engine said it runs")
+            return False
+        log.warning("reattaching", reattaches=life.reattaches)
+        return True
 
     async def _build_image(self) -> None:
         self._set_state("building")
@@ -318,7 +471,22 @@ class ContainerLife:
                 except EngineError as exc:
                     log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
         self._removed = {cid: result}
+        if result == "failed":
+            self._unremoved.add(cid)   # tried again before the next container, and at the end
         return result
+
+    async def _remove_leftovers(self) -> None:
+        """Containers of this worker that could not be removed (the engine was away)."""
+        for cid in list(self._unremoved):
+            with trio.CancelScope(shield=True), trio.move_on_after(15):
+                try:
+                    await self.engine.container_remove(cid, force=True)
+                    self._unremoved.discard(cid)
+                    log.info("leftover_container_removed", container_id=cid[:12])
+                except (ContainerNotFound, RemovalInProgress):
+                    self._unremoved.discard(cid)
+                except EngineError as exc:
+                    log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
 
     def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float) -> DeathCertificate:
         return DeathCertificate(worker_id=self.id, container_id=cid, generation=gen,
@@ -334,6 +502,8 @@ class ContainerLife:
         oom = removed = restarted = False
         problem = str(exc) if exc is not None else None
         unreachable = isinstance(exc, EngineUnavailable)
+        if life.outage:
+            problem, unreachable = "the engine went away and the container did not survive it", True
         answered = True
         if exc is None and kind != "protocol" and life.started:
             try:

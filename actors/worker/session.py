@@ -26,6 +26,8 @@ from runtime.gateway import ExchangeDone, UpstreamFailed
 from runtime.protocol import (
     Fatal,
     Heartbeat,
+    Hello,
+    Lease,
     HttpChunk,
     HttpEnd,
     HttpRequest,
@@ -73,9 +75,11 @@ class WrapperSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass        # the container's session is over
 
-    async def _writer(self, att: Attachment, frames: trio.MemoryReceiveChannel) -> None:
-        """Writes the queued frames in order; what is queued at once goes in one write (a
-        streamed response's many small chunks cost one engine round trip, not one each)."""
+    async def _writer(self, life: _Life, frames: trio.MemoryReceiveChannel) -> None:
+        """Writes the queued frames in order to the container's current attachment; what is
+        queued at once goes in one write (a streamed response's many small chunks cost one
+        engine round trip, not one each). Frames queued while it has none (the engine is away)
+        are dropped: the wrapper's lease and replay make up for them."""
         async with frames:
             async for data in frames:
                 batch = [data]
@@ -87,6 +91,9 @@ class WrapperSession:
                         break
                     batch.append(more)
                     size += len(more)
+                att = life.att
+                if att is None:
+                    continue
                 try:
                     await att.send(b"".join(batch) if len(batch) > 1 else data)
                 except EngineError as exc:
@@ -94,32 +101,62 @@ class WrapperSession:
 
     async def _attached(self, life: _Life, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Holds the container's attach stream for the life of the container, reading it; with
-        its stdin writer and, for a real agent, its model gateway."""
-        async with self.engine.attach(life.container_id) as att:
-            life.att = att
-            setup = self._gateway_setup if self.spec.uses_gateway else None
+        its stdin writer, its lease and, for a real agent, its model gateway. When the stream
+        ends while the container still runs (the engine went away and came back, with
+        live-restore), it attaches again and says ``hello``: the wrapper replays what it sent
+        meanwhile."""
+        setup = self._gateway_setup if self.spec.uses_gateway else None
+        async with trio.open_nursery() as nursery:
             if setup is not None:
                 send, recv = trio.open_memory_channel[bytes](OUTBOX)
                 life.outbox = send
-            async with trio.open_nursery() as nursery:
-                if setup is not None:
-                    nursery.start_soon(self._writer, att, recv)
-                if setup is None:
-                    task_status.started()
-                    await self._reader(life, att)
-                else:
-                    failures_in, failures = trio.open_memory_channel[UpstreamFailed](math.inf)
-                    nursery.start_soon(self._upstream_failures, life, failures)
-                    async with gateway_mod.open_gateway(
-                            upstream=setup.upstream, agent=self.spec.agent, secrets=setup.secrets,
-                            rule=setup.rule, send=partial(self._gateway_send, life),
-                            on_event=partial(self._gateway_event, life, failures_in),
-                            client=self._http_client()) as gw:
-                        life.gateway = gw
+                nursery.start_soon(self._writer, life, recv)
+                failures_in, failures = trio.open_memory_channel[UpstreamFailed](math.inf)
+                nursery.start_soon(self._upstream_failures, life, failures)
+                async with gateway_mod.open_gateway(
+                        upstream=setup.upstream, agent=self.spec.agent, secrets=setup.secrets,
+                        rule=setup.rule, send=partial(self._gateway_send, life),
+                        on_event=partial(self._gateway_event, life, failures_in),
+                        client=self._http_client()) as gw:
+                    life.gateway = gw
+                    await self._attach_loop(life, nursery, task_status)
+                failures_in.close()
+            else:
+                await self._attach_loop(life, nursery, task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _attach_loop(self, life: _Life, nursery: trio.Nursery, task_status) -> None:
+        watch = self.watcher.watch(life.container_id) if self.watcher is not None else None
+        first = True
+        while True:
+            try:
+                async with self.engine.attach(life.container_id) as att:
+                    life.att = att
+                    if first:
+                        first = False
+                        nursery.start_soon(self._lease, life)
                         task_status.started()
+                    else:
+                        life.last_frame = trio.current_time()
+                        await self._send(life, Hello(worker_id=self.id))
+                    try:
                         await self._reader(life, att)
-                    failures_in.close()
-                nursery.cancel_scope.cancel()
+                    finally:
+                        life.att = None
+            except EngineError as exc:
+                if first:
+                    raise
+                log.warning("reattach_failed", error=str(exc))
+            if not await self._after_eof(life, watch):
+                return
+
+    async def _lease(self, life: _Life) -> None:
+        """Renews the wrapper's lease every heartbeat_s and acknowledges the kept frames
+        processed so far (the wrapper forgets them)."""
+        while not life.ended.is_set():
+            await trio.sleep(self.spec.heartbeat_s)
+            if life.att is not None:
+                await self._send(life, Lease(ack=life.seq))
 
     # -- the model gateway ----------------------------------------------------------------------
     def _http_client(self):
@@ -231,23 +268,28 @@ class WrapperSession:
             life.end("protocol", str(exc))
             await self._kill(life.container_id)
             return
-        life.end("died", "output closed")
+        # the stream ended: the container died, or the engine went away (see _after_eof)
 
     async def _on_frame(self, life: _Life, frame) -> None:
+        seq = getattr(frame, "seq", 0)
+        if seq and seq <= life.seq:
+            return                    # replayed, and processed already (a re-attach)
         match frame:
             case Heartbeat():
                 pass
             case Ready(worker_id=wid):
                 if wid != self.id:
                     raise ProtocolError(f"ready from worker {wid!r}, expected {self.id!r}")
+                if frame.resumed:
+                    self._resumed(life, frame)
                 life.ready = True
-                life.ready_at = trio.current_time()
+                life.ready_at = life.ready_at or trio.current_time()
                 life.settled.set()
             case TaskDone():
                 await self._task_done(frame)
             case TaskStarted(task_id=tid):
                 if self.ledger is not None:
-                    self.ledger.record(tid, self.id, life.generation)
+                    self.ledger.record(tid, self.id, life.generation, seq)
             case TaskOutput(task_id=tid):
                 p = self._current
                 if p is not None and p.task.task_id == tid:
@@ -261,3 +303,5 @@ class WrapperSession:
                 life.fatal_reason = reason
             case _:
                 raise ProtocolError(f"unexpected frame {type(frame).__name__}")
+        if seq:
+            life.seq = seq            # processed (a task_done is in the journal by now)

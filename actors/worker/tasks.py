@@ -23,7 +23,7 @@ import trio
 import msgspec
 
 from runtime.messages import reply_value
-from runtime.protocol import AgentUsage, CancelTask, RunTask, TaskDone, encode_frame
+from runtime.protocol import AgentUsage, CancelTask, Ready, RunTask, TaskDone, encode_frame
 from runtime.records import FAILURES, TASK_CAUSES, DeathCertificate, TaskResult, TokenUsage
 from runtime.specs import Task
 
@@ -54,6 +54,10 @@ class _Pending:
     gw_output: int = 0
     gw_seen: bool = False
     """token usage that crossed the gateway while this task ran"""
+    recorded: bool = False
+    carried: bool = False
+    """running in an adopted container when this corral process found it: nobody here waits
+    for it; its result goes to the journal (where a TaskService waits for it)"""
 
 
 class TaskBook:
@@ -84,6 +88,37 @@ class TaskBook:
             self.usage_totals = self.usage_totals + usage
             result = msgspec.structs.replace(result, usage=usage)
         reply_value(p.reply, result)
+        if p.carried and not p.recorded:
+            p.recorded = True
+            self._record_carried(result)
+
+    def _record_carried(self, result: TaskResult) -> None:
+        """The result of a task this process found running (an adopted container), when it
+        came otherwise than by a task_done (the container died, or was drained)."""
+        log.info("adopted_task_result", task_id=result.task_id, status=result.status)
+        if self.journal is not None and self._nursery is not None:
+            gen = self._life.generation if self._life is not None else self.generation
+            self._nursery.start_soon(self.journal.attempt_done, result.task_id, self.id, gen, result)
+
+    def _resumed(self, life: _Life, frame: Ready) -> None:
+        """A wrapper this process did not start said where it is (``ready`` answering
+        ``hello``): the task it runs is carried on (the worker is busy with it), and the
+        results it replays are recorded when they come. A re-attach to a container this process
+        knows already changes nothing."""
+        if not life.adopted or life.ready:
+            return
+        ids = ([frame.running] if frame.running else []) + list(frame.replay)
+        self._carried.update(ids)
+        if frame.running and self._current is None:
+            try:
+                task = Task(prompt="(adopted)", task_id=frame.running)
+            except (ValueError, msgspec.ValidationError) as exc:
+                log.warning("adopted_task_invalid", error=str(exc))
+                return
+            now = trio.current_time()
+            self._current = _Pending(task, None, attempts=1, started_at=now, last_output=now,
+                                     carried=True)
+        log.info("adopted_tasks", running=frame.running, replay=list(frame.replay))
 
     @staticmethod
     def _task_usage(p: _Pending, agent: AgentUsage | None) -> TokenUsage | None:
@@ -131,6 +166,8 @@ class TaskBook:
             p.last_output = p.started_at
             p.gateway_failure = None
             self._set_state("busy")
+            if self.journal is not None:
+                await self.journal.dispatched(t.task_id, self.id, life.generation)
             if t.timeout_s is not None and life.nursery is not None:
                 life.nursery.start_soon(self._enforce_deadline, life, p)
             stall = self.spec.effective_stall_timeout_s
@@ -209,6 +246,19 @@ class TaskBook:
             await self._send(self._life, CancelTask(task_id=task_id))
 
     async def _task_done(self, frame: TaskDone) -> None:
+        if self.journal is not None:
+            # recorded before the wrapper is told it may forget it (the next lease's ack)
+            cur = self._current if (self._current is not None
+                                    and self._current.task.task_id == frame.task_id) else None
+            status, failure, error = task_outcome(frame, cur.gateway_failure if cur else None)
+            gen = self._life.generation if self._life is not None else self.generation
+            await self.journal.attempt_done(frame.task_id, self.id, gen, TaskResult(
+                task_id=frame.task_id, status=status, output=frame.output,  # type: ignore[arg-type]
+                exit_code=frame.exit_code, error=error, duration_s=frame.duration_s,
+                attempts=cur.attempts if cur else 1, worker_id=self.id, truncated=frame.truncated,
+                failure=failure))  # type: ignore[arg-type]
+            if cur is not None and cur.carried:
+                cur.recorded = True
         d = self._draining
         if d is not None and d.task.task_id == frame.task_id:
             # the wrapper did end the task after corral's deadline: the worker is free again
@@ -228,7 +278,11 @@ class TaskBook:
             return
         p = self._current
         if p is None or p.task.task_id != frame.task_id:
-            log.warning("task_done_unknown", task_id=frame.task_id)
+            if frame.task_id in self._carried:
+                # a task that ended while no corral process was attached, replayed
+                log.info("adopted_task_result", task_id=frame.task_id, status=frame.status)
+            else:
+                log.warning("task_done_unknown", task_id=frame.task_id)
             return
         self._current = None
         status, failure, error = task_outcome(frame, p.gateway_failure)

@@ -255,9 +255,6 @@ async def test_a_pool_that_stops_answers_the_task_its_dispatcher_holds(corral_en
     assert [res.status for _, res in history.tasks["held"].results] == ["cancelled"]
 
 
-@pytest.mark.xfail(strict=True, reason="corral leaves behind the containers its workers could not remove "
-                                       "while the engine was down: nothing retries the removal once the "
-                                       "engine is back, nor sweeps them when the supervisor stops")
 async def test_an_engine_outage_leaves_no_container_behind(corral_supervisor, chaos, invariants):
     sup = await corral_supervisor(max_restarts=100)
     await sup.spawn(WorkerSpec(id="w", restart=NONE))

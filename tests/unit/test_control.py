@@ -227,31 +227,6 @@ async def test_one_instance_per_supervisor_name_per_engine(autojump_clock):
             pass                                        # released on exit
 
 
-async def test_running_containers_of_the_name_refuse_the_start_exited_ones_are_reaped(autojump_clock):
-    async with FakeEngine() as engine:
-        image = engine.add_image("corral/worker-shell:old")
-        dead = await engine.container_create(ContainerSpec(
-            image=image, name="corral-t-w-old-1", labels={"corral.supervisor": "t"}))
-        async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
-            pass
-        assert dead not in engine.containers              # a dead instance's leftover: removed
-        live = await engine.container_create(ContainerSpec(
-            image=image, name="corral-t-other-1", env={"CORRAL_WORKER_ID": "other"},
-            labels={"corral.supervisor": "t", "corral.worker": "other"}))
-        dead = await engine.container_create(ContainerSpec(
-            image=image, name="corral-t-w-old-2", labels={"corral.supervisor": "t"}))
-        mine = await engine.container_create(ContainerSpec(
-            image=image, name="not-ours", labels={"corral.supervisor": "u"}))
-        async with engine.attach(live):
-            await engine.container_start(live)
-            with pytest.raises(CorralError, match=r"running container\(s\).*corral-t-other-1"):
-                async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
-                    pytest.fail("started beside a live instance")
-            assert engine.containers[live].status == "running"    # not touched
-            assert dead in engine.containers          # it may be the live instance's: not touched
-            assert mine in engine.containers
-
-
 def test_the_instance_lock_file_is_per_engine_and_name_and_names_its_holder(tmp_path):
     from runtime.instance import AlreadyRunning, acquire_file_lock
 

@@ -154,13 +154,36 @@ async def test_global_cap_on_concurrent_starts(autojump_clock):
         assert engine.stats["max_starting"] == 2
 
 
-async def test_shared_cause_gives_one_escalation(autojump_clock):
-    cfg = SupervisorConfig(name="t", shared_cause_threshold=3, shared_cause_window_s=5)
+async def test_an_engine_that_stays_away_escalates_once_after_engine_outage_s(autojump_clock):
+    """The engine goes away for good: the workers wait in engine_down (no restart counted, no
+    shared cause), and only after engine_outage_s does the supervisor escalate, once."""
+    cfg = SupervisorConfig(name="t", shared_cause_threshold=3, shared_cause_window_s=5,
+                           engine_outage_s=42)
     with capture_logs() as logs, pytest.raises(SupervisorEscalation) as ei:
         async with fake_supervisor(cfg) as (sup, engine):
             for i in range(5):
                 await sup.spawn(WorkerSpec(id=f"w{i}", restart=FAST))
             engine.go_down()
+            await trio.sleep(41.9)
+            assert {w.info_nowait().state for w in sup.workers()} == {"engine_down"}
+            await trio.sleep_forever()
+    assert ei.value.reason == "engine_unavailable"
+    assert {c.cause for c in ei.value.certificates} == {"engine_unavailable"}
+    assert len([e for e in logs if e["event"] == "supervisor_escalated"]) == 1
+    assert not [e for e in logs if e["event"] == "worker_died" and e["cause"] == "engine_error"]
+
+
+async def test_shared_cause_gives_one_escalation(autojump_clock):
+    """Engine errors that are not an outage (the engine answers, with errors) on several
+    workers at once: one escalation, shared_cause."""
+    cfg = SupervisorConfig(name="t", shared_cause_threshold=3, shared_cause_window_s=5)
+    with capture_logs() as logs, pytest.raises(SupervisorEscalation) as ei:
+        async with fake_supervisor(cfg) as (sup, engine):
+            for i in range(5):
+                await sup.spawn(WorkerSpec(id=f"w{i}", restart=FAST))
+            engine.fail_next_creates(100)
+            for c in list(engine.running()):
+                engine.crash(c.id)
             await trio.sleep_forever()
     assert ei.value.reason == "shared_cause"
     assert {c.cause for c in ei.value.certificates} == {"engine_error"}
@@ -249,28 +272,24 @@ async def test_state_changes_are_logged_with_context(autojump_clock):
     assert ready["worker_id"] == "ctx" and ready["generation"] == 1 and ready["container_id"]
 
 
-async def test_leftovers_of_a_dead_instance_are_reaped_a_live_one_refuses_the_start(autojump_clock):
+async def test_leftovers_of_a_dead_instance_are_reaped_a_live_one_is_adopted_or_swept(autojump_clock):
+    """With the instance lock held, the previous instance is gone: its containers that no longer
+    run are removed at once; a running one waits for its worker to adopt it, and one that no
+    worker claimed is removed when the supervisor stops. Another name's containers: untouched."""
     async with FakeEngine() as engine:
         image = engine.add_image("corral/worker-shell:old")
         dead = await engine.container_create(ContainerSpec(
             image=image, name="corral-t-w-old-1", labels={"corral.supervisor": "t"}))
         live = await engine.container_create(ContainerSpec(
             image=image, name="corral-t-other-1", env={"CORRAL_WORKER_ID": "other"},
-            labels={"corral.supervisor": "t", "corral.worker": "other"}))
+            labels={"corral.supervisor": "t", "corral.worker": "other"}, stdin_once=False))
         async with engine.attach(live):
             await engine.container_start(live)
-            mine = await engine.container_create(ContainerSpec(
+        mine = await engine.container_create(ContainerSpec(
             image=image, name="not-ours", labels={"corral.supervisor": "u"}))
-            from runtime import open_supervisor
-            from runtime.instance import AlreadyRunning
-            # a running container of the name: another instance lives; refuse, touch nothing
-            with pytest.raises(AlreadyRunning) as ei:
-                async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
-                    pass
-            assert "corral-t-other-1" in str(ei.value)
-            assert {dead, live, mine} <= set(engine.containers)
-            engine.crash(live, 0)                         # that instance is gone now
-            async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
-                pass
-            assert dead not in engine.containers and live not in engine.containers  # reaped
-            assert mine in engine.containers              # another supervisor's: untouched
+        from runtime import open_supervisor
+        async with open_supervisor(SupervisorConfig(name="t"), engine=engine):
+            assert dead not in engine.containers                  # reaped at once
+            assert engine.containers[live].status == "running"    # left for worker "other"
+        assert live not in engine.containers                      # unclaimed: swept at the end
+        assert mine in engine.containers                          # another supervisor's: untouched
