@@ -786,8 +786,9 @@ class WrapperCore(object):
     """The wrapper as a state machine: ``handle(event) -> [action]``.
 
     ``env``: the wrapper's environment (CORRAL_WORKER_ID, CORRAL_AGENT, CORRAL_REQUIRED_ENV,
-    CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE, CORRAL_ORPHAN_TIMEOUT_S, CORRAL_ORPHAN_POLICY); ``clock()``: seconds, for durations and deadlines;
-    ``pid``: for the ready frame; ``note``: appended to the ready log line."""
+    CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE, CORRAL_ORPHAN_TIMEOUT_S, CORRAL_ORPHAN_POLICY);
+    ``clock()``: seconds, for durations and deadlines; ``pid``: for the ready frame; ``note``:
+    appended to the ready log line."""
 
     def __init__(self, env, clock, pid=0, note=""):
         self.env = dict(env)

@@ -175,10 +175,13 @@ def test_without_the_environment_there_is_no_lease():
     assert "lease" not in w.core.timers
 
 
+NOT_SECONDS = "CORRAL_ORPHAN_TIMEOUT_S must be a number of seconds (0: no lease), not "
+
+
 @pytest.mark.parametrize("env,reason", [
-    ({"CORRAL_ORPHAN_TIMEOUT_S": "soon"}, "CORRAL_ORPHAN_TIMEOUT_S must be a number of seconds (0: no lease), not 'soon'"),
-    ({"CORRAL_ORPHAN_TIMEOUT_S": "-1"}, "CORRAL_ORPHAN_TIMEOUT_S must be a number of seconds (0: no lease), not '-1'"),
-    ({"CORRAL_ORPHAN_TIMEOUT_S": "inf"}, "CORRAL_ORPHAN_TIMEOUT_S must be a number of seconds (0: no lease), not 'inf'"),
+    ({"CORRAL_ORPHAN_TIMEOUT_S": "soon"}, NOT_SECONDS + "'soon'"),
+    ({"CORRAL_ORPHAN_TIMEOUT_S": "-1"}, NOT_SECONDS + "'-1'"),
+    ({"CORRAL_ORPHAN_TIMEOUT_S": "inf"}, NOT_SECONDS + "'inf'"),
     ({"CORRAL_ORPHAN_POLICY": "linger"}, "CORRAL_ORPHAN_POLICY must be one of cancel, finish, not 'linger'"),
 ])
 def test_a_bad_lease_environment_is_a_configuration_error(env, reason):
