@@ -6,8 +6,9 @@ milliseconds and every time is exact. It passes the same contract suite as the D
 (tests/contract): errors, waits, logs, events and their replay (``since``) behave alike.
 
 Controls: kill(), stop(), restart(), crash(), hang(), wedge(), remove(), fail_next_starts(),
-fail_next_creates(), set_start_delay(), add_image(), remove_image(), go_down()/come_up(),
-shut_down(), freeze()/thaw(), oom(). Each container runs the wrapper's REAL sans-IO core
+fail_next_creates(), set_start_delay(), add_image(), remove_image(), go_down()/come_up()
+(``go_down(live_restore=True)``: the containers outlive the outage), shut_down(),
+freeze()/thaw(), oom(). Each container runs the wrapper's REAL sans-IO core
 (runtime/wrapper/core.py) through a trio driver (fake_wrapper.py), with the one stub agent
 (runtime/wrapper/agents.py) standing in for every agent CLI: the same directives (!exit N,
 !sleep S, !crash-wrapper, !oom) and CORRAL_STUB_FAIL_PROBE=1 as in real containers. hang() and
@@ -85,11 +86,13 @@ class FakeImage:
 
 
 class _Output:
-    """A container's stdout and stderr: kept as its log, and passed on to whoever is attached."""
+    """A container's stdout and stderr: kept as its log, and passed on to whoever is attached
+    (nobody attached: the log only)."""
 
     def __init__(self, c: "FakeContainer") -> None:
         self._c = c
         self.attached: trio.MemorySendChannel[tuple[int, bytes]] | None = None
+        self.attachment: "_FakeAttachment | None" = None
 
     def send_nowait(self, item: tuple[int, bytes]) -> None:
         log = self._c.log
@@ -102,6 +105,13 @@ class _Output:
     def close(self) -> None:
         if self.attached is not None:
             self.attached.close()
+
+    def break_off(self) -> None:
+        """The engine went away under the attachment: its output ends, its stdin is gone."""
+        if self.attachment is not None:
+            self.attachment.broken = True
+        self.close()
+        self.attached = self.attachment = None
 
 
 @dataclass
@@ -147,8 +157,12 @@ class _FakeAttachment:
     def __init__(self, c: FakeContainer, output: "_HeldOutput") -> None:
         self._c = c
         self.output = output
+        self.broken = False
+        """the engine went away under it (a live-restore outage): nothing goes through it again"""
 
     async def send(self, data: bytes) -> None:
+        if self.broken:
+            raise EngineError("attach stdin closed: the engine closed the connection")
         if self._c.stdin is None or self._c.status == "exited":
             raise EngineError("attach stdin closed: container exited")
         try:
@@ -157,7 +171,7 @@ class _FakeAttachment:
             raise EngineError("attach stdin closed") from None
 
     async def close_stdin(self) -> None:
-        if self._c.stdin is not None:
+        if self._c.stdin is not None and not self.broken:
             self._c.stdin.close()
 
 
@@ -206,6 +220,8 @@ class FakeEngine:
         self.containers: dict[str, FakeContainer] = {}
         self.names: dict[str, str] = {}
         self.down = False
+        self._outage = trio.Event()
+        """set when a live-restore outage begins (calls in flight fail)"""
         self._frozen: trio.Event | None = None
         self._ids = itertools.count(1)
         self._fail_starts: list[BaseException] = []
@@ -267,14 +283,34 @@ class FakeEngine:
     def set_start_delay(self, seconds: float) -> None:
         self.start_delay = seconds
 
-    def go_down(self) -> None:
-        """The engine disappears: every call fails, running containers' streams end."""
+    def go_down(self, *, live_restore: bool = False) -> None:
+        """The engine disappears: every call fails (EngineUnavailable), running containers die
+        with it (137, no event) and their streams end.
+
+        ``live_restore``: like dockerd with ``--live-restore`` stopping or crashing: every call
+        fails, calls in flight (a ``container_wait``) fail, attachments' output streams end (and
+        writing to them fails), events streams end; but the containers KEEP RUNNING: their
+        wrappers go on, and what they write goes to their logs only. Their stdin is not closed,
+        even for ``stdin_once`` (nobody is left to close it). After come_up() the same
+        containers can be attached again."""
         self.down = True
+        if not live_restore:
+            for c in self.containers.values():
+                if c.status == "running":
+                    self._exit(c, 137, emit=False)
+            return
+        outage, self._outage = self._outage, trio.Event()
+        outage.set()
         for c in self.containers.values():
-            if c.status == "running":
-                self._exit(c, 137, emit=False)
+            if c.out_send is not None:
+                c.out_send.break_off()
+        for send, _, _, es in list(self._subscribers):
+            es.ended = "the engine closed the events stream"
+            send.close()
 
     def come_up(self) -> None:
+        """The engine answers again (after go_down()): the containers that survived are there,
+        attachable, with what they wrote meanwhile in their logs."""
         self.down = False
 
     def shut_down(self, *, linger_s: float = 0.5) -> None:
@@ -564,7 +600,16 @@ class FakeEngine:
         await self._op()
         c = self._get(cid)
         if c.status == "running":
-            await c.exited.wait()
+            outage = self._outage
+            async with trio.open_nursery() as nursery:
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(until, c.exited)
+                nursery.start_soon(until, outage)
+            if outage.is_set() and c.status == "running":
+                raise EngineUnavailable(f"cannot reach the Docker engine at {self.url}: the fake "
+                                        f"engine went away while waiting for {cid[:12]}")
         return c.exit_code if c.exit_code is not None else 0
 
     async def container_kill(self, cid: str, signal: str | int = "SIGKILL") -> None:
@@ -622,16 +667,18 @@ class FakeEngine:
         c = self._get(cid)
         send, recv = trio.open_memory_channel[tuple[int, bytes]](1024)
         assert c.out_send is not None
-        c.out_send.attached = send
+        att = _FakeAttachment(c, _HeldOutput(self, recv))
+        c.out_send.attached, c.out_send.attachment = send, att
         if c.status == "exited":
             send.close()
         try:
-            yield _FakeAttachment(c, _HeldOutput(self, recv))
+            yield att
         finally:
             if c.out_send.attached is send:
-                c.out_send.attached = None
-            if c.spec.stdin_once and c.stdin is not None:
-                c.stdin.close()   # the wrapper sees EOF when we detach
+                c.out_send.attached = c.out_send.attachment = None
+            if c.spec.stdin_once and c.stdin is not None and not att.broken:
+                c.stdin.close()   # the wrapper sees EOF when we detach (not with stdin_once off:
+                #                   it runs on, its output goes to the log, until attached again)
             recv.close()
 
     @asynccontextmanager

@@ -23,11 +23,13 @@ Usage (one call per container start; the container's exit code is what it return
 - ``env``: the container's environment (CORRAL_WORKER_ID, CORRAL_AGENT, CORRAL_HEARTBEAT_S,
   CORRAL_REQUIRED_ENV, CORRAL_STUB_FAIL_PROBE, ...).
 - ``stdin``: what the attached side writes to the container's stdin, in chunks of bytes; the
-  channel's end (closed sender) is stdin's end of file, which makes the wrapper shut down.
+  channel's end (closed sender) is stdin's end of file, which makes the wrapper shut down. (With
+  stdin_once off a detach does not close it: the wrapper runs on, under its lease.)
 - ``write(stream, data)``: the container's output, ``stream`` 1 (stdout: frames) or 2 (stderr:
   ``[wrapper] ...`` and ``[agent] ...`` log lines). Called synchronously; it must not block.
 - ``controls``: engine faults that no prompt directive makes (see FakeControls).
-- Returns the exit code: 0 after shutdown or stdin's end, 78 on a startup error, 137 after
+- Returns the exit code: 0 after shutdown, stdin's end or its lease running out (orphaned:
+  CORRAL_ORPHAN_TIMEOUT_S), 78 on a startup error, 137 after
   ``!crash-wrapper`` or an OOM kill, 70 if a task's processes could not be cleaned up (never
   here), or the code given to ``controls.crash()``. Cancel it to kill the container.
 """

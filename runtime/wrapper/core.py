@@ -70,8 +70,36 @@ answered), heartbeats, the result parsers, the OOM decision (the agent SIGKILLed
 OOM-kill counter grew: ``fatal`` and exit 137) and the cleanup decision (processes of a task
 that cannot be killed: ``fatal`` and exit 70).
 
+The control plane survives its supervisor (wrapper version 5):
+
+- Sequence numbers. Every task_started, task_output and task_done frame carries ``seq`` (1, 2, 3,
+  ... over the wrapper's life) and is kept, exactly as sent, until the actor's ``lease`` frame
+  acknowledges it (``ack``: every kept frame with ``seq <= ack`` is forgotten). Kept task_output
+  frames hold at most KEPT_OUTPUT_BYTES (1 MiB of frame bytes): past it the OLDEST kept
+  task_output frames are dropped (logged once per supervisor); task_started and task_done are
+  never dropped (task_done carries the output's tail anyway).
+- ``hello`` {worker_id}: a supervisor attached to this running wrapper (adoption, or a re-attach
+  after an engine outage). Its answer is ``ready`` with ``resumed: true``, ``running`` (the task
+  running now, or null) and ``replay`` (the task ids of the kept task_done frames, in order),
+  then every kept frame again, unchanged (same seq), in seq order; what the agent writes
+  afterwards follows with higher numbers. A hello naming another worker is logged and ignored.
+- The lease (CORRAL_ORPHAN_TIMEOUT_S seconds; absent or 0: no lease, nothing is ever orphaned).
+  It runs from Boot and is renewed by every frame from the actor that has a known kind (lease,
+  hello, run_task, cancel_task, shutdown, http_*). Once it runs out the wrapper is orphaned:
+  it logs "orphaned: no supervisor for N s" and, idle, exits at once; busy, with
+  CORRAL_ORPHAN_POLICY ``cancel`` (the default) it cancels the task (answered "cancelled", kept
+  like any frame) and exits once it is answered (STOP_S at most), with ``finish`` it exits once
+  the task has ended by itself. Its exit code is EX_ORPHANED (0) and its last log line says
+  "orphaned: ... exiting". A frame from the actor before that exit (a ``hello`` from a supervisor
+  that adopts it) renews the lease and the wrapper stays (a cancelled task stays cancelled).
+  Shutting down (``shutdown``, stdin's end) is not undone by it.
+- Stdin's end keeps its meaning: the supervisor detached for good, the wrapper shuts down. (A
+  supervisor that means to come back attaches with stdin_once off: its detach is no end.)
+
 Timers: "heartbeat", "timeout", "linger", "drain" (CLEANUP_S after a kill the task's I/O is over
-even if its output is still open), "grace", "stop" (STOP_S after the grace the wrapper exits).
+even if its output is still open), "grace", "stop" (STOP_S after the grace, or after an orphan's
+cancel, the wrapper exits), "lease" (the supervisor's lease runs out; when frames came
+meanwhile it is started again for what is left of it).
 A driver fires a timer at most once per StartTimer and never after its CancelTimer; a TimerFired
 for a timer that is not running is ignored.
 """
@@ -80,6 +108,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import collections
 import errno
 import json
 import math
@@ -92,8 +121,10 @@ try:                    # imported as runtime.wrapper.core
 except ImportError:     # in the image: /opt/corral/core.py beside agents.py
     import agents as agent_table
 
-WRAPPER_VERSION = "4"                # 4: model gateway (http_* frames), task_done failure and usage
+WRAPPER_VERSION = "5"                # 5: seq/lease/hello (kept frames, replay, orphan timeout)
+#                                      4: model gateway (http_* frames), task_done failure and usage
 EX_CONFIG = 78
+EX_ORPHANED = 0                     # an orphan's exit: its log says so ("orphaned: ... exiting")
 EX_SOFTWARE = 70
 EX_OOM = 137                        # 128 + SIGKILL: as if the kernel had killed the wrapper
 SIGKILL = 9
@@ -117,6 +148,11 @@ CLEANUP_S = 2.0                     # after a kill, its output is waited for thi
 STOP_S = 5.0                        # after the shutdown grace, the cancelled task this long
 DEFAULT_GRACE_S = 5.0
 PROBE_TIMEOUT_S = 20.0
+KEPT_KINDS = ("task_started", "task_output", "task_done")   # numbered, kept until acknowledged
+KEPT_OUTPUT_BYTES = 1 << 20         # of kept task_output frames; past it the oldest are dropped
+ORPHAN_POLICIES = ("cancel", "finish")
+ACTOR_KINDS = frozenset(("run_task", "cancel_task", "shutdown", "lease", "hello", "http_response",
+                         "http_chunk", "http_end"))
 OOM_REASON = "oom_killed: the agent was killed by the kernel OOM killer (memory limit)"
 
 # the model gateway's endpoint (frames: runtime/gateway_frames.py)
@@ -750,8 +786,9 @@ class WrapperCore(object):
     """The wrapper as a state machine: ``handle(event) -> [action]``.
 
     ``env``: the wrapper's environment (CORRAL_WORKER_ID, CORRAL_AGENT, CORRAL_REQUIRED_ENV,
-    CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE); ``clock()``: seconds, for durations and deadlines;
-    ``pid``: for the ready frame; ``note``: appended to the ready log line."""
+    CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE, CORRAL_ORPHAN_TIMEOUT_S, CORRAL_ORPHAN_POLICY);
+    ``clock()``: seconds, for durations and deadlines; ``pid``: for the ready frame; ``note``:
+    appended to the ready log line."""
 
     def __init__(self, env, clock, pid=0, note=""):
         self.env = dict(env)
@@ -777,6 +814,18 @@ class WrapperCore(object):
         self.agent_env = None         # the agent's environment (None: the wrapper's own)
         self.exchanges = {}           # req_id -> Exchange: the agent's HTTP requests in flight
         self.actor_gone = False       # stdin ended: nothing more can come from the actor
+        # kept frames (see the module's docstring): numbered, kept until a lease acknowledges them
+        self.sent_seq = 0             # the number of the last kept frame sent
+        self.kept = collections.OrderedDict()   # seq -> (kind, task_id, the frame's line)
+        self.kept_output = collections.deque()   # seqs of the kept task_output frames, in order
+        self.kept_output_bytes = 0
+        self.output_dropped = 0       # kept task_output frames dropped over the cap, ever
+        self.drop_logged = False      # (once per supervisor: reset by hello)
+        # the lease
+        self.lease_s = 0.0            # CORRAL_ORPHAN_TIMEOUT_S; 0: no lease
+        self.orphan_policy = "cancel"
+        self.lease_seen = 0.0         # clock() of the last frame from the actor (or of Boot)
+        self.orphaned = False         # the lease ran out: the wrapper exits after its task
 
     @property
     def closing(self):
@@ -813,12 +862,115 @@ class WrapperCore(object):
 
     def _send(self, kind, **fields):
         fields["kind"] = kind
+        kept = kind in KEPT_KINDS
+        if kept:
+            self.sent_seq += 1
+            fields["seq"] = self.sent_seq
         try:
             data = encode_frame(fields)
         except Exception as exc:   # never let a frame take the wrapper down
             self._log("cannot encode a %s frame: %r" % (kind, exc))
             return
         self._out.append(Send(kind, data))
+        if kept:
+            self._keep(fields["seq"], kind, fields.get("task_id"), data)
+
+    # -- kept frames and the lease -----------------------------------------------------------
+    def _keep(self, seq, kind, task_id, data):
+        self.kept[seq] = (kind, task_id, data)
+        if kind != "task_output":
+            return
+        self.kept_output.append(seq)
+        self.kept_output_bytes += len(data)
+        while self.kept_output_bytes > KEPT_OUTPUT_BYTES and len(self.kept_output) > 1:
+            old = self.kept_output.popleft()
+            _, old_task, old_data = self.kept.pop(old)
+            self.kept_output_bytes -= len(old_data)
+            self.output_dropped += 1
+            if not self.drop_logged:
+                self.drop_logged = True
+                self._log("unacknowledged task_output over %d bytes: dropping the oldest "
+                          "(from seq %d of task %s on; task_done keeps the output's tail)"
+                          % (KEPT_OUTPUT_BYTES, old, old_task))
+
+    def _ack(self, ack):
+        """Forget every kept frame numbered up to ``ack``."""
+        kept = self.kept
+        while kept and next(iter(kept)) <= ack:
+            _, (kind, _, data) = kept.popitem(last=False)
+            if kind == "task_output":
+                self.kept_output_bytes -= len(data)
+        out = self.kept_output
+        while out and out[0] <= ack:
+            out.popleft()
+
+    def _on_lease(self, frame):
+        ack = frame.get("ack", 0)
+        if isinstance(ack, bool) or not isinstance(ack, int) or ack < 0:
+            return self._log("ignoring a lease's ack %s: not a sequence number" % _shown(ack))
+        if ack > self.sent_seq:
+            self._log("a lease acknowledges seq %d, but the last frame sent is %d"
+                      % (ack, self.sent_seq))
+            ack = self.sent_seq
+        self._ack(ack)
+
+    def _on_hello(self, frame):
+        wid = frame.get("worker_id")
+        if wid != self.worker_id:
+            return self._log("ignoring hello for worker %s: this is worker %s"
+                             % (_shown(wid), self.worker_id))
+        self._renew_lease()
+        running = self.job.task_id if self.job is not None else None
+        replay = [tid for kind, tid, _ in self.kept.values() if kind == "task_done"]
+        fields = dict(kind="ready", worker_id=self.worker_id, agent=self.agent_name,
+                      agent_version=self.version, wrapper_version=WRAPPER_VERSION, pid=self.pid,
+                      resumed=True, running=running, replay=replay)
+        data = _dumps(fields) + b"\n"
+        while len(data) >= MAX_LINE and fields["replay"]:   # thousands of unacknowledged tasks:
+            fields["replay"] = fields["replay"][:len(fields["replay"]) // 2]   # their frames follow
+            data = _dumps(fields) + b"\n"
+        self._out.append(Send("ready", data))
+        first = next(iter(self.kept), 0)
+        self._log("hello: a supervisor attached; resuming (running %s; replaying %d kept frames%s, "
+                  "%d task_done%s)" % (
+                      running or "nothing", len(self.kept),
+                      " seq %d to %d" % (first, self.sent_seq) if self.kept else "", len(replay),
+                      "; %d task_output frames were dropped over the cap" % self.output_dropped
+                      if self.output_dropped else ""))
+        self.drop_logged = False
+        for kind, _, line in self.kept.values():
+            self._out.append(Send(kind, line))
+
+    def _renew_lease(self):
+        """A frame from the actor: the lease runs again from now (an orphan stays)."""
+        if not self.lease_s or self.state != "serving":
+            return
+        self.lease_seen = self.clock()
+        if self.orphaned:
+            self.orphaned = False
+            self._cancel_timer("stop")
+            self._log("lease renewed: a supervisor is back, the wrapper stays")
+        if "lease" not in self.timers:
+            self._start_timer("lease", self.lease_s)
+
+    def _lease_ran_out(self):
+        if self.state == "closing":
+            return      # shutting down already: it ends by itself
+        left = self.lease_seen + self.lease_s - self.clock()
+        if left > 0:    # renewed meanwhile
+            return self._start_timer("lease", left)
+        why = "orphaned: no supervisor for %s s" % _num(self.lease_s)
+        job = self.job
+        if self.state != "serving" or job is None:
+            self._log(why + ": exiting")
+            return self._exit(EX_ORPHANED)
+        self.orphaned = True
+        if self.orphan_policy == "finish":
+            return self._log(why + ": task %s may finish, then the wrapper exits" % job.task_id)
+        self._log(why + ": cancelling task %s, then exiting" % job.task_id)
+        self._cancel_job(job)
+        if self.job is not None and self.orphaned:
+            self._start_timer("stop", STOP_S)
 
     def _exit(self, code):
         self.state = "exited"
@@ -857,6 +1009,18 @@ class WrapperCore(object):
         except ValueError:
             return self._fatal("CORRAL_HEARTBEAT_S must be a positive number of seconds, not %r"
                                % env.get("CORRAL_HEARTBEAT_S"))
+        raw = env.get("CORRAL_ORPHAN_TIMEOUT_S", "")
+        try:
+            self.lease_s = float(raw) if raw.strip() else 0.0
+            if not (math.isfinite(self.lease_s) and self.lease_s >= 0):
+                raise ValueError
+        except ValueError:
+            return self._fatal("CORRAL_ORPHAN_TIMEOUT_S must be a number of seconds (0: no lease), "
+                               "not %r" % raw)
+        self.orphan_policy = env.get("CORRAL_ORPHAN_POLICY") or ORPHAN_POLICIES[0]
+        if self.orphan_policy not in ORPHAN_POLICIES:
+            return self._fatal("CORRAL_ORPHAN_POLICY must be one of %s, not %r"
+                               % (", ".join(ORPHAN_POLICIES), self.orphan_policy))
         missing = [n for n in env.get("CORRAL_REQUIRED_ENV", "").split(",") if n and n not in env]
         if missing:
             return self._fatal("required environment variable(s) not set: %s" % ", ".join(missing))
@@ -868,6 +1032,9 @@ class WrapperCore(object):
         if problem:
             return self._fatal(problem)
         self.state = "checking"
+        if self.lease_s:
+            self.lease_seen = self.clock()
+            self._start_timer("lease", self.lease_s)
         self._out.append(CheckWorkspace(self.workspace))
 
     def _read_setup(self, env):
@@ -1054,6 +1221,12 @@ class WrapperCore(object):
             return self._log("ignoring a frame that is %s, not an object: %s"
                              % (_json_type(frame), _shown(frame)))
         kind = frame.get("kind")
+        if kind == "hello":
+            return self._on_hello(frame)      # (renews the lease if it names this worker)
+        if kind in ACTOR_KINDS:
+            self._renew_lease()
+        if kind == "lease":
+            return self._on_lease(frame)
         if self.state == "closing" and kind not in ("cancel_task", "http_response", "http_chunk",
                                                     "http_end"):
             return      # shutting down: only what the running task still needs is read
@@ -1253,7 +1426,12 @@ class WrapperCore(object):
                 self._cancel_job(job)
             self._start_timer("stop", STOP_S)
         elif ev.name == "stop":
-            self._exit(0)
+            if self.orphaned:
+                self._log("orphaned: task %s did not end in time, exiting"
+                          % (job.task_id if job is not None else "?"))
+            self._exit(EX_ORPHANED if self.orphaned else 0)
+        elif ev.name == "lease":
+            self._lease_ran_out()
 
     def _cancel(self, task_id, reason=None):
         job = self.job
@@ -1365,6 +1543,9 @@ class WrapperCore(object):
         self.job = None
         if self.state == "closing" and exit_after:
             self._exit(0)
+        elif self.orphaned and exit_after:
+            self._log("orphaned: task %s ended, exiting" % job.task_id)
+            self._exit(EX_ORPHANED)
 
     # -- the model gateway's endpoint ------------------------------------------------------------
     def _on_http_request_started(self, ev):
@@ -1523,6 +1704,8 @@ class WrapperCore(object):
         """Wait for the running task up to ``grace`` s, then cancel it and wait for its answer
         up to STOP_S; then exit 0."""
         self.state = "closing"
+        self.orphaned = False
+        self._cancel_timer("lease")
         if self.job is None:
             return self._exit(0)
         if grace > 0:

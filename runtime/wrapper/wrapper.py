@@ -5,7 +5,10 @@ Standard library only; runs on any python3 >= 3.9. Speaks one JSON object per li
 its Worker actor, reads frames on stdin, and writes human-readable logs to stderr.
 
 Environment: CORRAL_WORKER_ID, CORRAL_AGENT (claude|factory|codex|shell), CORRAL_REQUIRED_ENV
-(comma-separated names), CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE (default /workspace).
+(comma-separated names), CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE (default /workspace),
+CORRAL_ORPHAN_TIMEOUT_S and CORRAL_ORPHAN_POLICY (cancel|finish): with no frame from a supervisor
+for that long the wrapper ends its task as the policy says and exits 0 (see core.py: the lease,
+sequence numbers and the replay that ``hello`` asks for).
 
 This file is the process driver of the wrapper's logic, which lives in core.py (sans-IO: every
 decision, frame and limit is there, and FakeEngine drives the same core). Here are only the

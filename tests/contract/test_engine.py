@@ -15,7 +15,7 @@ from runtime.errors import (
     ImageNotFound,
     NameConflict,
 )
-from runtime.protocol import Fatal, Ready, RunTask, Shutdown, TaskDone
+from runtime.protocol import Fatal, Hello, Ready, RunTask, Shutdown, TaskDone
 
 from .conftest import flavour
 from .helpers import DEADLINE, Session, collect, start_worker, story, worker_spec
@@ -247,6 +247,29 @@ async def test_attached_to_an_exited_container_the_output_ends_at_once(engine, s
         with trio.fail_after(5):
             async with engine.attach(cid) as att:
                 assert [item async for item in att.output] == []
+
+
+async def test_with_stdin_once_off_a_detach_does_not_end_the_container(engine, sup_name, image):
+    """What a supervisor that restarts relies on: attached with stdin_once off, its detach leaves
+    the wrapper and its task running, and a new attachment talks to the same wrapper (``hello``)
+    and sees what it writes from then on (the task's result, live or replayed)."""
+    with trio.fail_after(DEADLINE):
+        spec = worker_spec(image, sup_name, "w1", stdin_once=False)
+        async with AsyncExitStack() as stack:
+            cid, session = await start_worker(stack, engine, spec)
+            await session.send(RunTask(task_id="t1", prompt="!sleep 2 done"))
+        state = await engine.container_inspect(cid)
+        assert (state.status, state.running) == ("running", True)
+        async with engine.attach(cid) as att:
+            session = Session(att)
+            await session.send(Hello(worker_id="w1"))
+            ready = await session.expect(Ready)
+            assert ready.resumed and (ready.running, ready.replay) in (("t1", []), (None, ["t1"]))
+            done = await session.expect(TaskDone)
+            assert (done.task_id, done.status, done.output) == ("t1", "ok", "stub-claude: done")
+            await session.send(Shutdown(grace_s=1))
+            assert [f for f in await session.until_end() if not isinstance(f, TaskDone)] == []
+        assert await engine.container_wait(cid) == 0
 
 
 async def test_oom_kill_under_a_memory_limit(engine, sup_name, image):

@@ -73,7 +73,8 @@ class W:
     def start(self, task_id="t", prompt="echo hi", **fields):
         """run_task, the agent started: -> its StartAgent"""
         (start,) = of(self.run(task_id, prompt, **fields), c.StartAgent)
-        assert frames(self(c.AgentStarted(task_id, 4242, 0))) == [{"kind": "task_started", "task_id": task_id}]
+        (started,) = frames(self(c.AgentStarted(task_id, 4242, 0)))
+        assert started == {"kind": "task_started", "task_id": task_id, "seq": self.core.sent_seq}
         return start
 
     def finish(self, task_id="t", code=0, stdout=b"", stderr=b"", remaining=(), oom_kills=0):
@@ -243,11 +244,12 @@ def test_a_task_from_run_task_to_task_done():
     start = w.start("t", "echo hi")
     assert start == c.StartAgent("t", ["/bin/sh", "-c", "echo hi"], "/ws", None)
     acts = w(c.AgentOutput("t", "stdout", b"hi\n"))
-    assert frames(acts) == [{"kind": "task_output", "task_id": "t", "data": "hi\n"}]
+    assert frames(acts) == [{"kind": "task_output", "task_id": "t", "data": "hi\n", "seq": 2}]
     w.clock.t = 201.5
     acts = w.finish("t", 0)
     assert done_of(acts) == {"kind": "task_done", "task_id": "t", "status": "ok", "exit_code": 0, "output": "hi\n",
-                             "error": "", "duration_s": 1.5, "truncated": False, "failure": "", "usage": None}
+                             "error": "", "duration_s": 1.5, "truncated": False, "failure": "", "usage": None,
+                             "seq": 3}
     assert not w.core.busy
 
 
