@@ -271,7 +271,7 @@ class WrapperSession:
         # the stream ended: the container died, or the engine went away (see _after_eof)
 
     async def _on_frame(self, life: _Life, frame) -> None:
-        seq = getattr(frame, "seq", 0)
+        seq = frame.seq if isinstance(frame, (TaskStarted, TaskOutput, TaskDone)) else 0
         if seq and seq <= life.seq:
             return                    # replayed, and processed already (a re-attach)
         match frame:
