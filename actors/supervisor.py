@@ -146,9 +146,12 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig, *, engine: Engine, builder, watcher=None,
                  start_limiter: trio.CapacityLimiter | None = None,
                  parent: trio.MemorySendChannel | None = None, rng: random.Random | None = None,
-                 root: str | None = None, mailbox_size: int = 4096, ledger=None) -> None:
+                 root: str | None = None, mailbox_size: int = 4096, ledger=None,
+                 journal=None) -> None:
         self.config = config
         self.ledger = ledger
+        self.journal = journal
+        """a `runtime.journal.TaskJournal`, or None (no state_dir): tasks are not journaled"""
         self.root = root or config.name
         """the top-level supervisor's name: the corral.supervisor label of every container"""
         self.engine: Engine = engine

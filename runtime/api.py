@@ -12,8 +12,9 @@ import structlog
 
 from .configcheck import check_config
 from .engines import Engine, open_engine
-from .errors import SupervisorEscalation
+from .errors import CorralError, SupervisorEscalation
 from .instance import claim_engine, hold_instance
+from .journal import TaskService, open_journal, open_task_service
 from .specs import SupervisorConfig
 from .util import leaf_exceptions
 
@@ -44,6 +45,11 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
 
     ``ledger``: a `runtime.executions.ExecutionLedger` that counts every task execution the
     wrappers report (tests and chaos runs check delivery guarantees with it).
+
+    ``config.state_dir``: the task journal (runtime.journal) lives there. The handle's ``tasks``
+    is then a `TaskService` (durable tasks: ``submit``, ``result``; the journal's unfinished
+    tasks are resumed once the configured tree is up); without a state_dir ``tasks`` is None
+    and nothing is journaled.
     """
     from actors.builder import ImageBuilder
     from actors.supervisor import Supervisor
@@ -57,27 +63,39 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
                 engine = await stack.enter_async_context(open_engine(config.engine_url))
             stack.enter_context(hold_instance(engine, config.name))
             await claim_engine(engine, config.name)
+            journal = None
+            if config.state_dir is not None:
+                journal = await stack.enter_async_context(
+                    open_journal(config.state_dir, retention_s=config.result_retention_s))
             async with trio.open_nursery() as nursery:
                 builder = await nursery.start(ImageBuilder(engine, base_image=config.base_image,
                                                            build_network=config.build_network).run)
                 watcher = await nursery.start(Watcher(engine, supervisor=config.name).run)
                 sup = Supervisor(config, engine=engine, builder=builder, watcher=watcher, rng=rng,
-                                 ledger=ledger)
+                                 ledger=ledger, journal=journal)
                 handle = await nursery.start(sup.run)
-                try:
-                    yield handle
-                finally:
-                    with trio.CancelScope(shield=True) as cs:
-                        cs.deadline = trio.current_time() + 300
-                        async with trio.open_nursery() as graceful:
-                            if force_stop is not None:
-                                graceful.start_soon(_cancel_when_set, force_stop, cs)
-                            await handle.shutdown()
-                            graceful.cancel_scope.cancel()
-                    if cs.cancelled_caught:
-                        log.warning("graceful_stop_cut_short", supervisor=config.name,
-                                    forced=force_stop is not None and force_stop.is_set())
-                    nursery.cancel_scope.cancel()
+                tasks: TaskService | None = None
+                async with AsyncExitStack() as service:
+                    if journal is not None:
+                        tasks = await service.enter_async_context(open_task_service(handle, journal))
+                        nursery.start_soon(_resume_when_configured, handle, tasks)
+                    handle.tasks = tasks
+                    try:
+                        yield handle
+                    finally:
+                        if tasks is not None:
+                            tasks.close()        # what the stop brings about is no task's result
+                        with trio.CancelScope(shield=True) as cs:
+                            cs.deadline = trio.current_time() + 300
+                            async with trio.open_nursery() as graceful:
+                                if force_stop is not None:
+                                    graceful.start_soon(_cancel_when_set, force_stop, cs)
+                                await handle.shutdown()
+                                graceful.cancel_scope.cancel()
+                        if cs.cancelled_caught:
+                            log.warning("graceful_stop_cut_short", supervisor=config.name,
+                                        forced=force_stop is not None and force_stop.is_set())
+                        nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         leaves = leaf_exceptions(group)
         escalations = [e for e in leaves if isinstance(e, SupervisorEscalation)]
@@ -89,6 +107,16 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
         if len(leaves) == 1:
             raise leaves[0]
         raise
+
+
+async def _resume_when_configured(handle: "SupervisorHandle", tasks: TaskService) -> None:
+    """After a restart: once the configured tree is up (its containers adopted), the journal's
+    unfinished tasks are requeued, continued or finished (TaskService.resume)."""
+    await handle.wait_configured()
+    try:
+        await tasks.resume()
+    except CorralError as exc:
+        log.error("tasks_resume_failed", error=str(exc))
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
