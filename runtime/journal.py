@@ -18,7 +18,6 @@ what becomes of the tasks that were not finished (see `decide`).
 
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 import time
@@ -218,7 +217,8 @@ class TaskJournal:
                 raise
         except Exception as exc:                # the transaction failed: every call of it did
             for op in batch:
-                op.error, op.value = exc, None
+                if not isinstance(op.error, sqlite3.Error):    # (keep a call's own cause)
+                    op.error, op.value = exc, None
         for op in batch:
             if isinstance(op.error, sqlite3.Error):
                 op.error = _journal_error(self.path, op.error)

@@ -16,6 +16,7 @@ from runtime.testing import FakeEngine
 
 from .helpers import fake_supervisor
 from .test_control import control_server, receive_answer, send
+from .test_task_service import occupied, occupy
 
 
 def config(state_dir) -> SupervisorConfig:
@@ -36,18 +37,26 @@ async def ask(sup, **req):
 
 async def test_detach_then_result_then_result_wait(autojump_clock, tmp_path):
     async with journaled(tmp_path) as sup:
-        res = await ask(sup, op="task", pool="p", prompt="!sleep 30", detach=True)
-        assert res["ok"], res
-        tid = res["result"]["task_id"]
-        res = await ask(sup, op="result", task_id=tid)
-        assert res["ok"] and res["result"]["result"] is None
-        assert res["result"]["state"] in ("queued", "dispatched")
-        assert res["result"]["task"]["prompt"] == "!sleep 30" and res["result"]["target"] == "pool:p"
-        t0 = trio.current_time()
-        res = await ask(sup, op="result", task_id=tid, wait=True)
-        assert trio.current_time() - t0 >= 29               # it waited for the task
+        waited = []
+        async with trio.open_nursery() as n:
+            async with occupied(sup, "solo"):
+                res = await ask(sup, op="task", worker_id="solo", prompt="hi", detach=True)
+                assert res["ok"], res
+                tid = res["result"]["task_id"]
+                res = await ask(sup, op="result", task_id=tid)
+                assert res["ok"] and res["result"]["result"] is None
+                assert res["result"]["state"] == "queued"
+                assert res["result"]["task"]["prompt"] == "hi"
+                assert res["result"]["target"] == "worker:solo"
+
+                async def wait() -> None:
+                    waited.append(await ask(sup, op="result", task_id=tid, wait=True))
+                n.start_soon(wait)
+                await trio.sleep(60)
+                assert waited == []                 # it waits while the task cannot run
+        res, = waited
         assert res["ok"] and res["result"]["state"] == "done"
-        assert res["result"]["result"]["output"] == "stub-shell: slept"
+        assert res["result"]["result"]["output"] == "stub-shell: hi"
 
 
 async def test_a_task_without_detach_goes_through_the_journal_too(autojump_clock, tmp_path):
@@ -66,7 +75,6 @@ async def test_result_after_corral_run_restarted(autojump_clock, tmp_path):
                                   "detach": True}))["task_id"]
         queued = (await call(path, {"op": "task", "worker_id": "solo", "prompt": "after it",
                                     "detach": True}))["task_id"]
-        await trio.sleep(1)
     async with journaled(tmp_path) as sup, control_server(sup, tmp_path) as (path, _):
         again = await call(path, {"op": "result", "task_id": tid})
         assert again == first and again["result"]["output"] == "stub-shell: one"
@@ -97,26 +105,33 @@ async def test_unknown_ids_and_a_service_without_journal_are_clear_errors(autoju
 
 async def test_a_client_that_disconnects_cancels_its_journaled_task(autojump_clock, tmp_path):
     async with journaled(tmp_path) as sup, control_server(sup, tmp_path) as (path, _):
-        client = await send(path, {"op": "task", "worker_id": "solo", "prompt": "!sleep 600",
+        client = await send(path, {"op": "task", "worker_id": "solo", "prompt": "!sleep 86400",
                                    "task_id": "t-1"})
-        await trio.sleep(1)
-        assert (await sup.worker("solo").info()).state == "busy"
+        await sup.worker("solo").wait_until(lambda i: i.state == "busy")
         await client.aclose()
         rec = await call(path, {"op": "result", "task_id": "t-1", "wait": True})
         assert rec["result"]["status"] == "cancelled"
-        await trio.sleep(1)
-        assert (await sup.worker("solo").info()).state == "ready"
+        info = await sup.worker("solo").wait_until(lambda i: i.state == "ready")
+        assert info.generation == 1                     # cancelled in its container
 
 
 async def test_a_stopping_server_keeps_the_journaled_task_of_a_waiting_client(autojump_clock, tmp_path):
     """corral stopping is not its client giving up: the task stays in the journal and runs
     after the restart."""
-    async with journaled(tmp_path) as sup:
+    async with trio.open_nursery() as n, journaled(tmp_path) as sup:
+        await occupy(n, sup, "solo")          # (still busy when corral stops)
+        accepted = trio.Event()
+        record = sup.tasks.journal.accepted
+
+        async def accepted_then_tell(task, target):
+            await record(task, target)
+            if task.task_id == "t-1":
+                accepted.set()
+        sup.tasks.journal.accepted = accepted_then_tell
         async with control_server(sup, tmp_path) as (path, stop):
-            await call(path, {"op": "task", "worker_id": "solo", "prompt": "!sleep 600", "detach": True})
             client = await send(path, {"op": "task", "worker_id": "solo", "prompt": "queued",
                                        "task_id": "t-1"})
-            await trio.sleep(1)
+            await accepted.wait()
             stop.cancel()
         assert await receive_answer(client) == {"ok": False, "error": "corral is shutting down"}
         await client.aclose()
@@ -135,21 +150,24 @@ async def corral(*argv: str) -> int:
 async def test_cli_task_detach_and_result(tmp_path, capsys):
     async with journaled(tmp_path) as sup, control_server(sup, tmp_path) as (path, _):
         await sup.wait_configured()
-        assert await corral("task", "--socket", path, "--pool", "p", "--detach", "!sleep 0.5") == 0
+        assert await corral("task", "--socket", path, "--pool", "p", "--detach", "quick") == 0
         tid = capsys.readouterr().out.strip()
         assert tid.startswith("t-") and len(tid.split()) == 1
-        assert await corral("result", "--socket", path, tid) == cli.EX_TEMPFAIL
-        err = capsys.readouterr().err
-        assert f"task {tid} is " in err and "not finished yet" in err
         assert await corral("result", "--socket", path, "--wait", tid) == 0
-        assert capsys.readouterr().out == "stub-shell: slept\n"
+        assert capsys.readouterr().out == "stub-shell: quick\n"
         assert await corral("result", "--socket", path, "--json", tid) == 0
-        assert msgspec.json.decode(capsys.readouterr().out)["output"] == "stub-shell: slept"
+        assert msgspec.json.decode(capsys.readouterr().out)["output"] == "stub-shell: quick"
+        # not finished yet: says where it is, exit 75
+        async with occupied(sup, "solo"):
+            assert await corral("task", "--socket", path, "--worker", "solo", "--detach", "later") == 0
+            later = capsys.readouterr().out.strip()
+            assert await corral("result", "--socket", path, later) == cli.EX_TEMPFAIL
+            assert f"task {later} is queued: not finished yet" in capsys.readouterr().err
         # a failed task: the same exit code as `corral task`
-        assert await corral("task", "--socket", path, "--worker", "solo", "--detach", "!exit 3") == 0
+        assert await corral("task", "--socket", path, "--pool", "p", "--detach", "!exit 3") == 0
         tid = capsys.readouterr().out.strip()
         assert await corral("result", "--socket", path, "--wait", tid) == 1
-        assert await corral("task", "--socket", path, "--worker", "solo", "!exit 3") == 1
+        assert await corral("task", "--socket", path, "--pool", "p", "!exit 3") == 1
         capsys.readouterr()
         assert await corral("result", "--socket", path, "t-nope") == 2
         captured = capsys.readouterr()

@@ -238,3 +238,38 @@ async def test_a_closed_journal_says_so(tmp_path):
         pass
     with pytest.raises(JournalError, match="is closed"):
         await j.get("t-1")
+
+
+async def test_calls_made_together_commit_together_and_fail_alone(tmp_path):
+    """Group commit: calls made while a flush runs are done in one transaction; one that fails
+    (a duplicate id, or a call that fails half way) changes nothing and takes no other down."""
+    async with open_journal(str(tmp_path)) as j:
+        await j.accepted(Task(prompt="x", task_id="t-dup"), "pool:p")
+        outcomes: dict[str, str] = {}
+
+        def half_way(conn):
+            conn.execute("INSERT INTO tasks (task_id, target, task, accepted_at) "
+                         "VALUES ('t-half', 'pool:p', '{}', 0)")
+            raise RuntimeError("failed half way")
+
+        async def accept(tid: str) -> None:
+            try:
+                await j.accepted(Task(prompt="x", task_id=tid), "pool:p")
+                outcomes[tid] = "ok"
+            except DuplicateTask:
+                outcomes[tid] = "duplicate"
+
+        async def broken() -> None:
+            with pytest.raises(RuntimeError, match="half way"):
+                await j._run(half_way)
+            outcomes["half"] = "failed"
+        async with trio.open_nursery() as n:
+            n.start_soon(accept, "t-0")
+            n.start_soon(broken)
+            for i in range(1, 10):
+                n.start_soon(accept, f"t-{i}")
+            n.start_soon(accept, "t-dup")
+        assert outcomes == {**{f"t-{i}": "ok" for i in range(10)}, "t-dup": "duplicate",
+                            "half": "failed"}
+        assert await j.get("t-half") is None
+        assert len(await j.unfinished()) == 11

@@ -3,13 +3,12 @@ restart makes of each unfinished task in the journal (`open_supervisor` with the
 ``state_dir``)."""
 
 import random
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
-import msgspec
 import pytest
 import trio
 
-from runtime import (NoSuchChild, PoolSpec, SupervisorConfig, Task, TaskResult, WorkerSpec,
+from runtime import (CorralError, NoSuchChild, PoolSpec, SupervisorConfig, Task, TaskResult, WorkerSpec,
                      open_supervisor)
 from runtime.executions import ExecutionLedger
 from runtime.journal import ResumeSummary, UnknownTask, open_journal, open_task_service
@@ -33,6 +32,26 @@ async def service(state_dir, ledger=None, **kw):
             yield sup
 
 
+async def occupy(nursery: trio.Nursery, sup, worker_id: str) -> None:
+    """Make the worker busy with a task that is not journaled, run in ``nursery`` (it runs
+    until that is cancelled or corral stops): tasks sent to the worker meanwhile wait in its
+    queue, whatever the clock does."""
+    async def hold() -> None:
+        with suppress(CorralError):
+            await sup.worker(worker_id).run(Task(prompt="!sleep 86400"))
+    nursery.start_soon(hold)
+    await sup.worker(worker_id).wait_until(lambda i: i.state == "busy")
+
+
+@asynccontextmanager
+async def occupied(sup, worker_id: str):
+    """`occupy` for the block."""
+    async with trio.open_nursery() as n:
+        await occupy(n, sup, worker_id)
+        yield
+        n.cancel_scope.cancel()
+
+
 async def test_without_a_state_dir_there_is_no_journal(autojump_clock):
     async with fake_supervisor(SupervisorConfig(name="t")) as (sup, engine):
         assert sup.tasks is None
@@ -41,18 +60,19 @@ async def test_without_a_state_dir_there_is_no_journal(autojump_clock):
 async def test_submit_records_the_task_and_its_result(autojump_clock, tmp_path):
     async with service(tmp_path) as sup:
         assert await sup.tasks.wait_resumed() == ResumeSummary()
-        tid = await sup.tasks.submit("pool:p", Task(prompt="!sleep 5", task_id="t-1"))
-        assert tid == "t-1"
-        rec = await sup.tasks.result(tid)
-        assert rec.state != "done" and rec.result is None and rec.target == "pool:p"
+        async with occupied(sup, "solo"):
+            tid = await sup.tasks.submit("worker:solo", Task(prompt="hello", task_id="t-1"))
+            assert tid == "t-1"
+            rec = await sup.tasks.result(tid)
+            assert rec.state == "queued" and rec.result is None and rec.target == "worker:solo"
         rec = await sup.tasks.result(tid, wait=True)
         assert rec.state == "done"
-        assert (rec.result.status, rec.result.output) == ("ok", "stub-shell: slept")
-        wid = await sup.tasks.submit("worker:solo", Task(prompt="hello"))
-        assert (await sup.tasks.result(wid, wait=True)).result.output == "stub-shell: hello"
+        assert (rec.result.status, rec.result.output) == ("ok", "stub-shell: hello")
+        pid = await sup.tasks.submit("pool:p", Task(prompt="!sleep 5"))
+        assert (await sup.tasks.result(pid, wait=True)).result.output == "stub-shell: slept"
     async with open_journal(str(tmp_path)) as j:          # it outlives the supervisor
-        assert (await j.get("t-1")).result.output == "stub-shell: slept"
-        assert (await j.get(wid)).result.worker_id == "solo"
+        assert (await j.get("t-1")).result.output == "stub-shell: hello"
+        assert (await j.get(pid)).result.worker_id in ("p-1", "p-2")
 
 
 async def test_an_unknown_target_is_an_error_and_nothing_is_recorded(autojump_clock, tmp_path):
@@ -136,10 +156,9 @@ async def test_a_task_carried_by_an_adopted_container_is_awaited_not_run_again(
 
 
 async def test_a_graceful_stop_leaves_queued_tasks_to_the_next_start(autojump_clock, tmp_path):
-    async with service(tmp_path) as sup:
-        await sup.tasks.submit("worker:solo", Task(prompt="!sleep 600", task_id="t-busy"))
+    async with trio.open_nursery() as n, service(tmp_path) as sup:
+        await occupy(n, sup, "solo")          # (still busy when corral stops)
         await sup.tasks.submit("worker:solo", Task(prompt="waits its turn", task_id="t-next"))
-        await trio.sleep(1)
     async with open_journal(str(tmp_path)) as j:
         rec = await j.get("t-next")
         assert rec.state == "queued" and rec.result is None      # not "cancelled": kept
@@ -152,15 +171,13 @@ async def test_a_graceful_stop_leaves_queued_tasks_to_the_next_start(autojump_cl
 
 async def test_a_client_that_gives_up_cancels_its_task(autojump_clock, tmp_path):
     async with service(tmp_path) as sup:
-        tid = await sup.tasks.submit("worker:solo", Task(prompt="!sleep 600"))
-        await trio.sleep(1)
-        assert (await sup.worker("solo").info()).state == "busy"
+        tid = await sup.tasks.submit("worker:solo", Task(prompt="!sleep 86400"))
+        await sup.worker("solo").wait_until(lambda i: i.state == "busy")
         assert sup.tasks.cancel(tid)
         rec = await sup.tasks.result(tid, wait=True)
         assert rec.result.status == "cancelled" and "client" in rec.result.error
-        await trio.sleep(1)
-        info = await sup.worker("solo").info()
-        assert (info.state, info.generation) == ("ready", 1)   # cancelled in its container
+        info = await sup.worker("solo").wait_until(lambda i: i.state == "ready")
+        assert info.generation == 1                             # cancelled in its container
         assert not sup.tasks.cancel("t-unknown")
 
 
@@ -186,3 +203,13 @@ async def test_a_duplicate_task_id_is_refused(autojump_clock, tmp_path):
         assert (await sup.tasks.result("t-1", wait=True)).result.output == "stub-shell: a"
         with pytest.raises(DuplicateTask):
             await sup.tasks.submit("pool:p", Task(prompt="c", task_id="t-1"))
+
+
+async def test_a_corrupt_journal_stops_the_start_with_an_error_naming_it(autojump_clock, tmp_path):
+    from runtime.journal import JournalError
+    (tmp_path / "journal.sqlite3").write_bytes(b"\x00garbage" * 1000)
+    async with FakeEngine() as engine:
+        with pytest.raises(JournalError, match=f"{tmp_path}/journal.sqlite3 is corrupt"):
+            async with open_supervisor(config(tmp_path), engine=engine):
+                pytest.fail("started on a corrupt journal")
+        assert engine.stats["creates"] == 0
