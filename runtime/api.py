@@ -12,8 +12,9 @@ import structlog
 
 from .configcheck import check_config
 from .engines import Engine, open_engine
-from .errors import ContainerNotFound, EngineError, RemovalInProgress, SupervisorEscalation
+from .errors import ContainerNotFound, CorralError, EngineError, RemovalInProgress, SupervisorEscalation
 from .instance import claim_engine, hold_instance
+from .journal import TaskService, open_journal, open_task_service
 from .specs import SupervisorConfig
 from .util import leaf_exceptions
 
@@ -55,6 +56,11 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
     ``abandon``: set it to simulate a crash of this process (tests, chaos runs): the block ends
     at once, and every container is left running, for the next `open_supervisor()` of the same
     name to adopt. Nothing is stopped or removed.
+
+    ``config.state_dir``: the task journal (runtime.journal) lives there. The handle's ``tasks``
+    is then a `TaskService` (durable tasks: ``submit``, ``result``; the journal's unfinished
+    tasks are resumed once the configured tree is up); without a state_dir ``tasks`` is None
+    and nothing is journaled.
     """
     from actors.builder import ImageBuilder
     from actors.supervisor import Supervisor
@@ -70,6 +76,10 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
             adoptable = await claim_engine(engine, config.name)
             leftovers: set[str] = set()
             stack.push_async_callback(_sweep, engine, config.name, abandon, adoptable, leftovers)
+            journal = None
+            if config.state_dir is not None:
+                journal = await stack.enter_async_context(
+                    open_journal(config.state_dir, retention_s=config.result_retention_s))
             async with trio.open_nursery() as nursery:
                 if abandon is not None:
                     nursery.start_soon(_cancel_when_set, abandon, nursery.cancel_scope)
@@ -77,15 +87,23 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
                                                            build_network=config.build_network).run)
                 watcher = await nursery.start(Watcher(engine, supervisor=config.name).run)
                 sup = Supervisor(config, engine=engine, builder=builder, watcher=watcher, rng=rng,
-                                 ledger=ledger, adoptable=adoptable, abandon=abandon,
-                                 leftovers=leftovers)
+                                 ledger=ledger, journal=journal, adoptable=adoptable,
+                                 abandon=abandon, leftovers=leftovers)
                 handle = await nursery.start(sup.run)
-                try:
-                    yield handle
-                finally:
-                    if abandon is None or not abandon.is_set():
-                        await _stop_gracefully(handle, config.name, force_stop)
-                    nursery.cancel_scope.cancel()
+                tasks: TaskService | None = None
+                async with AsyncExitStack() as service:
+                    if journal is not None:
+                        tasks = await service.enter_async_context(open_task_service(handle, journal))
+                        nursery.start_soon(_resume_when_configured, handle, tasks)
+                    handle.tasks = tasks
+                    try:
+                        yield handle
+                    finally:
+                        if tasks is not None:
+                            tasks.close()        # what the stop brings about is no task's result
+                        if abandon is None or not abandon.is_set():
+                            await _stop_gracefully(handle, config.name, force_stop)
+                        nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         leaves = leaf_exceptions(group)
         escalations = [e for e in leaves if isinstance(e, SupervisorEscalation)]
@@ -130,6 +148,16 @@ async def _sweep(engine: Engine, name: str, abandon: trio.Event | None, adoptabl
             except EngineError as exc:
                 log.warning("final_sweep_failed", supervisor=name, container_id=cid[:12],
                             error=str(exc))
+
+
+async def _resume_when_configured(handle: "SupervisorHandle", tasks: TaskService) -> None:
+    """After a restart: once the configured tree is up (its containers adopted), the journal's
+    unfinished tasks are requeued, continued or finished (TaskService.resume)."""
+    await handle.wait_configured()
+    try:
+        await tasks.resume()
+    except CorralError as exc:
+        log.error("tasks_resume_failed", error=str(exc))
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -7,6 +7,8 @@ Scenarios (see BENCHMARKS.md for what limits each number):
   task      a trivial task on a READY worker, vs `docker exec <container> true`
   scale     10,000 workers on FakeEngine (time to READY, RSS per worker); 100 idle real workers' CPU
   mailbox   actor ask/reply round trips per second, vs a bare trio memory channel round trip
+  journal   tasks/s through a FakeEngine pool with the task journal (SQLite, `corral run`'s
+            default) vs without it, side by side
 
 CORRAL_BENCH_COMPARE_ENGINE=URL (or a ``compare_engine`` argument) runs restart and spawn again on
 a second engine (e.g. Podman's unix:///run/corral-podman/podman.sock) in the same run, with ``lifecycle`` on both: one worker
@@ -33,9 +35,9 @@ import trio
 
 COMPARE_ENV = "CORRAL_BENCH_COMPARE_ENGINE"
 QUICK = {"restart": 3, "spawn": 10, "spawn_rounds": 1, "task": 30, "exec": 10, "fake": 1000, "idle": 10, "idle_s": 5.0,
-         "mailbox": 20_000}
+         "mailbox": 20_000, "journal": 1000}
 FULL = {"restart": 10, "spawn": 50, "spawn_rounds": 5, "task": 300, "exec": 50, "fake": 10_000, "idle": 100, "idle_s": 60.0,
-        "mailbox": 200_000}
+        "mailbox": 200_000, "journal": 10_000}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -320,12 +322,64 @@ class Bench:
                     ratio_actor_over_bare=(m / actor_s) / (m / bare_s),
                     target="reported (no target)", met=True)
 
+    async def journal(self) -> None:
+        """The task journal's cost: the same tasks through the same FakeEngine pool, with the
+        journal (each task accepted, dispatched, answered and finished in SQLite, through its
+        thread) and without it (straight to the pool). Rounds alternate; the best of each."""
+        import tempfile
+        from ..api import open_supervisor
+        from ..specs import PoolSpec, SupervisorConfig, Task, WorkerSpec
+        from ..testing import FakeEngine
+        n, replicas, in_flight = self.sizes["journal"], 4, 64
+
+        async def one_round(journaled: bool) -> float:
+            with tempfile.TemporaryDirectory() as d:
+                cfg = SupervisorConfig(name="jb", state_dir=d if journaled else None, pools=[PoolSpec(
+                    name="p", replicas=replicas, queue_size=in_flight,
+                    worker=WorkerSpec())])
+                async with FakeEngine() as engine, open_supervisor(cfg, engine=engine) as sup:
+                    await sup.wait_configured()
+                    pool, tasks = sup.pool("p"), sup.tasks
+                    if tasks is not None:
+                        await tasks.wait_resumed()
+                    limit = trio.Semaphore(in_flight)
+
+                    async def go(i: int) -> None:
+                        try:
+                            task = Task(prompt=f"n{i}")
+                            if tasks is None:
+                                res = await pool.run(task)
+                            else:
+                                res = (await tasks.result(await tasks.submit("pool:p", task),
+                                                          wait=True)).result
+                            assert res is not None and res.status == "ok", res
+                        finally:
+                            limit.release()
+                    t0 = time.perf_counter()
+                    async with trio.open_nursery() as nursery:
+                        for i in range(n):
+                            await limit.acquire()
+                            nursery.start_soon(go, i)
+                    return n / (time.perf_counter() - t0)
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(3):
+            for journaled in (False, True):
+                rates[journaled].append(await one_round(journaled))
+        plain, journaled = max(rates[False]), max(rates[True])
+        self.report("journal", tasks=n, pool_replicas=replicas, in_flight=in_flight,
+                    tasks_per_s_without_journal=plain, tasks_per_s_with_journal=journaled,
+                    ratio_with_over_without=journaled / plain,
+                    journal_ms_per_task=(1 / journaled - 1 / plain) * 1000,
+                    target="reported (no target)", met=True)
+
     async def run(self, only: list[str] | None) -> dict[str, Any]:
-        want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox"])
+        want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox", "journal"])
         print(f"corral bench ({'quick' if self.sizes is QUICK else 'full'}) on {platform.node()}: "
               f"{os.cpu_count()} cores, python {platform.python_version()}", flush=True)
         if "mailbox" in want:
             await self.mailbox()
+        if "journal" in want:
+            await self.journal()
         if "scale" in want:
             await trio.to_thread.run_sync(self.scale_fake)
         compared = want & {"restart", "spawn"}

@@ -3,6 +3,9 @@
   corral run --config corral.toml      long-running supervisor (SIGTERM/SIGINT: graceful stop;
                                        a second signal: stop at once, containers still removed)
   corral ps | task | restart | stop    talk to a running `corral run` over its unix socket
+  corral task --detach ... ; corral result ID [--wait]
+                                       durable tasks: their results outlive a restart of
+                                       `corral run` (its task journal, under --state-dir)
   corral demo                          the end-to-end tour on the real engine
   corral chaos                         a pool under fire, invariants checked
   corral bench [--quick]               corral measured side by side with the alternatives
@@ -30,6 +33,30 @@ log = get_logger("corral.cli")
 def default_socket(name: str) -> str:
     base = "/run" if os.geteuid() == 0 else (os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
     return os.path.join(base, f"corral-{name}.sock")
+
+
+def default_state_dir(name: str) -> str:
+    """Where `corral run` keeps its task journal unless told (--state-dir, config state_dir)."""
+    if os.geteuid() == 0:
+        return os.path.join("/var/lib/corral", name)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "corral", name)
+
+
+def with_state_dir(config, state_dir: str | None, *, no_journal: bool = False):
+    """`corral run`'s journal: --no-journal (none), else --state-dir, else the config's
+    ``state_dir``, else `default_state_dir`."""
+    if no_journal:
+        return msgspec.structs.replace(config, state_dir=None)
+    if state_dir:
+        return msgspec.structs.replace(config, state_dir=state_dir)
+    if config.state_dir is None:
+        return msgspec.structs.replace(config, state_dir=default_state_dir(config.name))
+    return config
+
+
+EX_TEMPFAIL = 75
+"""`corral result` without --wait: the task has not finished yet (sysexits: try again later)"""
 
 
 def _out(text: str = "") -> None:
@@ -139,6 +166,7 @@ def cmd_run(args) -> int:
         config = msgspec.structs.replace(config, name=args.name)
     if args.engine:
         config = msgspec.structs.replace(config, engine_url=args.engine)
+    config = with_state_dir(config, args.state_dir, no_journal=args.no_journal)
     sock = args.socket or config.control_socket or default_socket(config.name)
     check_config(config)            # static errors: exit 2 before anything starts
     check_socket_path(sock)
@@ -182,7 +210,8 @@ async def _supervise(config, sock: str, stopping: trio.Event, forced: trio.Event
             async with trio.open_nursery() as n:
                 await n.start(serve_control, sup, sock)
                 log.info("corral_running", supervisor=config.name, socket=sock,
-                         workers=len(config.workers), pools=len(config.pools))
+                         workers=len(config.workers), pools=len(config.pools),
+                         journal=sup.tasks.journal.path if sup.tasks is not None else None)
 
                 async def announce() -> None:
                     await sup.wait_configured()
@@ -277,12 +306,38 @@ def cmd_ps(args) -> int:
 def cmd_task(args) -> int:
     from ..specs import Task
     _utf8_arg("prompt", args.prompt)
-    Task(prompt=args.prompt, timeout_s=args.timeout)    # a bad prompt is ConfigError: exit 2
-    req = {"op": "task", "prompt": args.prompt, "timeout_s": args.timeout}
+    Task(prompt=args.prompt, timeout_s=args.timeout,     # a bad prompt is ConfigError: exit 2
+         max_attempts=args.max_attempts)
+    req = {"op": "task", "prompt": args.prompt, "timeout_s": args.timeout,
+           "max_attempts": args.max_attempts}
     req["pool" if args.pool else "worker_id"] = args.pool or args.worker
-    res = _ctl(args, req)
+    if args.detach:
+        req["detach"] = True
+        _out(_ctl(args, req)["task_id"])
+        return 0
+    return _show_result(args, _ctl(args, req))
+
+
+def _show_result(args, res: dict) -> int:
+    """A TaskResult as `corral task` prints it: the output (or --json); exit 0 if ok, else 1."""
     _out(msgspec.json.encode(res).decode() if args.json else (res.get("output") or "").rstrip())
     return 0 if res["status"] == "ok" else 1
+
+
+def cmd_result(args) -> int:
+    _utf8_arg("task id", args.task_id)
+    rec = _ctl(args, {"op": "result", "task_id": args.task_id, "wait": args.wait})
+    if rec.get("result") is not None:
+        return _show_result(args, rec["result"])
+    if args.json:
+        _out(msgspec.json.encode(rec).decode())
+    where = ""
+    if rec.get("dispatches"):
+        d = rec["dispatches"][-1]
+        where = f" (on worker {d['worker_id']}, generation {d['generation']})"
+    print(f"corral: task {args.task_id} is {rec['state']}{where}: not finished yet (--wait to "
+          f"wait for it)", file=sys.stderr, flush=True)
+    return EX_TEMPFAIL
 
 
 def cmd_worker_op(args) -> int:
@@ -328,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="override the supervisor name")
     s.add_argument("--socket", help="control socket path (default: config control_socket or "
                                     "/run/corral-NAME.sock)")
+    j = s.add_mutually_exclusive_group()
+    j.add_argument("--state-dir", help="where the task journal lives (default: config state_dir, "
+                                       "else /var/lib/corral/NAME as root, else "
+                                       "$XDG_STATE_HOME/corral/NAME or ~/.local/state/corral/NAME)")
+    j.add_argument("--no-journal", action="store_true",
+                   help="keep no task journal: results live only as long as their request")
     s.set_defaults(fn=cmd_run)
 
     for cmd, helptext in (("ps", "show the supervision tree of a running `corral run`"),):
@@ -342,10 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool")
     s.add_argument("prompt")
     s.add_argument("--timeout", type=float)
+    s.add_argument("--max-attempts", type=int, default=1,
+                   help="run it again after its container died under it (default 1: at most once)")
+    s.add_argument("--detach", action="store_true",
+                   help="print the task id and return at once (`corral result ID` later)")
     s.add_argument("--name", default="corral")
     s.add_argument("--socket")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_task)
+    s = sub.add_parser("result", help="the result of a task of a running `corral run`, also after "
+                                      "it restarted (exit 0 ok, 1 failed, 2 error, 75 not finished)")
+    s.add_argument("task_id")
+    s.add_argument("--wait", action="store_true", help="wait until the task has finished")
+    s.add_argument("--name", default="corral")
+    s.add_argument("--socket")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_result)
     for cmd in ("restart", "stop"):
         s = sub.add_parser(cmd, help=f"{cmd} a worker of a running `corral run`")
         s.add_argument("worker_id")

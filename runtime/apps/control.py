@@ -5,15 +5,24 @@ Requests, one JSON object per line, tagged by "op" (unknown fields are errors):
   {"op": "spawn", "spec": {...WorkerSpec}}
   {"op": "stop", "worker_id": ...} | {"op": "restart", "worker_id": ...}
   {"op": "task", "worker_id": ... | "pool": ..., "prompt": ..., "args": [...], "timeout_s": ...,
-   "max_attempts": ..., "max_output_bytes": ..., "task_id": ...}
+   "max_attempts": ..., "max_output_bytes": ..., "task_id": ..., "detach": false}
+  {"op": "result", "task_id": ..., "wait": false}
 Every answer is one line: {"ok": true, "result": ...} or {"ok": false, "error": "..."}.
+
+With a task journal (`corral run --state-dir`, the default), a task is recorded when it is
+accepted and its result when it ends, so that the result survives a restart of `corral run`:
+- `task` answers the TaskResult once the task has ended; with `"detach": true` it answers
+  {"task_id": ...} at once and the task runs on.
+- `result` answers the task's journal record (`runtime.journal.TaskRecord`: task, target, state
+  queued | dispatched | done, dispatches, attempts, result); with `"wait": true`, once it is done.
+Without a journal, `detach` and `result` are errors that say so.
 
 - A request is decoded into typed Structs at the edge: anything invalid is an error answer for
   that request naming the field, and never reaches a worker.
 - Requests that need the configured workers and pools (task, stop, restart) wait until the
   configured tree has started; snapshot and spawn are answered at once.
 - A client that disconnects (or closes its writing half) while its request runs cancels it: a
-  task is taken out of its queue, or cancelled in its container.
+  task is taken out of its queue, or cancelled in its container (a `result` wait just ends).
 - When `corral run` stops, requests still in flight are answered "corral is shutting down".
 The socket file is created mode 0600: only its owner may drive the supervisor.
 """
@@ -31,7 +40,8 @@ import trio
 from msgspec import Meta, Struct, field
 
 from ..errors import ConfigError, CorralError
-from ..specs import Name, Task, WorkerId, WorkerSpec
+from ..journal import NoJournal
+from ..specs import Name, Task, TaskId, WorkerId, WorkerSpec
 
 log = structlog.get_logger("corral.control")
 
@@ -72,6 +82,12 @@ class TaskOp(_Request, tag="task"):
     max_attempts: int = 1
     max_output_bytes: int | None = None
     task_id: str | None = None
+    detach: bool = False
+    """answer {"task_id": ...} at once (needs the task journal); the task runs on"""
+
+    @property
+    def target(self) -> str:
+        return f"pool:{self.pool}" if self.pool is not None else f"worker:{self.worker_id}"
 
     def __post_init__(self) -> None:
         if (self.worker_id is None) == (self.pool is None):
@@ -88,8 +104,13 @@ class TaskOp(_Request, tag="task"):
                     max_attempts=self.max_attempts, **extra)
 
 
-ControlRequest = Union[SnapshotOp, SpawnOp, StopOp, RestartOp, TaskOp]
-OPS = "snapshot, spawn, stop, restart, task"
+class ResultOp(_Request, tag="result"):
+    task_id: TaskId
+    wait: bool = False
+
+
+ControlRequest = Union[SnapshotOp, SpawnOp, StopOp, RestartOp, TaskOp, ResultOp]
+OPS = "snapshot, spawn, stop, restart, task, result"
 
 _decoder = msgspec.json.Decoder(ControlRequest)
 _any_decoder = msgspec.json.Decoder()
@@ -133,8 +154,23 @@ def decode_request(line: bytes) -> ControlRequest:
 
 
 # -- the handler -------------------------------------------------------------------------------
-async def handle(sup, line: bytes) -> dict[str, Any]:
-    """Answer one request line: {"ok": true, "result": ...} or {"ok": false, "error": ...}."""
+NO_JOURNAL = ("this `corral run` keeps no task journal (it was started with --no-journal): "
+              "task results are not kept, and tasks cannot be detached")
+
+
+def _journaled(sup):
+    """The supervisor's TaskService, or NoJournal."""
+    tasks = getattr(sup, "tasks", None)
+    if tasks is None:
+        raise NoJournal(NO_JOURNAL)
+    return tasks
+
+
+async def handle(sup, line: bytes, *, client_gone=None) -> dict[str, Any]:
+    """Answer one request line: {"ok": true, "result": ...} or {"ok": false, "error": ...}.
+
+    ``client_gone()``: True once the client has gone away. A journaled task whose request is
+    cancelled is cancelled only then; otherwise (corral is stopping) it stays in the journal."""
     try:
         req = decode_request(line)
         if isinstance(req, TaskOp):
@@ -156,6 +192,21 @@ async def handle(sup, line: bytes) -> dict[str, Any]:
                 w = sup.worker(wid)
                 await (w.stop() if isinstance(req, StopOp) else w.restart())
                 return {"ok": True, "result": None}
+            case TaskOp() if req.detach or getattr(sup, "tasks", None) is not None:
+                tasks = _journaled(sup)
+                tid = await tasks.submit(req.target, task)
+                if req.detach:
+                    return {"ok": True, "result": {"task_id": tid}}
+                try:
+                    rec = await tasks.result(tid, wait=True)
+                except trio.Cancelled:
+                    if client_gone is not None and client_gone():
+                        tasks.cancel(tid)
+                    raise
+                return {"ok": True, "result": msgspec.to_builtins(rec.result)}
+            case ResultOp(task_id=tid, wait=wait):
+                rec = await _journaled(sup).result(tid, wait=wait)
+                return {"ok": True, "result": msgspec.to_builtins(rec)}
             case TaskOp():
                 await sup.wait_configured()
                 if req.pool is not None:
@@ -231,7 +282,7 @@ async def _answer(sup, line: bytes, lines: _Lines) -> dict[str, Any] | None:
     async with trio.open_nursery() as n:
         async def work() -> None:
             nonlocal answer
-            answer = await handle(sup, line)
+            answer = await handle(sup, line, client_gone=lambda: lines.eof)
             n.cancel_scope.cancel()
 
         async def watch() -> None:
