@@ -17,6 +17,7 @@ nobody looked at.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import random
 import uuid
@@ -82,9 +83,12 @@ class SupervisorFactory:
 
 class Harness:
     def __init__(self, engine: Engine, nursery: trio.Nursery, *, seed: int = 0,
-                 unique_names: bool = True) -> None:
+                 unique_names: bool = True, engine_control: Any = None) -> None:
         self.engine = engine
         self.fake = isinstance(engine, FakeEngine)
+        self.engine_control = engine_control
+        """what can stop and start a real engine (a `runtime.chaoskit.dockerd.PrivateDockerd`:
+        ``running``, ``live_restore``, async ``stop()`` / ``start()``), or None"""
         self.seed = seed
         self.unique_names = unique_names
         self._nursery = nursery
@@ -217,9 +221,12 @@ class Harness:
         return bool(sup and sup.actor is not None and actor.id in getattr(sup.actor, "_group_pending", ()))
 
     def call_later(self, delay: float, fn: Callable[[], Any]) -> None:
+        """``fn()`` (awaited, if it gives an awaitable) ``delay`` seconds from now."""
         async def later() -> None:
             await trio.sleep(delay)
-            fn()
+            result = fn()
+            if inspect.isawaitable(result):
+                await result
         self._nursery.start_soon(later)
 
     # -- settling and closing -----------------------------------------------------------------
@@ -284,6 +291,13 @@ class Harness:
             if self.fake and self.engine.down:
                 self.engine.come_up()
                 self.history.note("engine", "the engine came back up for the cleanup")
+            control = self.engine_control
+            if control is not None and not control.running:
+                try:
+                    await control.start()
+                    self.history.note("engine", "the engine was started again for the cleanup")
+                except Exception as exc:
+                    problems.append(f"could not start the engine again for the cleanup: {exc}")
             await self.settle()
             self.census()
             problems += [f"left behind: {p}" for p in self._in_flight()]
@@ -317,21 +331,26 @@ class Harness:
 
 @asynccontextmanager
 async def open_harness(engine: Engine | None = None, *, seed: int = 0, unique_names: bool = True,
-                       engine_url: str | None = None) -> AsyncIterator[Harness]:
-    """A harness for the block, on ``engine`` (None: the Docker engine at ``engine_url``).
-    Leaving the block stops its supervisors (see `Harness.close` to check what was left)."""
+                       engine_url: str | None = None, engine_control: Any = None) -> AsyncIterator[Harness]:
+    """A harness for the block, on ``engine`` (None: the Docker engine at ``engine_url``, or
+    ``engine_control``'s: a `runtime.chaoskit.dockerd.PrivateDockerd`, which the chaos monkey
+    may then stop). Leaving the block stops its supervisors (see `Harness.close` to check what
+    was left)."""
     async with trio.open_nursery() as nursery:
         if engine is None:
             from ..engines import open_engine
+            if engine_url is None and engine_control is not None:
+                engine_url = engine_control.url
             async with open_engine(engine_url) as real:
-                h = Harness(real, nursery, seed=seed, unique_names=unique_names)
+                h = Harness(real, nursery, seed=seed, unique_names=unique_names,
+                            engine_control=engine_control)
                 try:
                     yield h
                 finally:
                     await h.close()
                     nursery.cancel_scope.cancel()
             return
-        h = Harness(engine, nursery, seed=seed, unique_names=unique_names)
+        h = Harness(engine, nursery, seed=seed, unique_names=unique_names, engine_control=engine_control)
         try:
             yield h
         finally:

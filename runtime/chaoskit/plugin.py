@@ -25,6 +25,16 @@ fixture argument wins). Fixtures:
     escalations (runtime.chaoskit.invariants); checked again at teardown.
 ``corral_harness``
     what the others stand on (history, timeline, ...).
+``private_docker``
+    a dockerd of the test's own (`runtime.chaoskit.dockerd.PrivateDockerd`: ``.url``,
+    ``.stop()``, ``.start()``, ``.restart()``, ``.kill()``, ``.pid``), with live-restore and
+    corral/worker-base copied in from the machine's engine. One per session (the image copy is
+    what costs), started at a test's beginning if a test before left it stopped; every container
+    in it is removed after each test. ``@pytest.mark.corral_private_docker(live_restore=False,
+    images=(...))`` asks for another one (one per set of options). Skipped, saying why, when not
+    root or dockerd is not installed. ``@pytest.mark.corral_engine("private")`` (or
+    ``--corral-engine=private``) runs the corral fixtures on it, and then the ``chaos`` fixture
+    can ``stop_engine`` (SIGTERM its dockerd; ``for_s=`` starts it again).
 
 Every task run through a pool's or a worker's handle during the test is recorded (the handles'
 ``run`` is wrapped for the test), and every worker the supervisors make is followed.
@@ -48,21 +58,25 @@ import trio.testing
 
 from ..engines.fake import FakeEngine
 from ..errors import EngineError
+from .dockerd import DockerdError, PrivateDockerd, reap_stale, unavailable_reason
 from .harness import Harness
 
 FIXTURES = frozenset({"corral_engine", "corral_supervisor", "chaos", "invariants", "corral_harness"})
 FAKE_DEADLINE_S = 3600.0
+_PRIVATE_NOTES = pytest.StashKey[list]()
+"""what the session's private dockerds cost, for the terminal summary"""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("corral", "corral chaos testing")
     group.addoption("--corral-engine", default=None,
                     help="engine of the corral fixtures: fake (default: FakeEngine, autojump clock), "
-                         "docker (DOCKER_HOST, else /var/run/docker.sock), or an engine URL")
+                         "docker (DOCKER_HOST, else /var/run/docker.sock), private (a dockerd of "
+                         "the test session's own: the chaos fixture may stop it), or an engine URL")
     group.addoption("--corral-seed", default=None,
                     help="seed of the chaos fixture: a number, or 'random' (default: derived from "
                          "each test's id, so a rerun repeats it)")
-    parser.addini("corral_engine", "default engine of the corral fixtures (fake, docker, a URL)",
+    parser.addini("corral_engine", "default engine of the corral fixtures (fake, docker, private, a URL)",
                   default="fake")
     parser.addini("corral_deadline", "absolute per-test deadline on a real engine, seconds",
                   default="300")
@@ -71,12 +85,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "corral_engine(kind='fake', *, deadline=None, **fake_engine_kwargs): the engine of "
-                   "the corral fixtures: 'fake' (FakeEngine under the autojump clock), 'docker', or "
-                   "an engine URL")
+                   "the corral fixtures: 'fake' (FakeEngine under the autojump clock), 'docker', "
+                   "'private' (the private_docker fixture's engine), or an engine URL")
+    config.addinivalue_line(
+        "markers", "corral_private_docker(*, live_restore=True, images=('corral/worker-base:latest',)): "
+                   "the options of the private_docker fixture's dockerd (one per set of options "
+                   "and session)")
 
 
 def engine_choice(node) -> tuple[str, str | None, dict, float]:
-    """(``fake`` | ``docker``, URL or None, FakeEngine kwargs, deadline) for a test."""
+    """(``fake`` | ``docker`` | ``private``, URL or None, FakeEngine kwargs, deadline) for a
+    test."""
     config = node.config
     marker = node.get_closest_marker("corral_engine")
     kwargs: dict = {}
@@ -88,9 +107,9 @@ def engine_choice(node) -> tuple[str, str | None, dict, float]:
     else:
         kind = config.getoption("corral_engine") or config.getini("corral_engine") or "fake"
     url = None
-    if kind not in ("fake", "docker"):
+    if kind not in ("fake", "docker", "private"):
         if "://" not in kind:
-            raise pytest.UsageError(f"corral_engine: {kind!r} is not fake, docker or an engine URL")
+            raise pytest.UsageError(f"corral_engine: {kind!r} is not fake, docker, private or an engine URL")
         kind, url = "docker", kind
     if deadline is None:
         deadline = FAKE_DEADLINE_S if kind == "fake" else float(config.getini("corral_deadline"))
@@ -139,10 +158,116 @@ def _seed(request: pytest.FixtureRequest) -> int:
     return int(opt)
 
 
+class PrivateDockerds:
+    """The private dockerds of a test session, one per set of options, each started when a test
+    first asks for it and closed at the session's end (or at the interpreter's exit)."""
+
+    def __init__(self, notes: list[str] | None = None) -> None:
+        self.engines: dict[tuple, PrivateDockerd] = {}
+        self.failed: dict[tuple, str] = {}
+        self.notes = notes if notes is not None else []
+        self._reaped = False
+
+    def get(self, node) -> PrivateDockerd:
+        """The dockerd for ``node``'s options, running; skips the test if none can run here."""
+        reason = unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"private_docker: {reason}")
+        marker = node.get_closest_marker("corral_private_docker")
+        options = dict(marker.kwargs) if marker is not None else {}
+        options.setdefault("live_restore", True)
+        if "images" in options:
+            options["images"] = tuple(options["images"])
+        key = tuple(sorted(options.items()))
+        if key in self.failed:
+            pytest.fail(f"private_docker: {self.failed[key]}", pytrace=False)
+        d = self.engines.get(key)
+        if d is None:
+            if not self._reaped:
+                self._reaped = True
+                reap_stale()
+            d = PrivateDockerd(**options)
+            d.close_at_exit()
+            try:
+                d.open_sync()
+            except DockerdError as exc:
+                self.failed[key] = str(exc)
+                pytest.fail(f"private_docker: {exc}", pytrace=False)
+            self.engines[key] = d
+            self.notes.append(f"private dockerd {d.root} ({', '.join(f'{k}={v}' for k, v in key)}): "
+                              f"started in {d.start_costs[0]:.2f} s, {len(d.images)} image(s) copied "
+                              f"in {d.copy_cost or 0:.1f} s ({d.copy_bytes / 1e6:.0f} MB)")
+            return d
+        d.start_sync()                 # a test before may have left it stopped or killed
+        return d
+
+    def close(self) -> None:
+        problems = []
+        for d in self.engines.values():
+            starts = d.start_costs[1:]
+            try:
+                d.close_sync()
+            except DockerdError as exc:
+                problems.append(str(exc))
+            if starts:
+                self.notes.append(f"private dockerd {d.root}: {len(starts)} more start(s), "
+                                  f"{sum(starts) / len(starts):.2f} s on average")
+        self.engines.clear()
+        if problems:
+            raise DockerdError("\n".join(problems))
+
+
+@pytest.fixture(scope="session")
+def corral_private_dockerds(request: pytest.FixtureRequest) -> PrivateDockerds:
+    """The session's private dockerds (see `PrivateDockerds`)."""
+    holder = PrivateDockerds(request.config.stash.setdefault(_PRIVATE_NOTES, []))
+    request.addfinalizer(holder.close)
+    return holder
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    notes = config.stash.get(_PRIVATE_NOTES, [])
+    if notes:
+        terminalreporter.write_sep("-", "corral private_docker")
+        for line in notes:
+            terminalreporter.write_line(line)
+
+
+def _after_test(d: PrivateDockerd) -> None:
+    """Leave the engine as the next test wants it: running, without containers."""
+    d.start_sync()
+    d.remove_containers_sync()
+
+
 @pytest.fixture
-async def corral_engine(request: pytest.FixtureRequest):
+def private_docker(request: pytest.FixtureRequest, corral_private_dockerds: PrivateDockerds):
+    """A dockerd of the test's own (see the module's docstring), running and without containers;
+    what the test leaves in it is removed afterwards."""
+    d = corral_private_dockerds.get(request.node)
+    d.remove_containers_sync()
+    yield d
+    _after_test(d)
+
+
+@pytest.fixture
+def corral_engine_control(request: pytest.FixtureRequest, corral_private_dockerds: PrivateDockerds):
+    """What controls the engine of the corral fixtures: the PrivateDockerd with
+    ``corral_engine("private")``, else None (FakeEngine has controls of its own)."""
+    kind, _, _, _ = engine_choice(request.node)
+    if kind != "private":
+        yield None
+        return
+    d = corral_private_dockerds.get(request.node)
+    yield d
+    _after_test(d)
+
+
+@pytest.fixture
+async def corral_engine(request: pytest.FixtureRequest, corral_engine_control):
     """The engine of the corral fixtures (see the module's docstring)."""
     kind, url, kwargs, _ = engine_choice(request.node)
+    if corral_engine_control is not None:
+        url = corral_engine_control.url
     if kind == "fake":
         async with FakeEngine(**kwargs) as engine:
             yield engine
@@ -158,10 +283,11 @@ async def corral_engine(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-async def corral_harness(corral_engine, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+async def corral_harness(corral_engine, corral_engine_control, request: pytest.FixtureRequest,
+                         monkeypatch: pytest.MonkeyPatch):
     """The harness behind corral_supervisor, chaos and invariants."""
     async with trio.open_nursery() as nursery:
-        harness = Harness(corral_engine, nursery, seed=_seed(request))
+        harness = Harness(corral_engine, nursery, seed=_seed(request), engine_control=corral_engine_control)
         harness.record_handles(monkeypatch.setattr)
         request.node._corral_harness = harness
         yield harness

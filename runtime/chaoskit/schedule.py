@@ -22,11 +22,17 @@ fault              FakeEngine                            real engine            
 ``crash_wrapper``  ``engine.crash`` (the wrapper exits)  SIGKILL inside (exec)       crashed
 ``oom``            ``engine.oom`` (the OOM killer)       -                           oom_killed
 ``pause``          ``engine.hang`` (SIGSTOP-like)        -                           hung
-``stop_engine``    ``engine.shut_down`` (+ come_up)      -                           engine_error
+``stop_engine``    ``engine.shut_down`` (+ come_up)      SIGTERM to a private        engine_error
+                                                         dockerd (+ start)
 =================  ====================================  ==========================  ==========
 
-``oom``, ``pause`` and ``stop_engine`` need FakeEngine: the engine port has no pause, no way to
-set off the OOM killer from outside, and no way to stop an engine someone else runs.
+``oom`` and ``pause`` need FakeEngine: the engine port has no pause and no way to set off the OOM
+killer from outside. ``stop_engine`` needs FakeEngine or an engine the test started itself: a
+`runtime.chaoskit.dockerd.PrivateDockerd` as the harness's ``engine_control`` (the plugin's
+``corral_engine("private")``). Such a dockerd runs with live-restore by default: its containers
+run on while it is stopped, so the fault expects no death at all (only the engine-wide record
+is kept); without live-restore, dockerd stops them as it goes (``engine_error``, or ``killed``
+when the engine is back before corral concludes so).
 """
 
 from __future__ import annotations
@@ -213,11 +219,15 @@ class Chaos:
 
     def _check_engine(self, kinds) -> None:
         if not isinstance(self.harness.engine, FakeEngine):
-            need = sorted(set(kinds) & FAKE_ONLY)
+            need = set(kinds) & FAKE_ONLY
+            if getattr(self.harness, "engine_control", None) is not None:
+                need.discard("stop_engine")
             if need:
-                raise ChaosError(f"{', '.join(need)}: needs FakeEngine (the engine port has no pause, "
-                                 f"no outside OOM kill and no engine stop); this engine is "
-                                 f"{self.harness.engine.url}")
+                raise ChaosError(f"{', '.join(sorted(need))}: needs FakeEngine (the engine port has no pause, "
+                                 f"no outside OOM kill and no engine stop"
+                                 + ("; stop_engine also runs on an engine the test started itself: "
+                                    "corral_engine('private')" if "stop_engine" in need else "")
+                                 + f"); this engine is {self.harness.engine.url}")
 
     def describe(self) -> str:
         """The seed, the schedule, and what ran."""
@@ -305,6 +315,9 @@ class Chaos:
             c = engine.containers.get(cid)
             if c is None or c.status != "running" or engine.down:
                 return None
+        control = getattr(self.harness, "engine_control", None)
+        if control is not None and not control.running:
+            return None                      # the engine is stopped: nothing answers
         return cid
 
     async def inject(self, kind: str, *, worker: Any = None, pool: Any = None, supervisor: Any = None,
@@ -377,8 +390,9 @@ class Chaos:
     async def _stop_engine(self, rule: str, for_s: float | None) -> Fault | None:
         h = self.harness
         engine = h.engine
-        assert isinstance(engine, FakeEngine)
-        if engine.down:
+        control = h.engine_control
+        fake = isinstance(engine, FakeEngine)
+        if (engine.down if fake else not control.running):
             self.skipped += 1
             return None
         self._n += 1
@@ -387,10 +401,22 @@ class Chaos:
         # a death while the engine is gone is the engine's; it may come back before corral
         # concludes so (for_s under a few seconds), and then the stop is an outside kill
         expected = ("engine_error",) if for_s is None or for_s >= 5 else ("engine_error", "killed")
+        survive = not fake and control.live_restore
         top = h.history.fault(Fault(n, "stop_engine", t, expected=expected, rule=rule,
                                     detail=f"engine {engine.url}"
-                                           + (f" for {for_s:g} s" if for_s is not None else "")))
+                                           + (f" for {for_s:g} s" if for_s is not None else "")
+                                           + (" (live-restore: the containers run on)" if survive else "")))
         top.outcome = "certified"            # the engine-wide record; each container has its own
+        if not fake:
+            if not survive:
+                for actor, cid in self.serving():
+                    h.history.fault(Fault(n, "stop_engine", t, actor.id, cid, actor.generation, expected,
+                                          rule=rule, counted=False))
+                    self._hit.add(cid)
+            await control.stop()
+            if for_s is not None:
+                h.call_later(for_s, control.start)
+            return top
         for actor, cid in self.serving():
             f = h.history.fault(Fault(n, "stop_engine", t, actor.id, cid, actor.generation, expected,
                                       rule=rule, counted=False))

@@ -16,17 +16,21 @@ component is "Podman Engine", opens a `PodmanEngine`, which handles what Podman 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import math
 import os
 import re
 import signal as _signal
+import socket
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, AsyncIterator, Callable, Collection, Sequence
+from urllib.parse import quote, urlencode
 
 import aiodocker
 import aiohttp
+import msgspec
 import trio
 import trio_asyncio
 from aiodocker.stream import Stream
@@ -1007,3 +1011,148 @@ async def _identify(probe: DockerEngine) -> DockerEngine:
     return PodmanEngine(probe._docker, probe._loop, probe.url,
                         rootless=bool((host.get("security") or {}).get("rootless")),
                         cgroup_version=str(host.get("cgroupVersion") or "").lstrip("v"))
+
+
+# -- a local engine's administration, synchronously ----------------------------------------------
+# For runtime.chaoskit.dockerd, which runs engines of its own for tests and chaos runs and holds
+# one across a pytest session, outside any trio run: plain http.client on the unix socket, no
+# asyncio. Docker's JSON stays here all the same.
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client on a unix socket (``unix://`` URLs only)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        if not url.startswith("unix://"):
+            raise EngineError(f"{url}: only a local engine's unix socket (unix://...) is administered here")
+        super().__init__("localhost", timeout=timeout)
+        self._path = url[len("unix://"):]
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _admin(url: str, method: str, path: str, *, timeout: float = 30.0) -> tuple[int, bytes]:
+    conn = UnixHTTPConnection(url, timeout)
+    try:
+        conn.request(method, path, headers={"Host": "docker"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise EngineUnavailable(f"{method} {path} at {url}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _admin_json(url: str, path: str, *, timeout: float = 30.0) -> Any:
+    status, body = _admin(url, "GET", path, timeout=timeout)
+    if status != 200:
+        raise EngineError(f"GET {path} at {url}: {status} {body[:300].decode(errors='replace')}",
+                          status=status)
+    return json.loads(body)
+
+
+def admin_ping(url: str, *, timeout: float = 2.0) -> bool:
+    """Does the engine at ``url`` answer ``/_ping``?"""
+    try:
+        status, _ = _admin(url, "GET", "/_ping", timeout=timeout)
+    except EngineUnavailable:
+        return False
+    return status == 200
+
+
+class AdminInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What `admin_info` tells of an engine (``GET /info``)."""
+    storage_driver: str
+    cgroup_driver: str
+    live_restore: bool
+    containers: int
+    images: int
+
+
+def admin_info(url: str) -> AdminInfo:
+    raw = _admin_json(url, "/info", timeout=10)
+    return AdminInfo(storage_driver=str(raw.get("Driver") or ""),
+                     cgroup_driver=str(raw.get("CgroupDriver") or ""),
+                     live_restore=bool(raw.get("LiveRestoreEnabled")),
+                     containers=int(raw.get("Containers") or 0), images=int(raw.get("Images") or 0))
+
+
+def admin_image_id(url: str, ref: str) -> str | None:
+    """The id of image ``ref`` at ``url``; None if it has none of that name."""
+    status, body = _admin(url, "GET", f"/images/{quote(ref, safe='')}/json")
+    if status == 404:
+        return None
+    if status != 200:
+        raise EngineError(f"image {ref} at {url}: {status} {body[:300].decode(errors='replace')}",
+                          status=status)
+    return str(json.loads(body)["Id"])
+
+
+def admin_container_ids(url: str) -> list[str]:
+    """Every container at ``url`` (running or not), whoever made it."""
+    return [str(c["Id"]) for c in _admin_json(url, "/containers/json?all=1")]
+
+
+def admin_remove_container(url: str, cid: str) -> bool:
+    """Remove (forced, with its anonymous volumes). True once it is gone; False while someone
+    else's removal of it is in progress."""
+    status, body = _admin(url, "DELETE", f"/containers/{cid}?force=1&v=1", timeout=60)
+    if status in (204, 404):
+        return True
+    if status == 409 and b"already in progress" in body:
+        return False
+    raise EngineError(f"removing container {cid[:12]} at {url}: {status} "
+                      f"{body[:300].decode(errors='replace')}", status=status)
+
+
+def admin_copy_images(source_url: str, target_url: str, refs: Sequence[str]) -> int:
+    """Copy images from one local engine to another, as `docker save | docker load` would (the
+    ids stay the same): ``GET /images/get`` streamed into ``POST /images/load``. Returns the
+    bytes copied. ImageNotFound if the source lacks one; EngineError if the load fails."""
+    for ref in refs:
+        if admin_image_id(source_url, ref) is None:
+            raise ImageNotFound(f"{ref} is not in the engine at {source_url}", status=404)
+    src = UnixHTTPConnection(source_url, 600)
+    dst = UnixHTTPConnection(target_url, 600)
+    copied = 0
+    try:
+        src.request("GET", "/images/get?" + urlencode([("names", ref) for ref in refs]),
+                    headers={"Host": "docker"})
+        resp = src.getresponse()
+        if resp.status != 200:
+            raise EngineError(f"GET /images/get at {source_url}: {resp.status} "
+                              f"{resp.read()[:300].decode(errors='replace')}", status=resp.status)
+
+        def body() -> Any:
+            nonlocal copied
+            while chunk := resp.read(1 << 20):
+                copied += len(chunk)
+                yield chunk
+        dst.request("POST", "/images/load?quiet=1", body=body(), encode_chunked=True,
+                    headers={"Host": "docker", "Content-Type": "application/x-tar"})
+        answer = dst.getresponse()
+        text = answer.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException) as exc:
+        raise EngineUnavailable(f"copying {', '.join(refs)} from {source_url} to {target_url}: {exc}") from None
+    finally:
+        src.close()
+        dst.close()
+    errors = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and obj.get("error"):
+            errors.append(str(obj["error"]))
+    if answer.status != 200 or errors:
+        raise EngineError(f"POST /images/load at {target_url}: {answer.status} "
+                          f"{'; '.join(errors) or text[:300]}", status=answer.status)
+    return copied
