@@ -263,6 +263,9 @@ class WrapperSession:
                                               HttpEnd)):
                         life.add_tail(line + b"\n")
                     await self._on_frame(life, frame)
+                    # the heartbeat period counts the wrapper's silence, not corral's own time
+                    # spent on a frame (a journal write)
+                    life.last_frame = trio.current_time()
         except ProtocolError as exc:
             log.error("protocol_error", error=str(exc))
             life.end("protocol", str(exc))

@@ -22,6 +22,7 @@ import trio
 
 import msgspec
 
+from runtime.errors import CorralError
 from runtime.messages import reply_value
 from runtime.protocol import AgentUsage, CancelTask, Ready, RunTask, TaskDone, encode_frame
 from runtime.records import FAILURES, TASK_CAUSES, DeathCertificate, TaskResult, TokenUsage
@@ -98,7 +99,16 @@ class TaskBook:
         log.info("adopted_task_result", task_id=result.task_id, status=result.status)
         if self.journal is not None and self._nursery is not None:
             gen = self._life.generation if self._life is not None else self.generation
-            self._nursery.start_soon(self.journal.attempt_done, result.task_id, self.id, gen, result)
+            self._nursery.start_soon(self._journal_call, self.journal.attempt_done, result.task_id,
+                                     self.id, gen, result)
+
+    async def _journal_call(self, fn, *args) -> None:
+        """A journal write; a journal that fails (disk full, corrupt) fails the record, never
+        the worker (the task's caller still gets its answer)."""
+        try:
+            await fn(*args)
+        except CorralError as exc:
+            log.error("journal_write_failed", error=str(exc), call=fn.__name__)
 
     def _resumed(self, life: _Life, frame: Ready) -> None:
         """A wrapper this process did not start said where it is (``ready`` answering
@@ -167,7 +177,7 @@ class TaskBook:
             p.gateway_failure = None
             self._set_state("busy")
             if self.journal is not None:
-                await self.journal.dispatched(t.task_id, self.id, life.generation)
+                await self._journal_call(self.journal.dispatched, t.task_id, self.id, life.generation)
             if t.timeout_s is not None and life.nursery is not None:
                 life.nursery.start_soon(self._enforce_deadline, life, p)
             stall = self.spec.effective_stall_timeout_s
@@ -252,7 +262,7 @@ class TaskBook:
                                     and self._current.task.task_id == frame.task_id) else None
             status, failure, error = task_outcome(frame, cur.gateway_failure if cur else None)
             gen = self._life.generation if self._life is not None else self.generation
-            await self.journal.attempt_done(frame.task_id, self.id, gen, TaskResult(
+            await self._journal_call(self.journal.attempt_done, frame.task_id, self.id, gen, TaskResult(
                 task_id=frame.task_id, status=status, output=frame.output,  # type: ignore[arg-type]
                 exit_code=frame.exit_code, error=error, duration_s=frame.duration_s,
                 attempts=cur.attempts if cur else 1, worker_id=self.id, truncated=frame.truncated,

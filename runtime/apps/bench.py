@@ -298,7 +298,8 @@ class Bench:
         m = self.sizes["mailbox"]
         async with FakeEngine() as engine:
             async with open_supervisor(SupervisorConfig(name="mb"), engine=engine) as sup:
-                w = await sup.spawn(WorkerSpec(heartbeat_s=3600, heartbeat_timeout_s=7200))
+                w = await sup.spawn(WorkerSpec(heartbeat_s=3600, heartbeat_timeout_s=7200,
+                                               orphan_timeout_s=7200))
                 mailbox = w._actor.mailbox
                 t0 = time.perf_counter()
                 for _ in range(m):

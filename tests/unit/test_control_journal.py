@@ -56,7 +56,7 @@ async def test_detach_then_result_then_result_wait(autojump_clock, tmp_path):
                 assert waited == []                 # it waits while the task cannot run
         res, = waited
         assert res["ok"] and res["result"]["state"] == "done"
-        assert res["result"]["result"]["output"] == "stub-shell: hi"
+        assert res["result"]["result"]["output"] == "stub-shell: hi", res["result"]["result"]
 
 
 async def test_a_task_without_detach_goes_through_the_journal_too(autojump_clock, tmp_path):
@@ -64,7 +64,7 @@ async def test_a_task_without_detach_goes_through_the_journal_too(autojump_clock
         res = await ask(sup, op="task", worker_id="solo", prompt="hi", task_id="t-attached")
         assert res["ok"] and res["result"]["output"] == "stub-shell: hi"
         res = await ask(sup, op="result", task_id="t-attached")
-        assert res["result"]["result"]["output"] == "stub-shell: hi"
+        assert res["result"]["result"]["output"] == "stub-shell: hi", res["result"]["result"]
 
 
 async def test_result_after_corral_run_restarted(autojump_clock, tmp_path):
