@@ -11,8 +11,7 @@ import trio
 
 from runtime import PoolSpec, SupervisorConfig, Task, WorkerSpec, open_supervisor
 
-pytestmark = [pytest.mark.chaos,
-              pytest.mark.xfail(strict=False, reason="actor side of engine restarts not merged yet")]
+pytestmark = [pytest.mark.chaos]
 
 
 async def test_a_pool_keeps_its_workers_and_every_task_across_a_dockerd_restart(private_docker):
