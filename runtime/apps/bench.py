@@ -35,9 +35,9 @@ import trio
 
 COMPARE_ENV = "CORRAL_BENCH_COMPARE_ENGINE"
 QUICK = {"restart": 3, "spawn": 10, "spawn_rounds": 1, "task": 30, "exec": 10, "fake": 1000, "idle": 10, "idle_s": 5.0,
-         "mailbox": 20_000, "journal": 1000}
+         "mailbox": 20_000, "journal": 1000, "adopt": [10]}
 FULL = {"restart": 10, "spawn": 50, "spawn_rounds": 5, "task": 300, "exec": 50, "fake": 10_000, "idle": 100, "idle_s": 60.0,
-        "mailbox": 200_000, "journal": 10_000}
+        "mailbox": 200_000, "journal": 10_000, "adopt": [10, 100]}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -374,7 +374,8 @@ class Bench:
                     target="reported (no target)", met=True)
 
     async def run(self, only: list[str] | None) -> dict[str, Any]:
-        want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox", "journal"])
+        want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox", "journal",
+                            "adopt"])
         print(f"corral bench ({'quick' if self.sizes is QUICK else 'full'}) on {platform.node()}: "
               f"{os.cpu_count()} cores, python {platform.python_version()}", flush=True)
         if "mailbox" in want:
@@ -425,7 +426,45 @@ class Bench:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.cleanup(engine)
+            if "adopt" in want and not second:
+                await self.adopt(engine, url)
         return about
+
+    async def adopt(self, engine, url: str) -> None:
+        """A restart of corral with N workers running: the previous instance is "killed"
+        (``abandon``: every container left running, as a SIGKILL leaves them), then a new one
+        with the same name adopts them. Time from the new ``open_supervisor`` to every worker
+        serving (its pool started), and whether the same containers serve."""
+        from ..api import open_supervisor
+        from ..specs import PoolSpec, SupervisorConfig, WorkerSpec
+        figures: dict[str, Any] = {}
+        for n in self.sizes["adopt"]:
+            name = f"{self.name}a{n}"
+            cfg = SupervisorConfig(name=name, engine_url=url, max_concurrent_starts=16,
+                                   pools=[PoolSpec(name="p", replicas=n, queue_size=n,
+                                                   worker=WorkerSpec(agent="shell"))])
+            try:
+                abandon = trio.Event()
+                async with open_supervisor(cfg, engine=engine, abandon=abandon) as sup:
+                    await sup.wait_configured()
+                    before = {w.id: w.info_nowait().container_id for w in sup.pool("p").workers}
+                    abandon.set()
+                t0 = time.perf_counter()
+                async with open_supervisor(cfg, engine=engine) as sup:
+                    await sup.wait_configured()
+                    ready = time.perf_counter() - t0
+                    after = {w.id: w.info_nowait().container_id for w in sup.pool("p").workers}
+                    states = {w.info_nowait().state for w in sup.pool("p").workers}
+                figures[f"adopt_{n}_s"] = ready
+                figures[f"adopt_{n}_same_containers"] = before == after and len(after) == n
+                figures[f"adopt_{n}_states"] = ",".join(sorted(states))
+            finally:
+                with trio.CancelScope(shield=True):
+                    from ..testing import remove_containers
+                    await remove_containers(engine, name)
+        self.report("adopt", **figures,
+                    target="10 workers adopted and serving in under 1 s",
+                    met=figures.get("adopt_10_s", 99) < 1.0 and bool(figures.get("adopt_10_same_containers")))
 
     def compare(self, first: dict[str, Any], second: dict[str, Any], keys: list[str]) -> None:
         """The two engines' figures side by side (each measured on its own engine, one run)."""
