@@ -16,8 +16,9 @@
   ``jitter="none"``, at most that with full jitter), and the next container really waited it.
 - ``escalations``: a worker gives up exactly when its budget (``max_restarts`` within
   ``within_s``, deaths charged to a task not counted) is spent; a supervisor escalates exactly when
-  its intensity is exceeded, a child gives up, or ``shared_cause_threshold`` workers die of an
-  engine error within ``shared_cause_window_s``, and for that reason, at that death.
+  its intensity is exceeded, a child gives up, ``shared_cause_threshold`` workers die of an
+  engine error within ``shared_cause_window_s``, or a worker finds the engine unreachable for over
+  ``engine_outage_s`` (``engine_unavailable``), and for that reason, at that death.
 
 The model behind the last two is written here again, apart from the actors' own code
 (actors/worker/restart.py, actors/supervisor.py), so a bug there shows up as a difference.
@@ -286,6 +287,9 @@ def predict_escalation(h: "History", name: str, unknown: set[str], eps: float = 
         if c.worker_id in unknown:
             return f"the history of {c.worker_id} is incomplete"
         recent.append(d)
+        if c.cause == "engine_unavailable":
+            return Prediction("engine_unavailable", d, d.t, f"{c.worker_id} found the engine unreachable "
+                                                            f"for over engine_outage_s")
         if c.cause in SHARED_CAUSES:
             same = {r.cert.worker_id for r in recent
                     if r.cert.cause == c.cause and d.clock - r.clock <= cfg.shared_cause_window_s + eps}
