@@ -1,10 +1,11 @@
-"""Worker actor semantics on FakeEngine with the autojump clock: exact virtual times."""
+"""Worker actor semantics on FakeEngine with the autojump clock: exact virtual times. Restarts and
+deaths run on the chaos kit's fixtures (runtime.chaoskit): faults through the seeded monkey, each
+certified with its cause, and the invariants (delays, budgets, one result per task) checked."""
 
 import pytest
 import trio
 
-from runtime import (Backoff, RestartPolicy, SupervisorConfig, SupervisorEscalation, Task,
-                     WorkerSpec, WorkerStartupError)
+from runtime import Backoff, RestartPolicy, Task, WorkerSpec, WorkerStartupError
 from runtime.testing import wait_for_generation
 
 from .helpers import fake_supervisor
@@ -48,40 +49,45 @@ async def test_cancelling_the_caller_cancels_the_task(autojump_clock):
         assert r.status == "ok" and trio.current_time() - t0 < 1
 
 
-async def test_killed_worker_restarts_immediately_with_new_generation(autojump_clock):
-    async with fake_supervisor() as (sup, engine):
-        w = await sup.spawn(WorkerSpec(restart=RestartPolicy(backoff=NOJITTER)))
-        old = (await w.info()).container_id
-        t0 = trio.current_time()
-        engine.kill(old)
-        await wait_for_generation(w, 2)
-        assert trio.current_time() - t0 == 0
-        info = await w.info()
-        assert info.container_id != old and info.container_name.endswith("-2")
-        assert info.last_death.cause == "killed" and info.last_death.exit_code == 137
-        assert info.last_death.generation == 1 and info.last_death.ready
-        assert old not in engine.containers  # the old container is removed
+async def test_killed_worker_restarts_immediately_with_new_generation(corral_engine, corral_supervisor,
+                                                                    chaos, invariants):
+    sup = await corral_supervisor()
+    w = await sup.spawn(WorkerSpec(restart=RestartPolicy(backoff=NOJITTER)))
+    old = (await w.info()).container_id
+    t0 = trio.current_time()
+    fault = await chaos.inject("kill", worker=w)
+    await wait_for_generation(w, 2)
+    assert trio.current_time() - t0 == 0
+    info = await w.info()
+    assert info.container_id != old and info.container_name == f"corral-{sup.name}-{w.id}-2"
+    assert info.last_death.cause == "killed" and info.last_death.exit_code == 137
+    assert info.last_death.generation == 1 and info.last_death.ready
+    assert old not in corral_engine.containers  # the old container is removed
+    assert fault.container_id == old and fault.cert == info.last_death
+    await invariants.check()
 
 
-async def test_backoff_grows_then_resets_after_stable_period(autojump_clock):
-    async with fake_supervisor() as (sup, engine):
-        w = await sup.spawn(WorkerSpec(restart=RestartPolicy(backoff=NOJITTER, max_restarts=100)))
-        delays = []
-        for gen in range(1, 7):
-            t0 = trio.current_time()
-            engine.crash(engine.container_of(w.id).id, 1)
-            await wait_for_generation(w, gen + 1)
-            delays.append(trio.current_time() - t0)
-        # first restart immediate, then 0.5, 1, 2, 4 (cap), 4
-        assert delays == [0, 0.5, 1.0, 2.0, 4.0, 4.0]
-        # READY and up for stable_s: the next death restarts immediately again
-        await trio.sleep(10)
+async def test_backoff_grows_then_resets_after_stable_period(corral_supervisor, chaos, invariants):
+    sup = await corral_supervisor()
+    w = await sup.spawn(WorkerSpec(restart=RestartPolicy(backoff=NOJITTER, max_restarts=100)))
+    delays = []
+    for gen in range(1, 7):
         t0 = trio.current_time()
-        engine.crash(engine.container_of(w.id).id, 1)
-        await wait_for_generation(w, 8)
-        assert trio.current_time() - t0 == 0
-        deaths = (await sup.snapshot()).children[0].deaths
-        assert [d.cause for d in deaths[-3:]] == ["crashed"] * 3
+        await chaos.inject("crash_wrapper", worker=w)
+        await wait_for_generation(w, gen + 1)
+        delays.append(trio.current_time() - t0)
+    # first restart immediate, then 0.5, 1, 2, 4 (cap), 4
+    assert delays == [0, 0.5, 1.0, 2.0, 4.0, 4.0]
+    # READY and up for stable_s: the next death restarts immediately again
+    await trio.sleep(10)
+    t0 = trio.current_time()
+    await chaos.inject("crash_wrapper", worker=w)
+    await wait_for_generation(w, 8)
+    assert trio.current_time() - t0 == 0
+    deaths = (await sup.snapshot()).children[0].deaths
+    assert [d.cause for d in deaths[-3:]] == ["crashed"] * 3
+    assert [d.restart_in_s for d in deaths] == [0, 0.5, 1.0, 2.0, 4.0, 4.0, 0]
+    await invariants.check()                   # and each next container waited its delay
 
 
 async def test_config_error_is_reported_at_once_not_retried(autojump_clock):
@@ -109,96 +115,98 @@ async def test_startup_timeout(autojump_clock, slow):
         assert not engine.containers
 
 
-async def test_missed_heartbeats_mean_hung(autojump_clock):
-    async with fake_supervisor() as (sup, engine):
-        w = await sup.spawn(WorkerSpec(heartbeat_s=1, heartbeat_timeout_s=5))
-        t0 = trio.current_time()
-        engine.hang(engine.container_of(w.id).id)
-        await wait_for_generation(w, 2)
-        assert (await w.info()).last_death.cause == "hung"
-        assert trio.current_time() - t0 == 5     # the READY frame was the last one, at t0
+async def test_missed_heartbeats_mean_hung(corral_supervisor, chaos, invariants):
+    sup = await corral_supervisor()
+    w = await sup.spawn(WorkerSpec(heartbeat_s=1, heartbeat_timeout_s=5))
+    t0 = trio.current_time()
+    await chaos.inject("pause", worker=w)      # the wrapper freezes: no heartbeat, no answer
+    await wait_for_generation(w, 2)
+    assert (await w.info()).last_death.cause == "hung"
+    assert trio.current_time() - t0 == 5     # the READY frame was the last one, at t0
+    await invariants.check()
 
 
-@pytest.mark.parametrize("control,cause", [("oom", "oom_killed"), ("remove", "removed"),
-                                           ("crash0", "exited"), ("crash", "crashed")])
-async def test_exit_classification(autojump_clock, control, cause):
-    async with fake_supervisor() as (sup, engine):
-        w = await sup.spawn(WorkerSpec())
-        cid = engine.container_of(w.id).id
-        {"oom": lambda: engine.oom(cid), "remove": lambda: engine.remove(cid),
-         "crash0": lambda: engine.crash(cid, 0), "crash": lambda: engine.crash(cid, 2)}[control]()
-        await wait_for_generation(w, 2)
-        assert (await w.info()).last_death.cause == cause
+@pytest.mark.parametrize("fault,cause", [("oom", "oom_killed"), ("remove", "removed"),
+                                         ("crash_wrapper", "crashed"), (0, "exited"), (2, "crashed")])
+async def test_exit_classification(corral_engine, corral_supervisor, chaos, invariants, fault, cause):
+    sup = await corral_supervisor()
+    w = await sup.spawn(WorkerSpec())
+    if isinstance(fault, int):                 # the wrapper exits on its own with this code
+        corral_engine.crash(corral_engine.container_of(w.id).id, fault)
+    else:
+        await chaos.inject(fault, worker=w)
+    await wait_for_generation(w, 2)
+    assert (await w.info()).last_death.cause == cause
+    await invariants.check()                   # a chaos fault: certified with its own cause
 
 
-async def test_in_flight_task_is_at_most_once_unless_attempts(autojump_clock):
-    async with fake_supervisor() as (sup, engine):
-        w = await sup.spawn(WorkerSpec())
-        r = await w.run(Task(prompt="!crash-wrapper"))
-        assert r.status == "worker_died" and r.death.cause == "crashed" and r.attempts == 1
-        async with trio.open_nursery() as n:
-            results = []
+async def test_in_flight_task_is_at_most_once_unless_attempts(corral_supervisor, chaos, invariants):
+    sup = await corral_supervisor()
+    w = await sup.spawn(WorkerSpec())
+    r = await w.run(Task(prompt="!crash-wrapper"))
+    assert r.status == "worker_died" and r.death.cause == "crashed" and r.attempts == 1
+    async with trio.open_nursery() as n:
+        results = []
 
-            async def go():
-                results.append(await w.run(Task(prompt="!sleep 2 done", max_attempts=2)))
-            n.start_soon(go)
-            await trio.sleep(1)
-            engine.kill(engine.container_of(w.id).id)
-        assert results[0].status == "ok" and results[0].attempts == 2
+        async def go():
+            results.append(await w.run(Task(prompt="!sleep 2 done", max_attempts=2)))
+        n.start_soon(go)
+        await trio.sleep(1)
+        await chaos.inject("kill", worker=w)
+    assert results[0].status == "ok" and results[0].attempts == 2
+    await invariants.check()                   # one result each; executions counted inside: 1, 2
 
 
-async def test_worker_budget_spent_escalates_with_certificates(autojump_clock):
+async def test_worker_budget_spent_escalates_with_certificates(corral_supervisor, chaos, invariants):
     spec = WorkerSpec(restart=RestartPolicy(max_restarts=2, within_s=60, backoff=NOJITTER))
-    with pytest.raises(SupervisorEscalation) as ei:
-        async with fake_supervisor(SupervisorConfig(name="t", max_restarts=100)) as (sup, engine):
-            w = await sup.spawn(spec)
-            for gen in (1, 2, 3):
-                engine.kill(engine.container_of(w.id).id)
-                if gen < 3:
-                    await wait_for_generation(w, gen + 1)
-            await trio.sleep_forever()
-    esc = ei.value
+    sup = await corral_supervisor(max_restarts=100)
+    w = await sup.spawn(spec)
+    for gen in (1, 2, 3):
+        await chaos.inject("kill", worker=w)
+        if gen < 3:
+            await wait_for_generation(w, gen + 1)
+    esc = await corral_supervisor.wait_escalation(sup)
     assert esc.reason == "child_failed"
     assert [c.cause for c in esc.certificates] == ["killed"] * 3
     assert esc.certificates[-1].restart_in_s is None
+    await invariants.check()                   # it gave up exactly when its budget said so
 
 
-async def test_protocol_error_is_the_workers_not_the_supervisors(autojump_clock):
-    async with fake_supervisor() as (sup, engine):
-        w = await sup.spawn(WorkerSpec())
-        c = engine.container_of(w.id)
-        c.out_send.send_nowait((1, b'{"kind": "no_such_frame"}\n'))
-        await wait_for_generation(w, 2)
-        assert (await w.info()).last_death.cause == "protocol_error"
-        assert (await w.run(Task(prompt="still fine"))).status == "ok"
+async def test_protocol_error_is_the_workers_not_the_supervisors(corral_engine, corral_supervisor, invariants):
+    sup = await corral_supervisor()
+    w = await sup.spawn(WorkerSpec())
+    c = corral_engine.container_of(w.id)
+    c.out_send.send_nowait((1, b'{"kind": "no_such_frame"}\n'))
+    await wait_for_generation(w, 2)
+    assert (await w.info()).last_death.cause == "protocol_error"
+    assert (await w.run(Task(prompt="still fine"))).status == "ok"
+    await invariants.check()
 
 
-async def test_a_missing_image_is_rebuilt_on_restart(autojump_clock):
-    async with fake_supervisor() as (sup, engine):
-        w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True,
-                                       restart=RestartPolicy(backoff=NOJITTER)))
-        tag = (await w.info()).image_tag
-        builds = engine.stats["builds"]
-        engine.remove_image(tag)                       # e.g. `corral images prune` by mistake
-        engine.kill(engine.container_of(w.id).id)
-        await wait_for_generation(w, 2)
-        deaths = [d.cause for d in (await sup.snapshot()).children[0].deaths]
-        assert deaths == ["killed"]                    # the rebuild is no second death
-        assert engine.stats["builds"] == builds + 1 and tag in engine.images
-        assert (await w.run(Task(prompt="back"))).status == "ok"
+async def test_a_missing_image_is_rebuilt_on_restart(corral_engine, corral_supervisor, chaos, invariants):
+    sup = await corral_supervisor()
+    w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True, restart=RestartPolicy(backoff=NOJITTER)))
+    tag = (await w.info()).image_tag
+    builds = corral_engine.stats["builds"]
+    corral_engine.remove_image(tag)                # e.g. `corral images prune` by mistake
+    await chaos.inject("kill", worker=w)
+    await wait_for_generation(w, 2)
+    deaths = [d.cause for d in (await sup.snapshot()).children[0].deaths]
+    assert deaths == ["killed"]                    # the rebuild is no second death
+    assert corral_engine.stats["builds"] == builds + 1 and tag in corral_engine.images
+    assert (await w.run(Task(prompt="back"))).status == "ok"
+    await invariants.check()
 
 
-async def test_shared_cause_when_images_cannot_be_rebuilt(autojump_clock):
+async def test_shared_cause_when_images_cannot_be_rebuilt(corral_engine, corral_supervisor, chaos, invariants):
     """Image and base image gone: every restart fails the same way -> one escalation."""
-    cfg = SupervisorConfig(name="t", shared_cause_threshold=3)
-    with pytest.raises(SupervisorEscalation) as ei:
-        async with fake_supervisor(cfg) as (sup, engine):
-            ws = [await sup.spawn(WorkerSpec(id=f"w{i}", restart=RestartPolicy(backoff=NOJITTER)))
-                  for i in range(3)]
-            engine.remove_image((await ws[0].info()).image_tag)
-            engine.remove_image("corral/worker-base:latest")
-            for w in ws:
-                engine.kill(engine.container_of(w.id).id)
-            await trio.sleep_forever()
-    assert ei.value.reason == "shared_cause"
-    assert "base image corral/worker-base:latest is missing" in ei.value.certificates[-1].reason
+    sup = await corral_supervisor(shared_cause_threshold=3)
+    ws = [await sup.spawn(WorkerSpec(id=f"w{i}", restart=RestartPolicy(backoff=NOJITTER))) for i in range(3)]
+    corral_engine.remove_image((await ws[0].info()).image_tag)
+    corral_engine.remove_image("corral/worker-base:latest")
+    for w in ws:
+        await chaos.inject("kill", worker=w)
+    esc = await corral_supervisor.wait_escalation(sup)
+    assert esc.reason == "shared_cause"
+    assert "base image corral/worker-base:latest is missing" in esc.certificates[-1].reason
+    await invariants.check()                   # exactly when shared_cause_threshold says
