@@ -21,13 +21,17 @@ fault              FakeEngine                            real engine            
 ``stop``           ``engine.stop`` (SIGTERM, stop)       ``container_stop``          killed
 ``crash_wrapper``  ``engine.crash`` (the wrapper exits)  SIGKILL inside (exec)       crashed
 ``oom``            ``engine.oom`` (the OOM killer)       -                           oom_killed
-``pause``          ``engine.hang`` (SIGSTOP-like)        -                           hung
+``pause``          ``engine.hang`` (SIGSTOP-like)        SIGSTOP to the wrapper      hung
+                                                         inside (exec)
 ``stop_engine``    ``engine.shut_down`` (+ come_up)      SIGTERM to a private        engine_error
                                                          dockerd (+ start)
 =================  ====================================  ==========================  ==========
 
-``oom`` and ``pause`` need FakeEngine: the engine port has no pause and no way to set off the OOM
-killer from outside. ``stop_engine`` needs FakeEngine or an engine the test started itself: a
+``oom`` needs FakeEngine: the engine port has no way to set off the OOM killer from outside.
+``pause`` on a real engine stops the wrapper's process (SIGSTOP, from an exec in the container;
+the agent it runs is not stopped, as with FakeEngine's hang): no more heartbeats or answers, the
+container runs on, and corral finds it hung after ``heartbeat_timeout_s``.
+``stop_engine`` needs FakeEngine or an engine the test started itself: a
 `runtime.chaoskit.dockerd.PrivateDockerd` as the harness's ``engine_control`` (the plugin's
 ``corral_engine("private")``). Such a dockerd runs with live-restore by default: its containers
 run on while it is stopped, so the fault expects no death at all (only the engine-wide record
@@ -63,7 +67,22 @@ EXPECTED: dict[str, tuple[str, ...]] = {
 }
 """fault -> the causes its death certificate may give"""
 FAULTS = tuple(EXPECTED)
-FAKE_ONLY = frozenset({"oom", "pause", "stop_engine"})
+FAKE_ONLY = frozenset({"oom", "stop_engine"})
+FREEZE_WRAPPER = """\
+import os, signal, sys
+hit = 0
+for p in os.listdir('/proc'):
+    if p.isdigit() and int(p) != os.getpid():
+        try:
+            cmdline = open('/proc/%s/cmdline' % p, 'rb').read()
+        except OSError:
+            continue
+        if b'wrapper.py' in cmdline:
+            os.kill(int(p), signal.SIGSTOP)
+            hit += 1
+sys.exit(0 if hit else 3)
+"""
+"""``pause`` on a real engine: SIGSTOP every worker-wrapper process in the container"""
 
 
 class ChaosError(Exception):
@@ -223,8 +242,8 @@ class Chaos:
             if getattr(self.harness, "engine_control", None) is not None:
                 need.discard("stop_engine")
             if need:
-                raise ChaosError(f"{', '.join(sorted(need))}: needs FakeEngine (the engine port has no pause, "
-                                 f"no outside OOM kill and no engine stop"
+                raise ChaosError(f"{', '.join(sorted(need))}: needs FakeEngine (the engine port has no "
+                                 f"outside OOM kill and no engine stop"
                                  + ("; stop_engine also runs on an engine the test started itself: "
                                     "corral_engine('private')" if "stop_engine" in need else "")
                                  + f"); this engine is {self.harness.engine.url}")
@@ -386,6 +405,11 @@ class Chaos:
                     raise
                 except EngineError:
                     pass                    # the exec's own stream may end with the container
+            case "pause":
+                code, out = await engine.container_exec(cid, ["python3", "-c", FREEZE_WRAPPER])
+                if code != 0:
+                    raise ChaosError(f"pause: could not stop the wrapper in {cid[:12]} (exit {code}): "
+                                     f"{out.strip()[-200:]}")
 
     async def _stop_engine(self, rule: str, for_s: float | None) -> Fault | None:
         h = self.harness

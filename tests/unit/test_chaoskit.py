@@ -78,6 +78,7 @@ async def test_the_same_seed_injects_the_same_faults(autojump_clock):
 def test_faults_that_need_the_fake_engine_say_so():
     chaos = Chaos(SimpleNamespace(engine=SimpleNamespace(url="unix:///var/run/docker.sock")), seed=0)
     chaos.every(1).kill(pool="p")
+    chaos.every(1).pause(pool="p")                  # a SIGSTOP to the wrapper, from inside
     with pytest.raises(ChaosError, match="^oom: needs FakeEngine .* this engine is unix:///var/run/docker.sock$"):
         chaos.every(1).oom()
     with pytest.raises(ChaosError, match="unknown fault"):
