@@ -1,4 +1,6 @@
-"""Worker actor + worker-wrapper against the real engine (stub agents)."""
+"""Worker actor + worker-wrapper against the real engine (stub agents). The restart and death
+tests run on the chaos kit's fixtures with the docker engine (runtime.chaoskit: unique names,
+cleanup by label, faults through its monkey, invariants checked)."""
 
 import time
 
@@ -8,14 +10,6 @@ import trio
 from runtime import (Backoff, RestartPolicy, SupervisorConfig, Task, WorkerSpec,
                      WorkerStartupError, open_supervisor)
 from runtime.testing import wait_for_generation
-
-
-FREEZE_WRAPPER = """
-import os, signal
-for p in os.listdir('/proc'):
-    if p.isdigit() and int(p) != os.getpid() and b'wrapper.py' in open('/proc/%s/cmdline' % p, 'rb').read():
-        os.kill(int(p), signal.SIGSTOP)
-"""
 
 
 def cfg(name, **kw):
@@ -88,47 +82,54 @@ async def test_failing_probe_is_a_config_error_reported_at_once(engine, corral_n
             assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
 
 
-async def test_docker_kill_brings_a_new_generation_back_fast(engine, corral_name):
+@pytest.mark.corral_engine("docker", deadline=180)
+async def test_docker_kill_brings_a_new_generation_back_fast(corral_engine, corral_supervisor, chaos, invariants):
     with trio.fail_after(120):
-        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
-            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
-            old = await w.info()
-            t0 = time.monotonic()
-            await engine.container_kill(old.container_id)     # what `docker kill` does
-            await wait_for_generation(w, 2)
-            r = await w.run(Task(prompt="again"))
-            elapsed = time.monotonic() - t0
-            new = await w.info()
-            assert r.status == "ok" and elapsed < 3, elapsed
-            assert new.generation == 2 and new.container_name != old.container_name
-            assert new.container_name.endswith("-2")
-            assert new.last_death.cause == "killed" and new.last_death.exit_code == 137
-            left = await engine.container_list(labels={"corral.worker": w.id})
-            assert [c.id for c in left] == [new.container_id]
+        sup = await corral_supervisor()
+        w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
+        old = await w.info()
+        t0 = time.monotonic()
+        fault = await chaos.inject("kill", worker=w)          # what `docker kill` does
+        await wait_for_generation(w, 2)
+        r = await w.run(Task(prompt="again"))
+        elapsed = time.monotonic() - t0
+        new = await w.info()
+        assert r.status == "ok" and elapsed < 3, elapsed
+        assert new.generation == 2 and new.container_name != old.container_name
+        assert new.container_name.endswith("-2")
+        assert new.last_death.cause == "killed" and new.last_death.exit_code == 137
+        assert fault.container_id == old.container_id and fault.cert == new.last_death
+        left = await corral_engine.container_list(labels={"corral.worker": w.id})
+        assert [c.id for c in left] == [new.container_id]
+        await invariants.check()
 
 
-async def test_crash_wrapper_during_task(engine, corral_name):
+@pytest.mark.corral_engine("docker", deadline=180)
+async def test_crash_wrapper_during_task(corral_supervisor, invariants):
     with trio.fail_after(120):
-        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
-            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
-            r = await w.run(Task(prompt="!crash-wrapper"))
-            assert r.status == "worker_died" and r.death.cause == "crashed" and r.death.ready
-            assert "killing the worker-wrapper" in r.death.logs_tail
-            await wait_for_generation(w, 2)
-            assert (await w.run(Task(prompt="back"))).output == "stub-claude: back"
-            # opt-in redelivery: the same task runs again on the restarted container
-            r = await w.run(Task(prompt="!crash-wrapper", max_attempts=2))
-            assert r.status == "worker_died" and r.attempts == 2
+        sup = await corral_supervisor()
+        w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True))
+        r = await w.run(Task(prompt="!crash-wrapper"))
+        assert r.status == "worker_died" and r.death.cause == "crashed" and r.death.ready
+        assert "killing the worker-wrapper" in r.death.logs_tail
+        await wait_for_generation(w, 2)
+        assert (await w.run(Task(prompt="back"))).output == "stub-claude: back"
+        # opt-in redelivery: the same task runs again on the restarted container
+        r = await w.run(Task(prompt="!crash-wrapper", max_attempts=2))
+        assert r.status == "worker_died" and r.attempts == 2
+        await invariants.check()     # executions counted inside: 1, 1, 2; charged deaths never escalate
 
 
-async def test_oom_with_memory_limit(engine, corral_name):
+@pytest.mark.corral_engine("docker", deadline=180)
+async def test_oom_with_memory_limit(corral_supervisor, invariants):
     with trio.fail_after(120):
-        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
-            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True, memory=64 * 1024 * 1024))
-            r = await w.run(Task(prompt="!oom"))
-            assert r.status == "worker_died"
-            assert r.death.cause == "oom_killed" and r.death.oom_killed
-            await wait_for_generation(w, 2)
+        sup = await corral_supervisor()
+        w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True, memory=64 * 1024 * 1024))
+        r = await w.run(Task(prompt="!oom"))
+        assert r.status == "worker_died"
+        assert r.death.cause == "oom_killed" and r.death.oom_killed
+        await wait_for_generation(w, 2)
+        await invariants.check()
 
 
 async def test_spawn_and_stop_the_same_worker_20_times(engine, corral_name):
@@ -142,16 +143,17 @@ async def test_spawn_and_stop_the_same_worker_20_times(engine, corral_name):
             assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
 
 
-async def test_hung_worker_is_killed_and_restarted(engine, corral_name):
+@pytest.mark.corral_engine("docker", deadline=180)
+async def test_hung_worker_is_killed_and_restarted(corral_supervisor, chaos, invariants):
     with trio.fail_after(120):
-        async with open_supervisor(cfg(corral_name), engine=engine) as sup:
-            w = await sup.spawn(WorkerSpec(agent="shell", heartbeat_s=0.2, heartbeat_timeout_s=1.5))
-            cid = (await w.info()).container_id
-            # freeze the wrapper: no heartbeats, no answers (the container itself keeps running)
-            code, out = await engine.container_exec(cid, ["python3", "-c", FREEZE_WRAPPER])
-            assert code == 0, out
-            await wait_for_generation(w, 2)
-            assert (await w.info()).last_death.cause == "hung"
+        sup = await corral_supervisor()
+        w = await sup.spawn(WorkerSpec(agent="shell", heartbeat_s=0.2, heartbeat_timeout_s=1.5))
+        # freeze the wrapper (SIGSTOP): no heartbeats, no answers (the container itself runs on)
+        fault = await chaos.inject("pause", worker=w)
+        await wait_for_generation(w, 2)
+        assert (await w.info()).last_death.cause == "hung"
+        assert fault.cert.cause == "hung" and fault.cert_at - fault.t >= 1.5
+        await invariants.check()
 
 
 async def test_cancelling_the_caller_kills_the_agent_in_the_container(engine, corral_name):
