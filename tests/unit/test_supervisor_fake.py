@@ -1,4 +1,6 @@
-"""Supervisor semantics on FakeEngine with the autojump clock."""
+"""Supervisor semantics on FakeEngine with the autojump clock. Restarts, escalations and chaos
+run on the chaos kit's fixtures (runtime.chaoskit): unique names, faults through its monkey,
+invariants checked, and teardown failing a test that leaves anything behind."""
 
 import time
 
@@ -6,8 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import (Backoff, PoolSpec, RestartPolicy, SupervisorConfig, SupervisorEscalation,
-                     Task, WorkerSpec)
+from runtime import Backoff, PoolSpec, RestartPolicy, SupervisorConfig, Task, WorkerSpec
 from runtime.engines import ContainerSpec
 from runtime.testing import FakeEngine, capture_logs, remove_containers, wait_for_generation
 
