@@ -786,6 +786,12 @@ class DockerEngine:
         info = await self._json("info")
         return str((info.get("Swarm") or {}).get("NodeID") or "")
 
+    async def swarm_local_state(self) -> str:
+        """This engine's own swarm state: "active" while it takes part in its swarm ("inactive"
+        as soon as it begins to shut down, before it stops its containers)."""
+        info = await self._json("info")
+        return str((info.get("Swarm") or {}).get("LocalNodeState") or "")
+
     async def node_list(self) -> list[NodeInfo]:
         return [node_info(raw) for raw in await self._json("nodes")]
 

@@ -203,6 +203,7 @@ class SwarmEngine:
         self._images: dict[tuple[str, str], trio.Event] = {}
         self._image_labels: dict[str, dict[str, str]] = {}
         self._subscribers: set[_MergedEvents] = set()
+        self._seen_down: set[str] = set()
 
     # -- nodes ----------------------------------------------------------------------------------
     async def _poll_nodes(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -223,17 +224,43 @@ class SwarmEngine:
 
     def _update_nodes(self, nodes: list[NodeInfo]) -> None:
         for n in nodes:
+            if n.status != "ready":
+                self._seen_down.add(n.id)
             if n.status == "down" and n.id not in self.lost:
-                self.lost[n.id] = f"node {n.hostname} ({n.id[:12]}) is {n.status} in the swarm"
-                self.lost_at[n.id] = trio.current_time()
-                log.warning("swarm_node_lost", node=n.hostname, node_id=n.id[:12])
-                self._announce_lost(n.id)
-            elif n.status == "ready" and n.id in self.lost:
+                self._lose(n.id, f"node {n.hostname} ({n.id[:12]}) is {n.status} in the swarm")
+            elif n.status == "ready" and n.id in self.lost and n.id in self._seen_down:
+                # back, after the manager saw it gone (a node that left, seen by its own engine
+                # first, stays lost until then)
                 log.info("swarm_node_back", node=n.hostname, node_id=n.id[:12])
                 del self.lost[n.id]
+                self._seen_down.discard(n.id)
         self.nodes = {n.id: n for n in nodes}
         self._changed.set()
         self._changed = trio.Event()
+
+    def _lose(self, node_id: str, why: str) -> None:
+        self.lost[node_id] = why
+        self.lost_at[node_id] = trio.current_time()
+        node = self.nodes.get(node_id)
+        log.warning("swarm_node_lost", node=node.hostname if node else "", node_id=node_id[:12], why=why)
+        self._announce_lost(node_id)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _check_node(self, node_id: str, engine: DockerEngine) -> None:
+        """A container there ended: did its node leave the swarm (its engine shutting down
+        stops every container, like a `docker stop` from outside)? Then it is lost."""
+        if node_id in self.lost:
+            return
+        try:
+            state = await engine.swarm_local_state()
+        except EngineUnavailable:
+            await self._node_verdict(node_id, engine)
+            return
+        if state != "active" and node_id not in self.lost:
+            node = self.nodes.get(node_id)
+            self._lose(node_id, f"node {node.hostname if node else ''} ({node_id[:12]}) left the swarm "
+                                f"(its engine's swarm state is {state or 'unknown'})")
 
     def _announce_lost(self, node_id: str) -> None:
         """Every container placed on a lost node is dead: say so on the events streams."""
@@ -319,6 +346,18 @@ class SwarmEngine:
             except EngineUnavailable:
                 await self._node_verdict(loc.node_id, engine)
 
+    async def placement(self, cid: str) -> tuple[NodeInfo, str]:
+        """Where a worker container runs: its node, and its id in that node's engine (for
+        `docker -H <node's engine> ...`). EngineError while it has no container yet."""
+        loc = await self._locate(cid)
+        if not loc.cid:
+            raise EngineError(f"{loc.service.name} has no container yet")
+        node = self.nodes.get(loc.node_id)
+        if node is None:
+            self._update_nodes(await self.manager.node_list())
+            node = self.nodes[loc.node_id]
+        return node, loc.cid
+
     # -- system ---------------------------------------------------------------------------------
     async def ping(self) -> None:
         await self.manager.ping()
@@ -387,7 +426,8 @@ class SwarmEngine:
         image = (await self.manager.image_inspect(spec.image)).id     # ImageNotFound
         await self._spread(image)
         name = spec.name or f"corral-{os.urandom(6).hex()}"
-        placement = tuple(self.constraints) + tuple(getattr(spec, "placement", ()) or ())
+        placement = tuple(self.constraints) + tuple(getattr(spec, "placement", ()) or ()) \
+            + tuple(f"node.id!={node_id}" for node_id in sorted(self.lost))
         sspec = ServiceSpec(
             name=name, image=image, env={**spec.env, GATE_ENV: "1"}, labels=dict(spec.labels),
             command=spec.command, entrypoint=spec.entrypoint, user=spec.user,
@@ -433,6 +473,9 @@ class SwarmEngine:
             if task is not None and task.status in TASK_ENDED:
                 raise EngineError(f"start {loc.service.name}: its task {task.status}: "
                                   f"{task.error or task.message}")
+            if task is not None and task.node_id in self.lost:
+                raise EngineError(f"start {loc.service.name}: placed on a lost node: "
+                                  f"{self.lost[task.node_id]}")
             if task is not None and task.status == "running" and loc.cid:
                 break
             await trio.sleep(delay)
@@ -468,8 +511,15 @@ class SwarmEngine:
                                       labels=labels, status="dead", running=False, exit_code=None)
             return ContainerState(id=loc.service.id, name=loc.service.name, image=loc.service.image,
                                   labels=labels, status="created", running=False)
+        async def inspect(engine: DockerEngine) -> ContainerState:
+            st = await engine.container_inspect(loc.cid)
+            if not st.running:
+                await self._check_node(loc.node_id, engine)
+                if loc.node_id in self.lost:
+                    raise _Lost(self.lost[loc.node_id])
+            return st
         try:
-            st = await self._on_node(loc, lambda e: e.container_inspect(loc.cid))
+            st = await self._on_node(loc, inspect)
         except _Lost as lost:
             labels = {**await self._labels_of_image(loc.service.image), **loc.service.labels}
             return ContainerState(id=loc.service.id, name=loc.service.name, image=loc.service.image,
@@ -488,8 +538,14 @@ class SwarmEngine:
             loc = await self._locate(cid, fresh=True)
             if not loc.cid:
                 return 0
+        async def wait(engine: DockerEngine) -> int:
+            code = await engine.container_wait(loc.cid)
+            await self._check_node(loc.node_id, engine)
+            if loc.node_id in self.lost:
+                raise _Lost(self.lost[loc.node_id])
+            return code
         try:
-            return await self._on_node(loc, lambda e: e.container_wait(loc.cid))
+            return await self._on_node(loc, wait)
         except _Lost:
             return -1
 
