@@ -8,7 +8,7 @@ from msgspec import Struct, field
 
 Cause = Literal["config_error", "startup_timeout", "early_exit", "oom_killed", "killed", "crashed",
                 "exited", "hung", "removed", "engine_error", "protocol_error",
-                "engine_unavailable"]
+                "engine_unavailable", "node_lost"]
 CAUSES: tuple[str, ...] = Cause.__args__  # type: ignore[attr-defined]
 
 WorkerState = Literal["pending", "building", "creating", "starting", "ready", "busy", "backoff",

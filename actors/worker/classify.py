@@ -54,6 +54,8 @@ class ExitFacts:
     """the engine restarted the container after it died (`docker restart`)"""
     engine_answered: bool = True
     """the engine still answered right after the death (a ping, its events stream)"""
+    node_lost: str | None = None
+    """a cluster engine lost the node the container ran on (why)"""
 
 
 def signal_name(sig: str | int) -> str:
@@ -110,6 +112,8 @@ def classify(f: ExitFacts) -> tuple[Cause, str]:
 
     # what the engine and the wrapper said
     fatal = f.fatal or ""
+    if f.node_lost:
+        return "node_lost", f"its node was lost: {f.node_lost}"
     if f.removed:
         return "removed", "the container was removed out of band"
     if fatal.startswith("oom_killed") or f.oom or f.oom_event:

@@ -500,6 +500,7 @@ class ContainerLife:
         kind = life.end_kind or "died"
         exit_code: int | None = None
         oom = removed = restarted = False
+        lost: str | None = None
         problem = str(exc) if exc is not None else None
         unreachable = isinstance(exc, EngineUnavailable)
         if life.outage:
@@ -513,7 +514,9 @@ class ContainerLife:
                     with trio.move_on_after(0.5):     # the die event comes after any kill event
                         await watch.died.wait()
                 state = await self.engine.container_inspect(cid)
-                if state.running:
+                if state.lost:
+                    lost, exit_code = state.lost, None      # a cluster engine lost its node
+                elif state.running:
                     restarted = True                  # up again since it died: a docker restart
                 else:
                     oom = state.oom_killed
@@ -560,7 +563,8 @@ class ContainerLife:
             engine_unreachable=unreachable, fatal=life.fatal_reason, watched=watch is not None,
             kill_signals=tuple(watch.kills) if watch is not None else (),
             corral_killed=life.kill_sent, stopped=bool(watch and watch.stopped),
-            restarted=restarted or bool(watch and watch.restarted), engine_answered=answered)
+            restarted=restarted or bool(watch and watch.restarted), engine_answered=answered,
+            node_lost=lost)
         cause, reason = classify(facts)
         uptime = trio.current_time() - (life.ready_at or life.created_at)
         return DeathCertificate(worker_id=self.id, container_id=cid, generation=life.generation,

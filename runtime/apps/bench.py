@@ -9,6 +9,9 @@ Scenarios (see BENCHMARKS.md for what limits each number):
   mailbox   actor ask/reply round trips per second, vs a bare trio memory channel round trip
   journal   tasks/s through a FakeEngine pool with the task journal (SQLite, `corral run`'s
             default) vs without it, side by side
+  swarm     (only when named: --only swarm; root) a 2-node test swarm vs the single engine: spawn
+            throughput, restart latency; the time to see a lost node (dockerd stopped, and
+            dockerd SIGKILLed) and until its workers serve again on the other node
 
 CORRAL_BENCH_COMPARE_ENGINE=URL (or a ``compare_engine`` argument) runs restart and spawn again on
 a second engine (e.g. Podman's unix:///run/corral-podman/podman.sock) in the same run, with ``lifecycle`` on both: one worker
@@ -34,9 +37,9 @@ from typing import Any
 import trio
 
 COMPARE_ENV = "CORRAL_BENCH_COMPARE_ENGINE"
-QUICK = {"restart": 3, "spawn": 10, "spawn_rounds": 1, "task": 30, "exec": 10, "fake": 1000, "idle": 10, "idle_s": 5.0,
+QUICK = {"swarm_spawn": 8, "swarm_restart": 3, "restart": 3, "spawn": 10, "spawn_rounds": 1, "task": 30, "exec": 10, "fake": 1000, "idle": 10, "idle_s": 5.0,
          "mailbox": 20_000, "journal": 1000, "adopt": [10]}
-FULL = {"restart": 10, "spawn": 50, "spawn_rounds": 5, "task": 300, "exec": 50, "fake": 10_000, "idle": 100, "idle_s": 60.0,
+FULL = {"swarm_spawn": 20, "swarm_restart": 10, "restart": 10, "spawn": 50, "spawn_rounds": 5, "task": 300, "exec": 50, "fake": 10_000, "idle": 100, "idle_s": 60.0,
         "mailbox": 200_000, "journal": 10_000, "adopt": [10, 100]}
 
 
@@ -373,6 +376,104 @@ class Bench:
                     journal_ms_per_task=(1 / journaled - 1 / plain) * 1000,
                     target="reported (no target)", met=True)
 
+    async def swarm(self) -> None:
+        """A 2-node test swarm (runtime/chaoskit/swarm.py; root) against the single engine, in
+        one run: spawn throughput (a pool of N to READY) and restart latency (a kill through
+        the engine -> the replacement READY) on each; then the time to see a lost node, for a
+        node whose dockerd stops (SIGTERM) and one whose dockerd is SIGKILLed (its containers run
+        on, headless: only the manager's heartbeats tell), with the time until its workers serve
+        again on the other node."""
+        from ..api import open_supervisor
+        from ..chaoskit.swarm import TestSwarm
+        from ..engines import open_engine
+        from ..specs import Backoff, PoolSpec, RestartPolicy, SupervisorConfig, WorkerSpec
+        n, kills = self.sizes["swarm_spawn"], self.sizes["swarm_restart"]
+        swarm = TestSwarm(2)
+        await swarm.open()
+        data: dict[str, Any] = {"swarm_up_s": swarm.up_s}
+        try:
+            for label, url in (("single", self.engine_url), ("swarm", swarm.url)):
+                async with open_engine(url) as engine:
+                    name = f"{self.name}{label[:2]}"
+                    try:
+                        async with open_supervisor(SupervisorConfig(name=name, max_restarts=10_000,
+                                                                    max_concurrent_starts=16),
+                                                   engine=engine) as sup:
+                            policy = RestartPolicy(max_restarts=1000, backoff=Backoff(stable_s=0.5))
+                            warm = await sup.spawn(WorkerSpec(agent="shell"))   # image built, copied
+                            await warm.stop()
+                            spawn_s = []
+                            for r in range(self.sizes["spawn_rounds"]):
+                                t0 = time.perf_counter()
+                                await sup.start_pool(PoolSpec(name=f"s{r}", replicas=n, queue_size=n,
+                                                              worker=WorkerSpec(agent="shell")))
+                                spawn_s.append(time.perf_counter() - t0)
+                                await sup.stop_child(f"pool:s{r}")
+                            w = await sup.spawn(WorkerSpec(agent="shell", restart=policy))
+                            restart_s = []
+                            for _ in range(kills):
+                                await trio.sleep(1.0)     # stable: the next restart is immediate
+                                info = await w.info()
+                                t0 = time.perf_counter()
+                                await engine.container_kill(info.container_id)
+                                await w.wait_until(lambda i: i.generation > info.generation
+                                                   and i.state == "ready")
+                                restart_s.append(time.perf_counter() - t0)
+                            await w.stop()
+                            data[f"spawn_per_s_{label}"] = n / statistics.median(spawn_s)
+                            data[f"restart_s_{label}"] = summary(restart_s)
+                            if label == "swarm":
+                                data.update(await self._swarm_node_loss(sup, engine, swarm))
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self.cleanup_name(engine, name)
+        finally:
+            await swarm.aclose()
+        data["swarm_down_s"] = swarm.down_s
+        data["spawn_ratio_swarm_over_single"] = data["spawn_per_s_swarm"] / data["spawn_per_s_single"]
+        data["restart_ratio_swarm_over_single"] = (data["restart_s_swarm"]["median"]
+                                                   / data["restart_s_single"]["median"])
+        self.report("swarm", workers=n, rounds=self.sizes["spawn_rounds"], kills=kills, **data,
+                    target="a lost node seen within 5 s", met=data["node_lost_kill_s"] < 5.0)
+
+    async def _swarm_node_loss(self, sup, engine, swarm) -> dict[str, float]:
+        from ..specs import PoolSpec, WorkerSpec
+        out: dict[str, float] = {}
+        for how in ("stop", "kill"):
+            pool = await sup.start_pool(PoolSpec(name=f"loss{how}", replicas=4,
+                                                 worker=WorkerSpec(agent="shell")))
+            infos = [await w.info() for w in pool.workers]
+            placed = {i.id: (await engine.placement(i.container_id))[0].hostname for i in infos}
+            moved = [w for w in pool.workers if placed[w.id] == "n2"]
+            node = swarm.node("n2")
+            t0 = time.perf_counter()
+            if how == "stop":
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(swarm.stop_node, "n2")
+                    while node.node_id not in engine.lost:
+                        await engine._changed.wait()
+                    out["node_lost_stop_s"] = time.perf_counter() - t0
+            else:
+                await trio.to_thread.run_sync(node.kill_sync)
+                while node.node_id not in engine.lost:
+                    await engine._changed.wait()
+                out["node_lost_kill_s"] = time.perf_counter() - t0
+            gens = {i.id: i.generation for i in infos}
+            for w in moved:
+                await w.wait_until(lambda i, g=gens[w.id]: i.generation > g and i.state == "ready")
+            out[f"workers_back_after_{how}_s"] = time.perf_counter() - t0
+            out[f"workers_moved_by_{how}"] = len(moved)
+            await sup.stop_child(f"pool:loss{how}")
+            await swarm.start_node("n2")
+            await trio.to_thread.run_sync(lambda: swarm.wait_nodes({"n2": "ready"}))
+            while node.node_id in engine.lost:
+                await engine._changed.wait()
+        return out
+
+    async def cleanup_name(self, engine, name: str) -> None:
+        from ..testing import remove_containers
+        await remove_containers(engine, name)
+
     async def run(self, only: list[str] | None) -> dict[str, Any]:
         want = set(only or ["restart", "spawn", "task", "scale", "idle", "mailbox", "journal",
                             "adopt"])
@@ -384,6 +485,11 @@ class Bench:
             await self.journal()
         if "scale" in want:
             await trio.to_thread.run_sync(self.scale_fake)
+        if "swarm" in want:       # only when named: it needs root, and a test swarm of its own
+            await self.swarm()
+            want = want - {"swarm"}
+            if not want:
+                return self.results
         compared = want & {"restart", "spawn"}
         if self.compare_url and compared:
             want |= {"lifecycle"}

@@ -1,10 +1,11 @@
 """The engine port (`Engine` and its typed values) and its adapters: `open_engine()` opens the
-Docker adapter (DOCKER_HOST, else unix:///var/run/docker.sock); the in-memory one is
-`runtime.testing.FakeEngine`. The Docker adapter (asyncio, aiodocker) is imported only when it is
+Docker adapter (DOCKER_HOST, else unix:///var/run/docker.sock), or the Swarm adapter for a
+``swarm+`` URL; the in-memory one is `runtime.testing.FakeEngine`. The Docker adapter (asyncio, aiodocker) is imported only when it is
 opened."""
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +30,16 @@ if TYPE_CHECKING:
     from .docker import DockerEngine as DockerEngine
 
 
-def open_engine(url: str | None = None) -> AbstractAsyncContextManager[DockerEngine]:
-    """Open the Docker engine at ``url`` (None: DOCKER_HOST, else unix:///var/run/docker.sock)
-    for the block. Raises EngineUnavailable (naming the URL) within 5 s if it does not answer."""
+def open_engine(url: str | None = None) -> AbstractAsyncContextManager[Any]:
+    """Open the engine at ``url`` for the block: Docker (or Podman) at ``unix://`` / ``tcp://``
+    (None: DOCKER_HOST, else unix:///var/run/docker.sock), or a Docker Swarm through its
+    manager's engine at ``swarm+unix://...`` / ``swarm+tcp://...`` (`runtime.engines.swarm`).
+    Raises EngineUnavailable (naming the URL) within 5 s if it does not answer."""
+    if url is None:
+        url = os.environ.get("DOCKER_HOST") or None
+    if url is not None and url.startswith("swarm+"):
+        from .swarm import open_swarm_engine
+        return open_swarm_engine(url)
     from .docker import open_engine as _open_docker
     return _open_docker(url)
 

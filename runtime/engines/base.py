@@ -2,7 +2,8 @@
 
 Actors, the API and the applications speak only this. Each adapter translates its engine's own
 vocabulary at its edge and nowhere else: `runtime.engines.docker` (Docker's JSON, through
-aiodocker), `runtime.engines.fake` (in memory). ``tests/contract`` runs the same cases against
+aiodocker), `runtime.engines.fake` (in memory), `runtime.engines.swarm` (Swarm's manager for
+placement, each node's engine for the rest; what cannot hold there is its ``LIMITATIONS``). ``tests/contract`` runs the same cases against
 every adapter.
 
 Hardening is the adapters' fixed policy, not a field: every container an engine creates has no
@@ -92,6 +93,8 @@ class ContainerState(msgspec.Struct, frozen=True, kw_only=True):
     """last start, seconds since the epoch"""
     finished_at: float | None = None
     """last end, seconds since the epoch"""
+    lost: str | None = None
+    """a cluster engine lost the node that ran it (why): it is dead, with no exit code"""
 
 
 class ContainerSummary(msgspec.Struct, frozen=True, kw_only=True):

@@ -66,6 +66,7 @@ from .base import (
     label_filters,
     labels_match,
 )
+from .cluster import TASK_ENDED, NodeInfo, ServiceInfo, ServiceSpec, TaskInfo
 from .podman import (
     INIT_HINT,
     LIMITS_ENV,
@@ -246,6 +247,88 @@ def container_event(raw: dict[str, Any]) -> ContainerEvent | None:
                           exit_code=_int(attrs.get("exitCode")) if kind == "died" else None,
                           signal=_signum(attrs.get("signal")) if kind == "killed" else None,
                           **event_labels(attrs))  # type: ignore[arg-type]
+
+
+# -- Swarm's manager API (runtime.engines.swarm places workers through it) -------------------
+_NODE_STATES = frozenset({"ready", "down", "unknown", "disconnected"})
+
+
+def service_body(spec: ServiceSpec) -> dict[str, Any]:
+    """A ServiceSpec as the body of ``POST /services/create``: one task, never restarted, with
+    the hardening Swarm lets a service ask for (capabilities dropped, an init, stdin open; no
+    network of its own: the node's default one)."""
+    cs: dict[str, Any] = {
+        "Image": spec.image, "Labels": dict(spec.labels),
+        "Env": [f"{k}={v}" for k, v in spec.env.items()],
+        "OpenStdin": True, "TTY": False, "Init": True, "CapabilityDrop": ["ALL"],
+        "ReadOnly": spec.read_only_rootfs,
+        "StopGracePeriod": int(spec.stop_grace_s * 1e9),
+    }
+    if spec.entrypoint is not None:
+        cs["Command"] = list(spec.entrypoint)
+    if spec.command is not None:
+        cs["Args"] = list(spec.command)
+    if spec.user:
+        cs["User"] = spec.user
+    if spec.working_dir:
+        cs["Dir"] = spec.working_dir
+    if spec.tmpfs:
+        cs["Mounts"] = [{"Type": "tmpfs", "Target": m.path,
+                         "TmpfsOptions": {k: v for k, v in (("SizeBytes", m.size), ("Mode", m.mode))
+                                          if v is not None}} for m in spec.tmpfs]
+    limits: dict[str, Any] = {}
+    if spec.memory:
+        limits["MemoryBytes"] = spec.memory
+    if spec.cpus:
+        limits["NanoCPUs"] = int(spec.cpus * 1e9)
+    if spec.pids_limit:
+        limits["Pids"] = spec.pids_limit
+    reserve: dict[str, Any] = {}
+    if spec.reserve_memory:
+        reserve["MemoryBytes"] = spec.reserve_memory
+    if spec.reserve_cpus:
+        reserve["NanoCPUs"] = int(spec.reserve_cpus * 1e9)
+    template: dict[str, Any] = {"ContainerSpec": cs, "Resources": {"Limits": limits, "Reservations": reserve},
+                                "RestartPolicy": {"Condition": "none", "MaxAttempts": 0}}
+    if spec.constraints:
+        template["Placement"] = {"Constraints": list(spec.constraints)}
+    return {"Name": spec.name, "Labels": dict(spec.labels), "TaskTemplate": template,
+            "Mode": {"Replicated": {"Replicas": spec.replicas}}}
+
+
+def node_info(raw: dict[str, Any]) -> NodeInfo:
+    spec = raw.get("Spec") or {}
+    status = raw.get("Status") or {}
+    state = str(status.get("State") or "unknown")
+    return NodeInfo(id=raw["ID"], hostname=str((raw.get("Description") or {}).get("Hostname") or ""),
+                    status=state if state in _NODE_STATES else "unknown",  # type: ignore[arg-type]
+                    availability=str(spec.get("Availability") or ""), role=str(spec.get("Role") or ""),
+                    addr=str(status.get("Addr") or ""), labels=dict(spec.get("Labels") or {}),
+                    engine_version=str(((raw.get("Description") or {}).get("Engine") or {})
+                                       .get("EngineVersion") or ""))
+
+
+def service_info(raw: dict[str, Any]) -> ServiceInfo:
+    spec = raw.get("Spec") or {}
+    replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0
+    image = ((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image") or ""
+    return ServiceInfo(id=raw["ID"], name=str(spec.get("Name") or ""), labels=dict(spec.get("Labels") or {}),
+                       replicas=int(replicas), version=int((raw.get("Version") or {}).get("Index") or 0),
+                       image=str(image), created_at=_time(raw.get("CreatedAt")))
+
+
+def task_info(raw: dict[str, Any]) -> TaskInfo:
+    status = raw.get("Status") or {}
+    cstatus = status.get("ContainerStatus") or {}
+    state = str(status.get("State") or "new")
+    code = cstatus.get("ExitCode")
+    return TaskInfo(id=raw["ID"], service_id=str(raw.get("ServiceID") or ""),
+                    node_id=str(raw.get("NodeID") or ""), status=state,  # type: ignore[arg-type]
+                    desired=str(raw.get("DesiredState") or ""),
+                    container_id=str(cstatus.get("ContainerID") or ""),
+                    exit_code=_int(code) if state in TASK_ENDED and code is not None else None,
+                    message=str(status.get("Message") or ""), error=str(status.get("Err") or ""),
+                    at=_time(status.get("Timestamp")))
 
 
 class BuildOutput:
@@ -697,6 +780,76 @@ class DockerEngine:
             return int(info.get("ExitCode") or 0), b"".join(chunks).decode(errors="replace")
         return await self._call(run, what=f"exec in {cid[:12]}", kind="container")
 
+    # -- Swarm's manager API (not part of the engine port: runtime.engines.swarm uses it) ----
+    async def swarm_node_id(self) -> str:
+        """This engine's own node id in its swarm ("" outside a swarm)."""
+        info = await self._json("info")
+        return str((info.get("Swarm") or {}).get("NodeID") or "")
+
+    async def swarm_local_state(self) -> str:
+        """This engine's own swarm state: "active" while it takes part in its swarm ("inactive"
+        as soon as it begins to shut down, before it stops its containers)."""
+        info = await self._json("info")
+        return str((info.get("Swarm") or {}).get("LocalNodeState") or "")
+
+    async def node_list(self) -> list[NodeInfo]:
+        return [node_info(raw) for raw in await self._json("nodes")]
+
+    async def service_create(self, spec: ServiceSpec) -> str:
+        """NameConflict if a service of that name exists."""
+        try:
+            data = await self._json("services/create", "POST", data=service_body(spec),
+                                    what=f"create service {spec.name}")
+        except EngineError as exc:
+            if exc.status == 409:
+                raise NameConflict(str(exc), status=409) from None
+            raise
+        return str(data["ID"])
+
+    async def service_inspect(self, ref: str) -> ServiceInfo:
+        """ContainerNotFound if there is no such service (a worker's container is one)."""
+        return service_info(await self._service_raw(ref))
+
+    async def _service_raw(self, ref: str) -> dict[str, Any]:
+        try:
+            return await self._json(f"services/{quote(ref, safe='')}", what=f"service {ref[:12]}")
+        except EngineError as exc:
+            if exc.status == 404:
+                raise ContainerNotFound(str(exc), status=404) from None
+            raise
+
+    async def service_scale(self, ref: str, replicas: int) -> None:
+        raw = await self._service_raw(ref)
+        spec = raw["Spec"]
+        spec["Mode"] = {"Replicated": {"Replicas": replicas}}
+        version = (raw.get("Version") or {}).get("Index")
+        await self._json(f"services/{raw['ID']}/update", "POST", data=spec,
+                         params={"version": version}, what=f"scale service {ref[:12]}")
+
+    async def service_remove(self, ref: str) -> None:
+        try:
+            await self._json(f"services/{quote(ref, safe='')}", "DELETE", what=f"remove service {ref[:12]}")
+        except EngineError as exc:
+            if exc.status == 404:
+                raise ContainerNotFound(str(exc), status=404) from None
+            raise
+
+    async def service_list(self, *, labels: LabelFilter | None = None) -> list[ServiceInfo]:
+        params: dict[str, Any] = {}
+        if labels:
+            params["filters"] = json.dumps({"label": label_filters(labels)})
+        return [service_info(raw) for raw in await self._json("services", params=params)]
+
+    async def task_list(self, *, services: Sequence[str] = (),
+                        labels: LabelFilter | None = None) -> list[TaskInfo]:
+        filters: dict[str, list[str]] = {}
+        if services:
+            filters["service"] = list(services)
+        if labels:
+            filters["label"] = label_filters(labels)
+        params = {"filters": json.dumps(filters)} if filters else None
+        return [task_info(raw) for raw in await self._json("tasks", params=params)]
+
     @asynccontextmanager
     async def attach(self, cid: str) -> AsyncIterator[_Attachment | _NativeAttachment | _ExitedAttachment]:
         """Attach stdin/stdout/stderr (non-TTY, demultiplexed). Attach before start to see
@@ -1038,10 +1191,15 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _admin(url: str, method: str, path: str, *, timeout: float = 30.0) -> tuple[int, bytes]:
+def _admin(url: str, method: str, path: str, *, timeout: float = 30.0,
+           body: Any = None) -> tuple[int, bytes]:
     conn = UnixHTTPConnection(url, timeout)
     try:
-        conn.request(method, path, headers={"Host": "docker"})
+        if body is None:
+            conn.request(method, path, headers={"Host": "docker"})
+        else:
+            conn.request(method, path, body=json.dumps(body).encode(),
+                         headers={"Host": "docker", "Content-Type": "application/json"})
         resp = conn.getresponse()
         return resp.status, resp.read()
     except (OSError, http.client.HTTPException) as exc:
@@ -1156,3 +1314,77 @@ def admin_copy_images(source_url: str, target_url: str, refs: Sequence[str]) -> 
         raise EngineError(f"POST /images/load at {target_url}: {answer.status} "
                           f"{'; '.join(errors) or text[:300]}", status=answer.status)
     return copied
+
+
+# -- a test swarm's administration (runtime.chaoskit.swarm) -------------------------------------
+def _admin_call(url: str, method: str, path: str, body: Any = None, *, timeout: float = 30.0) -> Any:
+    status, raw = _admin(url, method, path, timeout=timeout, body=body)
+    if status >= 300:
+        raise EngineError(f"{method} {path} at {url}: {status} {raw[:300].decode(errors='replace')}",
+                          status=status)
+    return json.loads(raw) if raw.strip() else None
+
+
+def admin_swarm_init(url: str, *, addr: str, addr_pools: Sequence[str], pool_mask: int = 24,
+                     heartbeat_s: float = 5.0) -> str:
+    """``docker swarm init`` with its API listening and advertised on ``addr`` (no port: 2377),
+    overlay and ingress subnets from ``addr_pools``, and node heartbeats every ``heartbeat_s``
+    (a node is marked down after a few missed ones). Returns the manager's node id."""
+    return str(_admin_call(url, "POST", "/swarm/init", {
+        "ListenAddr": f"{addr}:2377", "AdvertiseAddr": addr, "DataPathAddr": addr,
+        "DefaultAddrPool": list(addr_pools), "SubnetSize": pool_mask,
+        "Spec": {"Dispatcher": {"HeartbeatPeriod": int(heartbeat_s * 1e9)}},
+    }, timeout=60))
+
+
+def admin_swarm_join(url: str, *, addr: str, manager_addr: str, token: str) -> None:
+    _admin_call(url, "POST", "/swarm/join", {
+        "ListenAddr": f"{addr}:2377", "AdvertiseAddr": addr, "DataPathAddr": addr,
+        "RemoteAddrs": [f"{manager_addr}:2377"], "JoinToken": token}, timeout=60)
+
+
+def admin_swarm_worker_token(url: str) -> str:
+    return str(_admin_json(url, "/swarm")["JoinTokens"]["Worker"])
+
+
+def admin_swarm_node_id(url: str) -> str:
+    """The engine's node id in its swarm ("" outside one)."""
+    return str((_admin_json(url, "/info").get("Swarm") or {}).get("NodeID") or "")
+
+
+def admin_swarm_leave(url: str) -> None:
+    status, raw = _admin(url, "POST", "/swarm/leave?force=1", timeout=30)
+    if status not in (200, 503):          # 503: not in a swarm
+        raise EngineError(f"POST /swarm/leave at {url}: {status} {raw[:300].decode(errors='replace')}",
+                          status=status)
+
+
+def admin_nodes(url: str) -> list[NodeInfo]:
+    return [node_info(raw) for raw in _admin_json(url, "/nodes")]
+
+
+def admin_node_labels(url: str, node_id: str, labels: dict[str, str]) -> None:
+    """Add ``labels`` to a node's (through a manager at ``url``)."""
+    raw = _admin_json(url, f"/nodes/{node_id}")
+    spec = raw.get("Spec") or {}
+    spec["Labels"] = {**(spec.get("Labels") or {}), **labels}
+    _admin_call(url, "POST", f"/nodes/{node_id}/update?version={raw['Version']['Index']}", spec)
+
+
+def admin_service_ids(url: str) -> list[str]:
+    """Every service of the swarm (through a manager at ``url``), whoever made it."""
+    return [str(s["ID"]) for s in _admin_json(url, "/services")]
+
+
+def admin_remove_service(url: str, sid: str) -> None:
+    status, raw = _admin(url, "DELETE", f"/services/{sid}")
+    if status not in (200, 404):
+        raise EngineError(f"removing service {sid} at {url}: {status} {raw[:300].decode(errors='replace')}",
+                          status=status)
+
+
+def admin_networks(url: str) -> list[tuple[str, str, list[str]]]:
+    """The engine's networks: (name, driver, subnets)."""
+    return [(str(n.get("Name")), str(n.get("Driver")),
+             [str(c.get("Subnet")) for c in ((n.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")])
+            for n in _admin_json(url, "/networks")]

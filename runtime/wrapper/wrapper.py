@@ -8,7 +8,8 @@ Environment: CORRAL_WORKER_ID, CORRAL_AGENT (claude|factory|codex|shell), CORRAL
 (comma-separated names), CORRAL_HEARTBEAT_S, CORRAL_WORKSPACE (default /workspace),
 CORRAL_ORPHAN_TIMEOUT_S and CORRAL_ORPHAN_POLICY (cancel|finish): with no frame from a supervisor
 for that long the wrapper ends its task as the policy says and exits 0 (see core.py: the lease,
-sequence numbers and the replay that ``hello`` asks for).
+sequence numbers and the replay that ``hello`` asks for). CORRAL_STDIN_GATE=1: nothing happens
+before a first line on stdin (see `stdin_gate`: a Swarm service's container).
 
 This file is the process driver of the wrapper's logic, which lives in core.py (sans-IO: every
 decision, frame and limit is there, and FakeEngine drives the same core). Here are only the
@@ -799,8 +800,45 @@ def run_probe(action):
     return core.ProbeDone(p.returncode, p.stdout, p.stderr)
 
 
+def stdin_gate(env):
+    """CORRAL_STDIN_GATE=1: wait for a first line on stdin before anything else (the startup
+    checks, ``ready``). A cluster engine starts a container before anyone can attach to it (a
+    Swarm service's task); the gate keeps the wrapper silent until its supervisor is attached and
+    opens it with a line, so that nothing it writes is lost. Returns what came after that line
+    (it is read as frames once the wrapper serves), or None: stdin ended first, or no line came
+    within the lease (CORRAL_ORPHAN_TIMEOUT_S), and the wrapper exits 0 without a word on stdout."""
+    if env.get("CORRAL_STDIN_GATE", "") != "1":
+        return b""
+    try:
+        lease = float(env.get("CORRAL_ORPHAN_TIMEOUT_S") or 0)
+    except ValueError:
+        lease = 0.0
+    deadline = time.monotonic() + lease if lease > 0 else None
+    buf = b""
+    while b"\n" not in buf:
+        if deadline is not None:
+            ready, _, _ = select.select([0], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                log("no supervisor opened the stdin gate within %s s: exiting" % lease)
+                return None
+        try:
+            data = os.read(0, READ_CHUNK)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            log("stdin ended before the gate opened: exiting")
+            return None
+        buf += data
+    return buf[buf.index(b"\n") + 1:]
+
+
 def main():
     os.environ["CORRAL_WRAPPER_DIR"] = HERE     # for the agents it starts (see above)
+    held = stdin_gate(os.environ)
+    if held is None:
+        _exit(0)
     scope = sweep_scope()
     subreaper = become_subreaper()
     wrapper_core = core.WrapperCore(os.environ, clock=time.monotonic, pid=os.getpid(),
@@ -811,6 +849,8 @@ def main():
     except RuntimeError as exc:
         driver.feed(core.WrapperFailed("cannot start the wrapper's threads: %s" % exc))
     driver.feed(core.Boot())      # the startup checks and the version probe; then ready
+    if held:
+        driver.feed(core.StdinData(held))
     while wrapper_core.wants_stdin:
         try:
             data = os.read(0, 1 << 20)

@@ -4,7 +4,7 @@ passes them is one that unit tests may trust.
 
 ``engine`` is parametrized over the engines: "fake" (in memory, real clock, no autojump), and the
 real ones named in CORRAL_TEST_ENGINES (default "docker,podman,podman-rootless"; marked
-``integration``):
+``integration``; "swarm" adds the Swarm engine on a 2-node test swarm, marked ``swarm`` too):
 "docker" is the engine at DOCKER_HOST (else /var/run/docker.sock), "podman" the rootful Podman
 service scripts/setup starts (CORRAL_PODMAN_HOST, else unix:///run/corral-podman/podman.sock),
 spoken to through the same Docker adapter, which detects it. Where an engine honestly reports less
@@ -35,7 +35,7 @@ def real_engines() -> list[str]:
     it cannot enforce the limits the cases ask for, so corral refuses them there
     (tests/integration/test_podman_rootless.py covers it)."""
     names = os.environ.get("CORRAL_TEST_ENGINES", "docker,podman,podman-rootless")
-    return [n.strip() for n in names.split(",") if n.strip() in ("docker", "podman")]
+    return [n.strip() for n in names.split(",") if n.strip() in ("docker", "podman", "swarm")]
 
 
 def engine_url(name: str) -> str | None:
@@ -45,15 +45,21 @@ def engine_url(name: str) -> str | None:
 
 
 def flavour(engine) -> str:
-    """"fake", "docker" or "podman": what the adapter found answering."""
+    """"fake", "docker", "podman" or "swarm": what the adapter found answering."""
     return getattr(engine, "flavour", "fake")
 
 
-@pytest.fixture(params=["fake"] + [pytest.param(n, marks=pytest.mark.integration)
+@pytest.fixture(params=["fake"] + [pytest.param(n, marks=[pytest.mark.integration]
+                                                + ([pytest.mark.swarm] if n == "swarm" else []))
                                    for n in real_engines()])
 async def engine(request):
     if request.param == "fake":
         async with FakeEngine() as e:
+            yield e
+        return
+    if request.param == "swarm":
+        swarm = request.getfixturevalue("test_swarm")
+        async with open_engine(swarm.url) as e:
             yield e
         return
     url = engine_url(request.param)

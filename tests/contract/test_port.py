@@ -8,6 +8,7 @@ import pytest
 from runtime.engines import Engine
 from runtime.engines.docker import DockerEngine
 from runtime.engines.fake import FakeEngine
+from runtime.engines.swarm import SwarmEngine
 
 PORT = sorted(name for name, value in vars(Engine).items()
               if not name.startswith("_") and callable(value))
@@ -19,7 +20,7 @@ def test_the_port_is_what_the_actors_use():
             "ping", "image_inspect", "image_build"} <= set(PORT)
 
 
-@pytest.mark.parametrize("adapter", [DockerEngine, FakeEngine])
+@pytest.mark.parametrize("adapter", [DockerEngine, FakeEngine, SwarmEngine])
 def test_every_adapter_has_the_port_s_methods_with_its_parameters(adapter):
     for name in PORT:
         want, have = getattr(Engine, name), getattr(adapter, name)

@@ -62,6 +62,11 @@ TABLE = [
     ("engine_stayed_away", F(end="engine_unavailable", detail="the engine was unreachable for over 60 s",
                              engine_unreachable=True, engine_answered=False, **SERVING),
      "engine_unavailable", "the engine was unreachable for over 60 s"),
+    # a cluster engine lost the container's node: whatever else went wrong on the way
+    ("node_lost", F(node_lost="node n2 (abc) is down in the swarm", exit_code=143, kill_signals=("15",),
+                    stopped=True, engine_problem=ENGINE_DOWN, engine_unreachable=True,
+                    engine_answered=False, **SERVING),
+     "node_lost", "its node was lost: node n2 (abc) is down in the swarm"),
     ("engine_error_exit_unknown", F(engine_problem="start abc: fake: start failed"), "engine_error",
      "start abc: fake: start failed"),
     ("engine_error_but_exit_known", F(engine_problem="inspect failed", exit_code=2, **SERVING), "crashed",
