@@ -96,11 +96,14 @@ class Service:
 
 @asynccontextmanager
 async def corral_run(tmp_path: Path, name: str, body: str, *, sock: str | None = None):
+    """`corral run` with its own socket and task journal under ``tmp_path`` (never the default
+    state directory, /var/lib/corral/NAME as root: a test leaves nothing behind)."""
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f'name = "{name}"\n{body}')
     sock = sock or str(tmp_path / "ctl.sock")
     proc = await trio.lowlevel.open_process(
-        CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock],
+        CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock,
+                  "--state-dir", str(tmp_path / "state")],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     svc = Service(proc, sock)
     try:
@@ -145,7 +148,7 @@ async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(en
             assert list(before.values()) == ["running"]
             # the same name and even the same socket: refused before anything is touched
             second = await run_cli("run", "--config", str(tmp_path / f"{corral_name}.toml"),
-                                   "--socket", first.sock)
+                                   "--socket", first.sock, "--state-dir", str(tmp_path / "state"))
             err = no_traceback(second)
             assert second.returncode == 2, err
             assert f"supervisor '{corral_name}' is already running" in err
@@ -167,7 +170,7 @@ async def test_running_containers_of_the_name_refuse_the_start_naming_them(engin
         try:
             await engine.container_start(cid)
             out = await run_cli("run", "--config", str(_config(tmp_path, corral_name, SHELLS.format(replicas=1))),
-                                "--socket", str(tmp_path / "ctl.sock"))
+                                "--socket", str(tmp_path / "ctl.sock"), "--state-dir", str(tmp_path / "state"))
             err = no_traceback(out)
             assert out.returncode == 2, err
             assert f"{corral_name}-elsewhere" in err and "no corral process on this host holds its lock" in err
