@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -37,7 +38,12 @@ name = "shells"
 replicas = 3
 [pools.worker]
 agent = "shell"
+heartbeat_s = 30
+heartbeat_timeout_s = 90
 '''
+"""corral renews the lease, acknowledging the answers it has, every heartbeat_s: that slowly, the
+answers of the first process are (nearly always) unacknowledged at the SIGKILL, and replayed to
+the next one, which has them in the journal already"""
 WORKERS = ["shells-1", "shells-2", "shells-3"]
 LONG_S = 10
 """the tasks in flight at the SIGKILL: they end while no corral runs"""
@@ -167,6 +173,16 @@ async def test_sigkill_of_corral_run_under_a_pool_run_then_a_restart(engine, cor
     async def state_of(label: str) -> str:
         return (await call(sock, {"op": "result", "task_id": ids[label]}))["state"]
 
+    async def where(numbers) -> dict:
+        """What the journal says of these tasks (for failure messages)."""
+        out = {}
+        for i in numbers:
+            r = await call(sock, {"op": "result", "task_id": ids[f"t{i:02}"]})
+            out[f"t{i:02}"] = (r["state"], [(d["worker_id"], d["generation"]) for d in r["dispatches"]],
+                               [(a["worker_id"], a["result"]["status"], a["result"]["output"])
+                                for a in r["attempts"]])
+        return out
+
     with trio.fail_after(300):
         async with corral_processes() as start:
             first = await start(cfg, sock, state)
@@ -187,7 +203,8 @@ async def test_sigkill_of_corral_run_under_a_pool_run_then_a_restart(engine, cor
                 await submit(f"t{i:02}")
             out = await cli("result", ids["t27"], "--socket", sock)
             assert (out.returncode, out.stderr.decode()) == (
-                75, f"corral: task {ids['t27']} is queued: not finished yet (--wait to wait for it)\n")
+                75, f"corral: task {ids['t27']} is queued: not finished yet (--wait to wait for it)\n"), \
+                (out, await where(range(20, 30)))
             assert [await state_of(f"t{i}") for i in range(27, 30)] == ["queued"] * 3
             done_before = {label for label in ids if await state_of(label) == "done"}
             assert done_before == {f"t{i:02}" for i in range(24)}
@@ -239,7 +256,9 @@ async def test_sigkill_of_corral_run_under_a_pool_run_then_a_restart(engine, cor
             assert (resumed["requeued"], resumed["continued"] + resumed["finalized"],
                     resumed["retried"], resumed["lost"]) == (3, 3, 0, 0), resumed
             # the journal: one final result, one dispatch and one container answer per task
-            assert journal_rows(state) == {tid: (1, 1, 1) for tid in ids.values()}
+            rows = journal_rows(state)
+            assert rows == {tid: (1, 1, 1) for tid in ids.values()}, \
+                {label: rows.get(tid) for label, tid in ids.items() if rows.get(tid) != (1, 1, 1)}
 
             # no container duplicated or orphaned: the same three, same generation, each
             # task ran exactly once in them
@@ -256,6 +275,14 @@ async def test_sigkill_of_corral_run_under_a_pool_run_then_a_restart(engine, cor
             assert starts == dict.fromkeys(ids, 1)
             assert not any(e.get("event") in ("worker_ready", "stale_container_removed")
                            for e in second.logs)          # no container made or reaped
+            replayed = 0
+            for _, cid, _, _ in before:
+                hello = [line for line in (await engine.container_logs(cid, tail_bytes=65536))
+                         .splitlines() if "hello: a supervisor attached" in line]
+                assert len(hello) == 1, hello
+                replayed += int(re.search(r"(\d+) task_done", hello[0]).group(1))
+            assert replayed >= 3                # at least the answers given while corral was down
+            print(f"answers replayed to the restarted corral: {replayed}")
 
             second.signal(signal.SIGTERM)
             assert await second.wait() == 0, second.stderr()
