@@ -9,12 +9,14 @@ import functools
 import http.client
 import json
 import os
+import shutil
 import socket
 import uuid
 
 import pytest
 import trio
 
+from runtime.apps.cli import default_state_dir
 from runtime.engines import open_engine
 from runtime.errors import EngineError
 from runtime.testing import remove_containers
@@ -91,13 +93,24 @@ async def sup_name(engine):
 @pytest.fixture
 async def corral_name(engine):
     """A unique supervisor name for tests that run corral itself: the test fails if corral leaves
-    any container with this label behind (they are removed either way)."""
+    any container with this label behind, or a task journal in the name's default state
+    directory (/var/lib/corral/NAME as root: tests pass --state-dir under tmp_path). Both are
+    removed either way."""
     name = "t" + uuid.uuid4().hex[:10]
     yield name
     with trio.CancelScope(shield=True):
         left = await engine.container_list(labels={"corral.supervisor": name})
         await remove_containers(engine, name)
+    state = default_state_dir(name)
+    stray = os.path.lexists(state)
+    if stray:
+        shutil.rmtree(state, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(state))      # /var/lib/corral, if that made it
+        except OSError:
+            pass
     assert not left, f"corral left containers behind: {[c.name for c in left]}"
+    assert not stray, f"corral kept state in the default state directory {state}"
 
 
 @pytest.fixture

@@ -38,7 +38,8 @@ replicas = 2
 [pools.worker]
 agent = "shell"
 ''')
-    proc = subprocess.Popen(CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock],
+    proc = subprocess.Popen(CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock,
+                                      "--state-dir", str(tmp_path / "state")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         with trio.fail_after(90):
@@ -76,7 +77,8 @@ agent = "shell"
 async def test_corral_run_rejects_a_bad_config_naming_the_field(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('name = "x"\n[[workers]]\nagent = "shell"\nmemory = "lots"\n')
-    out = subprocess.run(CORRAL + ["run", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(CORRAL + ["run", "--config", str(cfg), "--state-dir", str(tmp_path / "state")],
+                         cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
     assert "$.workers[0].memory" in out.stderr
 
@@ -181,7 +183,8 @@ replicas = 1
 agent = "shell"
 capabilities = ["kubectl"]
 ''')
-    out = await _corral("run", "--config", str(cfg), "--socket", str(tmp_path / "ctl.sock"), timeout=30)
+    out = await _corral("run", "--config", str(cfg), "--socket", str(tmp_path / "ctl.sock"),
+                        "--state-dir", str(tmp_path / "state"), timeout=30)
     err = _no_traceback(out)
     assert out.returncode == 2, err
     assert err.startswith("corral: error: invalid config (4 problems)")
@@ -242,7 +245,8 @@ async def test_corral_run_with_a_socket_in_a_missing_directory_says_so(engine, c
     cfg = tmp_path / "corral.toml"
     cfg.write_text(f'name = "{corral_name}"\n[[workers]]\nid = "solo"\nagent = "shell"\n')
     missing = tmp_path / "no-such-dir" / "ctl.sock"
-    out = await _corral("run", "--config", str(cfg), "--socket", str(missing), timeout=60)
+    out = await _corral("run", "--config", str(cfg), "--socket", str(missing),
+                        "--state-dir", str(tmp_path / "state"), timeout=60)
     err = _no_traceback(out)
     assert out.returncode == 2, err
     assert f"cannot create the control socket {missing}: directory {missing.parent} does not exist" in err
@@ -254,7 +258,8 @@ async def test_an_escalation_exits_3_printing_why_and_the_deaths(engine, corral_
     cfg.write_text(f'name = "{corral_name}"\nmax_restarts = 0\n[[workers]]\nid = "victim"\nagent = "shell"\n')
     sock = str(tmp_path / "ctl.sock")
     with trio.fail_after(120):
-        proc = await trio.lowlevel.open_process(CORRAL + ["run", "--config", str(cfg), "--socket", sock],
+        proc = await trio.lowlevel.open_process(CORRAL + ["run", "--config", str(cfg), "--socket", sock,
+                                                          "--state-dir", str(tmp_path / "state")],
                                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             while True:     # wait for the worker to be READY

@@ -13,7 +13,7 @@ import trio
 
 from runtime.apps.control import call
 from runtime.engines import ContainerSpec
-from runtime.errors import CorralError
+from runtime.errors import ContainerNotFound, CorralError
 
 CORRAL = [sys.executable, "-m", "runtime.apps.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,11 +96,14 @@ class Service:
 
 @asynccontextmanager
 async def corral_run(tmp_path: Path, name: str, body: str, *, sock: str | None = None):
+    """`corral run` with its own socket and task journal under ``tmp_path`` (never the default
+    state directory, /var/lib/corral/NAME as root: a test leaves nothing behind)."""
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f'name = "{name}"\n{body}')
     sock = sock or str(tmp_path / "ctl.sock")
     proc = await trio.lowlevel.open_process(
-        CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock],
+        CORRAL + ["--log-json", "run", "--config", str(cfg), "--socket", sock,
+                  "--state-dir", str(tmp_path / "state")],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     svc = Service(proc, sock)
     try:
@@ -145,7 +148,7 @@ async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(en
             assert list(before.values()) == ["running"]
             # the same name and even the same socket: refused before anything is touched
             second = await run_cli("run", "--config", str(tmp_path / f"{corral_name}.toml"),
-                                   "--socket", first.sock)
+                                   "--socket", first.sock, "--state-dir", str(tmp_path / "state"))
             err = no_traceback(second)
             assert second.returncode == 2, err
             assert f"supervisor '{corral_name}' is already running" in err
@@ -159,30 +162,38 @@ async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(en
             assert await first.wait() == 0, first.stderr()
 
 
-async def test_running_containers_of_the_name_refuse_the_start_naming_them(engine, corral_name, tmp_path):
+async def test_a_running_container_of_the_name_no_worker_claims_is_removed_when_corral_stops(
+        engine, corral_name, tmp_path):
+    """No corral holds the name's lock, so the instance that left it is gone: the start is not
+    refused (it adopts what it can); a running container of a worker id it does not have is left
+    alone while it runs, and removed when it stops (README, Adoption)."""
     with trio.fail_after(120):
         cid = await engine.container_create(ContainerSpec(
             image="corral/worker-base:latest", command=["sleep", "300"],
-            labels={"corral.supervisor": corral_name}, name=f"{corral_name}-elsewhere"))
+            labels={"corral.supervisor": corral_name, "corral.worker": "elsewhere",
+                    "corral.generation": "1"}, name=f"{corral_name}-elsewhere"))
         try:
             await engine.container_start(cid)
-            out = await run_cli("run", "--config", str(_config(tmp_path, corral_name, SHELLS.format(replicas=1))),
-                                "--socket", str(tmp_path / "ctl.sock"))
-            err = no_traceback(out)
-            assert out.returncode == 2, err
-            assert f"{corral_name}-elsewhere" in err and "no corral process on this host holds its lock" in err
-            assert (await engine.container_inspect(cid)).running     # not touched
-            assert [c.id for c in await engine.container_list(
-                labels={"corral.supervisor": corral_name})] == [cid]           # nothing started
+            async with corral_run(tmp_path, corral_name, SHELLS.format(replicas=1)) as svc:
+                await svc.wait_log("configured_children_started")
+                survey = await svc.wait_log("containers_to_adopt")
+                assert (survey["count"], survey["workers"]) == (1, ["elsewhere"])
+                res = await call(svc.sock, {"op": "task", "pool": "shells", "prompt": "echo served"})
+                assert res["output"] == "served\n"
+                assert (await engine.container_inspect(cid)).running          # not touched
+                assert sorted(c.labels["corral.worker"] for c in await engine.container_list(
+                    labels={"corral.supervisor": corral_name})) == ["elsewhere", "shells-1"]
+                svc.signal(signal.SIGTERM)
+                assert await svc.wait() == 0, svc.stderr()
+                assert any(e.get("event") == "container_swept" and e.get("container_id") == cid[:12]
+                           for e in svc.logs), svc.stderr()
+            assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
         finally:
             with trio.CancelScope(shield=True):
-                await engine.container_remove(cid, force=True)
-
-
-def _config(tmp_path: Path, name: str, body: str) -> Path:
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f'name = "{name}"\n{body}')
-    return cfg
+                try:
+                    await engine.container_remove(cid, force=True)
+                except ContainerNotFound:
+                    pass
 
 
 # -- finding 6 ----------------------------------------------------------------------------------

@@ -145,6 +145,19 @@ async def test_expire_drops_finished_tasks_older_than_the_retention(tmp_path):
         assert [r.task_id for r in await j.unfinished()] == ["running"]
 
 
+async def test_a_replayed_answer_of_the_same_container_is_recorded_once(tmp_path):
+    """An adopted wrapper replays the answers it has not had acknowledged, also those the killed
+    corral process had recorded: one answer per container (worker and generation)."""
+    async with open_journal(str(tmp_path)) as j:
+        await j.accepted(Task(prompt="x", task_id="t-1"), "pool:p")
+        await j.dispatched("t-1", "p-1", 1)
+        assert await j.attempt_done("t-1", "p-1", 1, ok("t-1", "first")) is True
+        assert await j.attempt_done("t-1", "p-1", 1, ok("t-1", "replayed")) is False
+        assert await j.attempt_done("t-1", "p-1", 2, ok("t-1", "next container")) is True
+        assert [(a.generation, a.result.output) for a in (await j.get("t-1")).attempts] == \
+            [(1, "first"), (2, "next container")]
+
+
 async def test_unknown_ids_and_duplicates_are_clear_errors(tmp_path):
     async with open_journal(str(tmp_path)) as j:
         path = str(tmp_path / "journal.sqlite3")
