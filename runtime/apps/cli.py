@@ -87,13 +87,18 @@ def cmd_base_image(args) -> int:
     from .baseimage import BASE_REF, build_base_image
     from ..engines import open_engine
 
+    from .progress import Progress
+
     async def main() -> None:
         async with open_engine(args.engine) as engine:
             if args.if_missing:
                 print(f"[corral] ensuring {BASE_REF} exists", file=sys.stderr)
-            image_id = await build_base_image(
-                engine, mirror=args.mirror, if_missing=args.if_missing,
-                progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+            with Progress() as progress:
+                image_id = await build_base_image(
+                    engine, mirror=args.mirror, if_missing=args.if_missing,
+                    progress=lambda line: progress.update("base", f"building {BASE_REF}",
+                                                          detail=line.strip()))
+                progress.finish("base", f"{BASE_REF} ready")
             _out(f"{BASE_REF} {image_id}")
     trio.run(main)
     return 0
@@ -102,6 +107,7 @@ def cmd_base_image(args) -> int:
 def cmd_build(args) -> int:
     from actors.builder import describe_dockerfile, open_image_builder
     from ..engines import open_engine
+    from .progress import Progress
 
     async def main() -> None:
         async with open_engine(args.engine) as engine:
@@ -109,9 +115,11 @@ def cmd_build(args) -> int:
                 base_id = (await engine.image_inspect(args.base)).id
                 _out(describe_dockerfile(args.agent, args.cap, args.stub, base_id))
                 return
-            async with open_image_builder(engine, base_image=args.base,
-                                          build_network=args.build_network) as b:
-                info = await b.image_for(args.agent, args.cap, args.stub)
+            with Progress() as progress:
+                progress.hook_logging()     # the builder's progress events become bars
+                async with open_image_builder(engine, base_image=args.base,
+                                              build_network=args.build_network) as b:
+                    info = await b.image_for(args.agent, args.cap, args.stub)
                 _out(f"{info.tag} {info.image_id} ({'built' if info.built else 'reused'})")
     trio.run(main)
     return 0
