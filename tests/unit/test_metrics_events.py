@@ -120,3 +120,26 @@ async def test_metrics_follow_a_chaos_run(autojump_clock, tmp_path):
         assert sample(after, "corral_workers", state="ready") == 3
         assert sample(after, "corral_pool_queued_tasks", pool="p") == 0
         assert sample(after, "corral_escalations_total") == 0
+
+
+async def test_cli_events_logs_and_scale(tmp_path, capsys):
+    from runtime.apps import cli
+
+    async def corral(*argv):
+        return await trio.to_thread.run_sync(cli.main, list(argv))
+    async with fake_supervisor(CFG) as (sup, engine), api_server(sup, tmp_path) as (path, _):
+        await sup.wait_configured()
+        engine.kill((await sup.worker("solo").info()).container_id)
+        await sup.worker("solo").wait_until(lambda i: i.generation == 2 and i.state == "ready")
+        capsys.readouterr()
+        assert await corral("events", "--socket", path, "--kinds", "worker_died") == 0
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 1 and " worker_died solo gen=1 cause=killed exit=137 decision=restart" in out[0]
+        assert await corral("logs", "--socket", path, "--previous", "solo") == 0
+        assert "[wrapper] ready: worker solo" in capsys.readouterr().out
+        assert await corral("logs", "--socket", path, "p-1", "--previous") == 2
+        assert "no previous container" in capsys.readouterr().err
+        assert await corral("scale", "--socket", path, "p", "3") == 0
+        assert capsys.readouterr().out == "pool p replicas=3 queued=0\n"
+        assert await corral("ps", "--socket", path) == 0
+        assert "worker p-3" in capsys.readouterr().out
