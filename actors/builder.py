@@ -31,6 +31,7 @@ import msgspec
 import structlog
 import trio
 
+from runtime import events
 from runtime.agentpkgs import AgentFiles, Progress, ensure_agent_files
 from runtime.agents import CAPABILITIES, get_agent, normalise_capabilities
 from runtime.engines import Engine
@@ -356,6 +357,7 @@ class ImageBuilder:
             raise
         del ctx
         log.info("image_built", tag=tag, image_id=image_id, seconds=round(time.monotonic() - t0, 2))
+        events.image_built(tag, agent, time.monotonic() - t0)
         return image_id
 
     async def _build(self, tag: str, digest: str, inputs: dict) -> str:
@@ -395,6 +397,7 @@ class ImageBuilder:
             log.error("image_build_failed", tag=tag, step=exc.step, error=str(exc).splitlines()[0])
             raise
         log.info("image_built", tag=tag, image_id=image_id, seconds=round(time.monotonic() - t0, 2))
+        events.image_built(tag, labels["corral.agent"], time.monotonic() - t0)
         return image_id
 
 

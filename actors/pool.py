@@ -19,6 +19,7 @@ import outcome
 import structlog
 import trio
 
+from runtime import events
 from runtime.errors import PoolStopped
 from runtime.messages import CancelTaskRequest, RunTaskRequest, reply_value
 from runtime.records import PoolSnapshot, TaskResult
@@ -49,13 +50,14 @@ class PoolHandle:
         if isinstance(task, str):
             task = Task(prompt=task)
         send, recv = trio.open_memory_channel[outcome.Outcome](1)
+        events.task_queued(task.task_id, f"pool:{self.name}")
         try:
             await self._pool.jobs_send.send(_Job(task, send))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise PoolStopped(f"pool {self.name} has stopped") from None
         try:
             with recv:
-                return (await recv.receive()).unwrap()
+                return events.task_done(f"pool:{self.name}", (await recv.receive()).unwrap())
         except trio.EndOfChannel:
             raise PoolStopped(f"pool {self.name} has stopped") from None
         except trio.Cancelled:

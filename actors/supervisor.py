@@ -23,6 +23,7 @@ import outcome
 import structlog
 import trio
 
+from runtime import events
 from runtime.engines import Engine
 from runtime.errors import (
     ActorStopped,
@@ -231,6 +232,7 @@ class Supervisor:
         if escalation is not None:
             log.error("supervisor_escalated", reason=escalation.reason, error=str(escalation),
                       certificates=len(escalation.certificates))
+            events.escalated(self.config.name, escalation)
             raise escalation
 
     async def _loop(self) -> SupervisorEscalation | None:

@@ -1,6 +1,10 @@
 """corral: supervise AI-agent workers in Docker containers. The public API."""
 
-from .api import open_supervisor as open_supervisor
+from .logging import library_defaults as _library_defaults
+
+_library_defaults()     # silent unless the application configures logging (runtime.logging)
+
+from .api import open_supervisor as open_supervisor  # noqa: E402
 from .errors import ConfigError as ConfigError
 from .errors import ContainerNotFound as ContainerNotFound
 from .errors import CorralError as CorralError

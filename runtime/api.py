@@ -12,6 +12,7 @@ import structlog
 
 from .configcheck import check_config
 from .engines import Engine, open_engine
+from .events import EventBus, reset_bus, set_bus
 from .errors import ContainerNotFound, CorralError, EngineError, RemovalInProgress, SupervisorEscalation
 from .instance import claim_engine, hold_instance
 from .journal import TaskService, open_journal, open_task_service
@@ -57,6 +58,10 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
     at once, and every container is left running, for the next `open_supervisor()` of the same
     name to adopt. Nothing is stopped or removed.
 
+    The handle's ``events`` is the tree's `runtime.events.EventBus`: lifecycle events (state
+    changes, deaths with their certificates, restarts, escalations, tasks), kept and numbered
+    for readers that resume, and handed to subscribers (metrics).
+
     ``config.state_dir``: the task journal (runtime.journal) lives there. The handle's ``tasks``
     is then a `TaskService` (durable tasks: ``submit``, ``result``; the journal's unfinished
     tasks are resumed once the configured tree is up); without a state_dir ``tasks`` is None
@@ -68,6 +73,8 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
 
     config = config or SupervisorConfig()
     check_config(config)
+    bus = EventBus()
+    token = set_bus(bus)            # the actors started below publish to it (runtime.events)
     try:
         async with AsyncExitStack() as stack:
             if engine is None:
@@ -96,6 +103,7 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
                         tasks = await service.enter_async_context(open_task_service(handle, journal))
                         nursery.start_soon(_resume_when_configured, handle, tasks)
                     handle.tasks = tasks
+                    handle.events = bus
                     try:
                         yield handle
                     finally:
@@ -115,6 +123,9 @@ async def open_supervisor(config: SupervisorConfig | None = None, *, engine: Eng
         if len(leaves) == 1:
             raise leaves[0]
         raise
+    finally:
+        bus.close()
+        reset_bus(token)
 
 
 async def _stop_gracefully(handle, name: str, force_stop: trio.Event | None) -> None:

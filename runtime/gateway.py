@@ -34,6 +34,7 @@ import structlog
 import trio
 from msgspec import Struct
 
+from . import events
 from .errors import ConfigError
 from .gateway_frames import (CHUNK_BYTES, GatewayFrame, HttpChunk, HttpEnd, HttpRequest,
                              HttpResponse, WrapperGatewayFrame)
@@ -464,6 +465,7 @@ class Gateway:
             log.info("gateway_exchange", req_id=rid, method=req.method, path=done.path,
                      status=done.status, failure=done.failure, aborted=done.aborted,
                      bytes_down=done.bytes_down, duration_s=round(done.duration_s, 3))
+            events.gateway_exchange(done)
             self._on_event(done)
 
     def _resolve(self, method: str, target: str) -> httpx.URL:

@@ -17,6 +17,7 @@ import msgspec
 import structlog
 import trio
 
+from runtime import events
 from runtime.engines import ContainerSummary, Engine
 from runtime.errors import CorralError, WorkerGone, WorkerStartupError
 from runtime.messages import (
@@ -170,6 +171,7 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
             return
         old, self.state = self.state, state
         log.info("worker_state", state=state, previous=old)
+        events.worker_state(self, old)
         self._changed.set()
         self._changed = trio.Event()
         for listener in self.listeners:
@@ -281,6 +283,7 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
                 return "stopped", []
             if end_kind == "restart":
                 waiters, self._restart_waiters = self._restart_waiters, []
+                events.worker_restart_requested(self)
                 self.restarts += 1
                 for r in waiters:
                     reply_value(r, None)
@@ -301,6 +304,7 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
             log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
                         ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
                         restart_in_s=cert.restart_in_s)
+            events.worker_died(self, cert, decision)
             if self.parent is not None:
                 # the supervisor answers at once: restart when ready, or wait for its gate
                 with trio.move_on_after(5):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import outcome
 import trio
 
+from runtime import events
 from runtime.errors import WorkerGone
 from runtime.messages import CancelTaskRequest, RestartRequest, RunTaskRequest, StopRequest, ask
 from runtime.records import TaskResult, WorkerInfo, WorkerSnapshot
@@ -50,6 +51,7 @@ class WorkerHandle:
         if isinstance(task, str):
             task = Task(prompt=task)
         send, recv = trio.open_memory_channel[outcome.Outcome](1)
+        events.task_queued(task.task_id, f"worker:{self.id}")
         try:
             await self._actor.mailbox.send(RunTaskRequest(task=task, reply=send))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -65,7 +67,7 @@ class WorkerHandle:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             raise
-        return res.unwrap()
+        return events.task_done(f"worker:{self.id}", res.unwrap())
 
     async def restart(self) -> None:
         """Replace the container (graceful: shutdown within stop_grace_s, then kill)."""

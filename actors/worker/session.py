@@ -19,6 +19,7 @@ import msgspec
 import structlog
 import trio
 
+from runtime import events
 from runtime import gateway as gateway_mod
 from runtime.engines import STDOUT, Attachment
 from runtime.errors import EngineError, EngineUnavailable, ProtocolError
@@ -255,6 +256,7 @@ class WrapperSession:
                     return
                 if stream != STDOUT:
                     life.add_tail(data)
+                    events.worker_output(self, data)
                     continue
                 for line in splitter.feed(data):
                     frame = decode_wrapper_frame(line)

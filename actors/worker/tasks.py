@@ -22,6 +22,7 @@ import trio
 
 import msgspec
 
+from runtime import events
 from runtime.errors import CorralError
 from runtime.messages import reply_value
 from runtime.protocol import AgentUsage, CancelTask, Ready, RunTask, TaskDone, encode_frame
@@ -176,6 +177,7 @@ class TaskBook:
             p.last_output = p.started_at
             p.gateway_failure = None
             self._set_state("busy")
+            events.task_started(self, t.task_id, life.generation)
             if self.journal is not None:
                 await self._journal_call(self.journal.dispatched, t.task_id, self.id, life.generation)
             if t.timeout_s is not None and life.nursery is not None:

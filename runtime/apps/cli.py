@@ -2,7 +2,9 @@
 
   corral run --config corral.toml      long-running supervisor (SIGTERM/SIGINT: graceful stop;
                                        a second signal: stop at once, containers still removed)
-  corral ps | task | restart | stop    talk to a running `corral run` over its unix socket
+  corral ps | task | restart | stop | scale | events | logs
+                                       talk to a running `corral run` through its HTTP API
+                                       (on its unix socket)
   corral task --detach ... ; corral result ID [--wait]
                                        durable tasks: their results outlive a restart of
                                        `corral run` (its task journal, under --state-dir)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 import signal
 import sys
 import time
@@ -84,13 +87,18 @@ def cmd_base_image(args) -> int:
     from .baseimage import BASE_REF, build_base_image
     from ..engines import open_engine
 
+    from .progress import Progress
+
     async def main() -> None:
         async with open_engine(args.engine) as engine:
             if args.if_missing:
                 print(f"[corral] ensuring {BASE_REF} exists", file=sys.stderr)
-            image_id = await build_base_image(
-                engine, mirror=args.mirror, if_missing=args.if_missing,
-                progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+            with Progress() as progress:
+                image_id = await build_base_image(
+                    engine, mirror=args.mirror, if_missing=args.if_missing,
+                    progress=lambda line: progress.update("base", f"building {BASE_REF}",
+                                                          detail=line.strip()))
+                progress.finish("base", f"{BASE_REF} ready")
             _out(f"{BASE_REF} {image_id}")
     trio.run(main)
     return 0
@@ -99,6 +107,7 @@ def cmd_base_image(args) -> int:
 def cmd_build(args) -> int:
     from actors.builder import describe_dockerfile, open_image_builder
     from ..engines import open_engine
+    from .progress import Progress
 
     async def main() -> None:
         async with open_engine(args.engine) as engine:
@@ -106,9 +115,11 @@ def cmd_build(args) -> int:
                 base_id = (await engine.image_inspect(args.base)).id
                 _out(describe_dockerfile(args.agent, args.cap, args.stub, base_id))
                 return
-            async with open_image_builder(engine, base_image=args.base,
-                                          build_network=args.build_network) as b:
-                info = await b.image_for(args.agent, args.cap, args.stub)
+            with Progress() as progress:
+                progress.hook_logging()     # the builder's progress events become bars
+                async with open_image_builder(engine, base_image=args.base,
+                                              build_network=args.build_network) as b:
+                    info = await b.image_for(args.agent, args.cap, args.stub)
                 _out(f"{info.tag} {info.image_id} ({'built' if info.built else 'reused'})")
     trio.run(main)
     return 0
@@ -158,7 +169,7 @@ def cmd_images(args) -> int:
 
 def cmd_run(args) -> int:
     from ..configcheck import check_config
-    from .control import check_socket_path
+    from .httpapi import check_socket_path
     from ..specs import load_config_file
 
     config = load_config_file(args.config)
@@ -170,10 +181,16 @@ def cmd_run(args) -> int:
     sock = args.socket or config.control_socket or default_socket(config.name)
     check_config(config)            # static errors: exit 2 before anything starts
     check_socket_path(sock)
-    return trio.run(_run_service, config, sock)
+    if args.api_port is not None and not args.api_token_file:
+        raise ConfigError("--api-port needs --api-token-file (the bearer token clients send)")
+    if args.api_token_file:
+        from .httpapi import read_token
+        read_token(args.api_token_file)       # a missing or short token: exit 2 before starting
+    return trio.run(_run_service, config, sock, args.api_port, args.api_token_file)
 
 
-async def _run_service(config, sock: str) -> int:
+async def _run_service(config, sock: str, api_port: int | None = None,
+                       token_file: str | None = None) -> int:
     """`corral run`: SIGTERM/SIGINT stop gracefully; a second one cuts the grace short (the
     containers are still removed). Signals are handled until the very end."""
     stopping, forced = trio.Event(), trio.Event()
@@ -195,30 +212,38 @@ async def _run_service(config, sock: str) -> int:
         async with trio.open_nursery() as n:
             n.start_soon(watch_signals, signals)
             try:
-                return await _supervise(config, sock, stopping, forced)
+                return await _supervise(config, sock, stopping, forced, api_port, token_file)
             finally:
                 n.cancel_scope.cancel()
 
 
-async def _supervise(config, sock: str, stopping: trio.Event, forced: trio.Event) -> int:
+async def _supervise(config, sock: str, stopping: trio.Event, forced: trio.Event,
+                     api_port: int | None = None, token_file: str | None = None) -> int:
     from ..api import open_supervisor
-    from .control import serve_control
+    from .httpapi import serve_api
     from ..util import leaf_exceptions
 
     try:
         async with open_supervisor(config, force_stop=forced) as sup:
             async with trio.open_nursery() as n:
-                await n.start(serve_control, sup, sock)
+                api = await n.start(partial(serve_api, sup, sock, tcp_port=api_port,
+                                            token_file=token_file))
                 log.info("corral_running", supervisor=config.name, socket=sock,
+                         api=f"http://127.0.0.1:{api.tcp_port}/" if api.tcp_port else None,
                          workers=len(config.workers), pools=len(config.pools),
                          journal=sup.tasks.journal.path if sup.tasks is not None else None)
 
+                announcing = trio.CancelScope()
+
                 async def announce() -> None:
-                    await sup.wait_configured()
-                    log.info("configured_children_started", supervisor=config.name)
+                    with announcing:
+                        await sup.wait_configured()
+                        log.info("configured_children_started", supervisor=config.name)
                 n.start_soon(announce)
                 await stopping.wait()
-                n.cancel_scope.cancel()
+                announcing.cancel()
+                api.stop()          # what waits is answered "shutting down"; the server ends
+                n.cancel_scope.deadline = trio.current_time() + 10
     except BaseExceptionGroup as group:
         leaves = [e for e in leaf_exceptions(group) if not isinstance(e, trio.Cancelled)]
         if len(leaves) != 1 or not isinstance(leaves[0], CorralError):
@@ -258,12 +283,9 @@ def format_escalation(name: str, esc: SupervisorEscalation) -> str:
     return "\n".join(lines)
 
 
-def _ctl(args, request: dict):
-    from .control import call
-    for key, value in request.items():
-        if isinstance(value, str):
-            _utf8_arg(key, value)
-    return trio.run(call, args.socket or default_socket(args.name), request)
+def _client(args):
+    from .client import Client
+    return Client(args.socket or default_socket(args.name))
 
 
 def _utf8_arg(what: str, value: str) -> None:
@@ -277,71 +299,144 @@ def _utf8_arg(what: str, value: str) -> None:
 
 
 def cmd_ps(args) -> int:
-    snap = _ctl(args, {"op": "snapshot"})
+    from ..records import PoolSnapshot, SupervisorSnapshot
+    with _client(args) as c:
+        snap = c.tree()
     if args.json:
         _out(msgspec.json.encode(snap).decode())
         return 0
 
     def show(node, indent=""):
-        kind = node.get("type")
-        if kind == "supervisor":
-            _out(f"{indent}supervisor {node['name']} ({node['strategy']}, {node['state']}, "
-                 f"restarts in window: {node['restarts_in_window']})")
-            for c in node["children"]:
+        if isinstance(node, SupervisorSnapshot):
+            _out(f"{indent}supervisor {node.name} ({node.strategy}, {node.state}, "
+                 f"restarts in window: {node.restarts_in_window})")
+            for c in node.children:
                 show(c, indent + "  ")
-        elif kind == "pool":
-            _out(f"{indent}pool {node['name']} replicas={node['replicas']} queued={node['queued']}")
-            for c in node["workers"]:
+        elif isinstance(node, PoolSnapshot):
+            _out(f"{indent}pool {node.name} replicas={node.replicas} queued={node.queued}")
+            for c in node.workers:
                 show(c, indent + "  ")
         else:
-            i = node["info"]
-            d = i.get("last_death")
-            _out(f"{indent}worker {i['id']:14} {i['agent']:8} {i['state']:8} gen={i['generation']:<3} "
-                 f"restarts={i['restarts']:<3} {(i.get('container_name') or '-'):40} "
-                 f"last_death={(d['cause'] + ' ' + (d.get('reason') or '')) if d else '-'}")
+            i = node.info
+            d = i.last_death
+            _out(f"{indent}worker {i.id:14} {i.agent:8} {i.state:8} gen={i.generation:<3} "
+                 f"restarts={i.restarts:<3} {(i.container_name or '-'):40} "
+                 f"last_death={(d.cause + ' ' + (d.reason or '')) if d else '-'}")
     show(snap)
     return 0
 
 
 def cmd_task(args) -> int:
     from ..specs import Task
+    from .apitypes import TaskSubmit
     _utf8_arg("prompt", args.prompt)
     Task(prompt=args.prompt, timeout_s=args.timeout,     # a bad prompt is ConfigError: exit 2
          max_attempts=args.max_attempts)
-    req = {"op": "task", "prompt": args.prompt, "timeout_s": args.timeout,
-           "max_attempts": args.max_attempts}
-    req["pool" if args.pool else "worker_id"] = args.pool or args.worker
-    if args.detach:
-        req["detach"] = True
-        _out(_ctl(args, req)["task_id"])
-        return 0
-    return _show_result(args, _ctl(args, req))
+    req = TaskSubmit(prompt=args.prompt, timeout_s=args.timeout, max_attempts=args.max_attempts,
+                     pool=args.pool or None, worker_id=None if args.pool else args.worker)
+    with _client(args) as c:
+        if args.detach:
+            _out(c.submit(req).task_id)
+            return 0
+        return _show_result(args, c.run(req))
 
 
-def _show_result(args, res: dict) -> int:
+def _show_result(args, res) -> int:
     """A TaskResult as `corral task` prints it: the output (or --json); exit 0 if ok, else 1."""
-    _out(msgspec.json.encode(res).decode() if args.json else (res.get("output") or "").rstrip())
-    return 0 if res["status"] == "ok" else 1
+    _out(msgspec.json.encode(res).decode() if args.json else (res.output or "").rstrip())
+    return 0 if res.status == "ok" else 1
 
 
 def cmd_result(args) -> int:
     _utf8_arg("task id", args.task_id)
-    rec = _ctl(args, {"op": "result", "task_id": args.task_id, "wait": args.wait})
-    if rec.get("result") is not None:
-        return _show_result(args, rec["result"])
+    with _client(args) as c:
+        rec = c.wait_task(args.task_id) if args.wait else c.task(args.task_id)
+    if rec.result is not None:
+        return _show_result(args, rec.result)
     if args.json:
         _out(msgspec.json.encode(rec).decode())
     where = ""
-    if rec.get("dispatches"):
-        d = rec["dispatches"][-1]
-        where = f" (on worker {d['worker_id']}, generation {d['generation']})"
-    print(f"corral: task {args.task_id} is {rec['state']}{where}: not finished yet (--wait to "
+    if rec.dispatches:
+        d = rec.dispatches[-1]
+        where = f" (on worker {d.worker_id}, generation {d.generation})"
+    print(f"corral: task {args.task_id} is {rec.state}{where}: not finished yet (--wait to "
           f"wait for it)", file=sys.stderr, flush=True)
     return EX_TEMPFAIL
 
 
 def cmd_worker_op(args) -> int:
-    _ctl(args, {"op": args.command, "worker_id": args.worker_id})
+    _utf8_arg("worker_id", args.worker_id)
+    with _client(args) as c:
+        (c.restart if args.command == "restart" else c.stop)(args.worker_id)
+    return 0
+
+
+def cmd_scale(args) -> int:
+    _utf8_arg("pool", args.pool)
+    with _client(args) as c:
+        pool = c.scale(args.pool, args.replicas)
+    _out(f"pool {pool.name} replicas={pool.replicas} queued={pool.queued}")
+    return 0
+
+
+def format_event(ev) -> str:
+    """One lifecycle event as `corral events` prints it (like `docker events`)."""
+    from datetime import datetime, timezone
+    from ..events import (GatewayExchange, ImageBuilt, SupervisorEscalated, TaskDone, TaskQueued,
+                          TaskStarted, WorkerDied, WorkerRestarting, WorkerStateChanged)
+    at = datetime.fromtimestamp(ev.at, timezone.utc).isoformat(timespec="milliseconds")
+    kind = ev.__struct_config__.tag
+    match ev:
+        case WorkerStateChanged():
+            what = f"{ev.worker_id} gen={ev.generation} {ev.previous} -> {ev.state}"
+        case WorkerDied(certificate=c):
+            code = f" exit={c.exit_code}" if c.exit_code is not None else ""
+            what = (f"{ev.worker_id} gen={c.generation} cause={c.cause}{code} "
+                    f"decision={ev.decision}" + (f": {c.reason}" if c.reason else ""))
+        case WorkerRestarting():
+            what = f"{ev.worker_id} after gen={ev.generation} cause={ev.cause} in {ev.delay_s:.2f}s"
+        case SupervisorEscalated():
+            what = f"{ev.supervisor} reason={ev.reason}: {ev.error}"
+        case TaskQueued():
+            what = f"{ev.task_id} {ev.target}"
+        case TaskStarted():
+            what = f"{ev.task_id} on {ev.worker_id} gen={ev.generation}"
+        case TaskDone():
+            what = f"{ev.task_id} {ev.target} {ev.status} {ev.duration_s:.3f}s"
+        case GatewayExchange():
+            what = f"{ev.worker_id} status={ev.status} tokens={ev.input_tokens}/{ev.output_tokens}"
+        case ImageBuilt():
+            what = f"{ev.tag} {ev.seconds:.1f}s"
+        case _:
+            what = ""
+    return f"{at} {kind} {what}"
+
+
+def cmd_events(args) -> int:
+    kinds = args.kinds.split(",") if args.kinds else None
+    with _client(args) as c:
+        try:
+            for ev in c.events(last_event_id=args.since, kinds=kinds, follow=args.follow):
+                _out(msgspec.json.encode(ev).decode() if args.json else format_event(ev))
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+def cmd_logs(args) -> int:
+    _utf8_arg("worker_id", args.worker_id)
+    with _client(args) as c:
+        if args.follow and not args.previous:
+            try:
+                for chunk in c.follow_logs(args.worker_id):
+                    sys.stdout.write(chunk)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                return 130
+            return 0
+        text = c.logs(args.worker_id, previous=args.previous)
+    sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
     return 0
 
 
@@ -373,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", default=None,
                    help="engine URL (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
-    p.add_argument("--log-level", default=os.environ.get("CORRAL_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get("CORRAL_LOG_LEVEL"),
+                   help="log level (default INFO; `bench` and `chaos` log to a file unless given)")
+    p.add_argument("--log-file", help="write log lines to this file instead of stderr")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a TTY")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -381,14 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(exit 0 stopped, 2 error before start, 3 escalated)")
     s.add_argument("--config", required=True, help="TOML (or .json) SupervisorConfig")
     s.add_argument("--name", help="override the supervisor name")
-    s.add_argument("--socket", help="control socket path (default: config control_socket or "
-                                    "/run/corral-NAME.sock)")
+    s.add_argument("--socket", help="the HTTP API's unix socket (default: config control_socket "
+                                    "or /run/corral-NAME.sock)")
     j = s.add_mutually_exclusive_group()
     j.add_argument("--state-dir", help="where the task journal lives (default: config state_dir, "
                                        "else /var/lib/corral/NAME as root, else "
                                        "$XDG_STATE_HOME/corral/NAME or ~/.local/state/corral/NAME)")
     j.add_argument("--no-journal", action="store_true",
                    help="keep no task journal: results live only as long as their request")
+    s.add_argument("--api-port", type=int, default=None,
+                   help="also serve the HTTP API and dashboard on 127.0.0.1:PORT (0: any free "
+                        "port), for clients that send the bearer token of --api-token-file")
+    s.add_argument("--api-token-file", help="file holding the bearer token (16+ characters)")
     s.set_defaults(fn=cmd_run)
 
     for cmd, helptext in (("ps", "show the supervision tree of a running `corral run`"),):
@@ -425,6 +526,30 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--name", default="corral")
         s.add_argument("--socket")
         s.set_defaults(fn=cmd_worker_op)
+    s = sub.add_parser("scale", help="grow or shrink a pool of a running `corral run`")
+    s.add_argument("pool")
+    s.add_argument("replicas", type=int)
+    s.add_argument("--name", default="corral")
+    s.add_argument("--socket")
+    s.set_defaults(fn=cmd_scale)
+    s = sub.add_parser("events", help="lifecycle events of a running `corral run` (state changes, "
+                                      "deaths, restarts, escalations, tasks), like docker events")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing them as they come")
+    s.add_argument("--since", type=int, default=0, metavar="ID",
+                   help="only events after this id (default: every event kept)")
+    s.add_argument("--kinds", help="comma-separated kinds, e.g. worker_died,worker_restarting")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--name", default="corral")
+    s.add_argument("--socket")
+    s.set_defaults(fn=cmd_events)
+    s = sub.add_parser("logs", help="a worker's container output (like kubectl logs)")
+    s.add_argument("worker_id")
+    s.add_argument("--follow", "-f", action="store_true", help="then what it writes, as it writes it")
+    s.add_argument("--previous", "-p", action="store_true",
+                   help="the last dead generation's tail, from its death certificate")
+    s.add_argument("--name", default="corral")
+    s.add_argument("--socket")
+    s.set_defaults(fn=cmd_logs)
 
     s = sub.add_parser("demo", help="the end-to-end tour on the real engine")
     s.set_defaults(fn=cmd_demo)
@@ -466,9 +591,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _set_up_logging(args) -> None:
+    """The CLI's log lines: to stderr (console on a TTY, JSON otherwise) at --log-level, or to
+    --log-file. `corral bench` and `corral chaos` print reports: their per-worker events go to a
+    file unless --log-level is given."""
+    target = args.log_file
+    if target is None and args.command in ("bench", "chaos") and args.log_level is None:
+        import tempfile
+        target = os.path.join(tempfile.gettempdir(), f"corral-{args.command}-{os.getpid()}.log")
+        print(f"[corral] per-worker events are logged to {target} (--log-level LEVEL shows them "
+              f"here)", file=sys.stderr, flush=True)
+    out = open(target, "a", buffering=1) if target else None
+    configure_logging(args.log_level or "INFO", json=True if out is not None else args.log_json,
+                      file=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, json=args.log_json)
+    _set_up_logging(args)
     try:
         return args.fn(args)
     except CorralError as exc:

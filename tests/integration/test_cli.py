@@ -1,4 +1,4 @@
-"""The operator's entry points: `corral run` as a service, driven over its control socket."""
+"""The operator's entry points: `corral run` as a service, driven through its HTTP API."""
 
 import os
 import re
@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from runtime.apps.chaos import run_chaos
-from runtime.apps.control import call
+from tests.apiclient import ApiError, api, run_task, snapshot
 
 CORRAL = [sys.executable, "-m", "runtime.apps.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ agent = "shell"
         with trio.fail_after(90):
             while True:   # the socket appears once the supervisor runs; workers start behind it
                 if os.path.exists(sock):
-                    snap = await call(sock, {"op": "snapshot"})
+                    snap = await snapshot(sock)
                     names = [c.get("info", {}).get("id") or c.get("name") for c in snap["children"]]
                     ready = [c for c in snap["children"] if c.get("info", {}).get("state") == "ready"
                              or (c.get("type") == "pool" and c["replicas"] == 2)]
@@ -53,15 +53,16 @@ agent = "shell"
                         break
                 await trio.sleep(0.2)
             assert sorted(names) == ["shells", "solo"]
-            res = await call(sock, {"op": "task", "worker_id": "solo", "prompt": "hi"})
+            res = await run_task(sock, worker_id="solo", prompt="hi")
             assert res["status"] == "ok" and res["output"] == "stub-claude: hi"
-            res = await call(sock, {"op": "task", "pool": "shells", "prompt": "echo pooled"})
+            res = await run_task(sock, pool="shells", prompt="echo pooled")
             assert res["output"] == "pooled\n"
             out = await trio.to_thread.run_sync(lambda: subprocess.run(
                 CORRAL + ["ps", "--socket", sock], cwd=ROOT, capture_output=True, text=True))
             assert "worker solo" in out.stdout and "pool shells replicas=2" in out.stdout
-            with pytest.raises(Exception, match="unknown op"):
-                await call(sock, {"op": "nope"})
+            with pytest.raises(ApiError, match="Not Found") as err:
+                await api(sock, "GET", "/v1/nope")
+            assert (err.value.status, err.value.code) == (404, "not_found")
             assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
         proc.send_signal(signal.SIGTERM)
         rc = await trio.to_thread.run_sync(lambda: proc.wait(60))
@@ -198,7 +199,7 @@ capabilities = ["kubectl"]
 
 async def test_client_errors_are_messages_not_tracebacks(tmp_path):
     from runtime import PoolSpec, SupervisorConfig, open_supervisor
-    from runtime.apps.control import serve_control
+    from runtime.apps.httpapi import serve_api
     from runtime.testing import FakeEngine
 
     sock = str(tmp_path / "ctl.sock")
@@ -221,7 +222,7 @@ async def test_client_errors_are_messages_not_tracebacks(tmp_path):
         async with FakeEngine() as fake, \
                 open_supervisor(SupervisorConfig(name="t", pools=[PoolSpec(name="p")]), engine=fake) as sup:
             async with trio.open_nursery() as n:
-                await n.start(serve_control, sup, sock)
+                api_ = await n.start(serve_api, sup, sock)
                 await n.start(answer_nothing)
                 out = await _corral("task", "--pool", "p", "--socket", sock, b"caf\xe9 \xff")
                 assert out.returncode == 2 and _no_traceback(out).startswith(
@@ -235,6 +236,7 @@ async def test_client_errors_are_messages_not_tracebacks(tmp_path):
                 out = await _corral("ps", "--socket", mute)
                 assert out.returncode == 2 and f"`corral run` at {mute} closed the connection before " \
                     "answering (it stopped or crashed)" in _no_traceback(out)
+                api_.stop()
                 n.cancel_scope.cancel()
     missing = str(tmp_path / "no-such-dir" / "ctl.sock")
     out = await _corral("ps", "--socket", missing)
@@ -264,7 +266,7 @@ async def test_an_escalation_exits_3_printing_why_and_the_deaths(engine, corral_
         try:
             while True:     # wait for the worker to be READY
                 if os.path.exists(sock):
-                    snap = await call(sock, {"op": "snapshot"})
+                    snap = await snapshot(sock)
                     if [c["info"]["state"] for c in snap["children"]] == ["ready"]:
                         break
                 await trio.sleep(0.2)

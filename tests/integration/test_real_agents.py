@@ -21,7 +21,6 @@ import trio
 from structlog.testing import capture_logs
 
 from runtime import SupervisorConfig, Task, WorkerSpec, WorkerStartupError, open_supervisor
-from runtime.apps.control import handle
 from tests.mock_model_api import open_mock_model_api
 
 pytestmark = pytest.mark.integration
@@ -92,7 +91,7 @@ async def test_a_real_agent_completes_a_task_through_the_gateway_and_the_key_sta
                     inspect = await docker_inspect(cid)
                     inside = await envs_inside(engine, cid)
                     snapshot = msgspec.json.encode(await sup.snapshot()).decode()
-                    ps = json.dumps(await handle(sup, b'{"op": "snapshot"}'))
+                    ps = json.dumps(msgspec.to_builtins(await sup.snapshot()))
                     info = await w.info()
     assert (r.status, r.failure, r.output.strip()) == ("ok", None, mock.answer), r
     assert r.usage is not None and r.usage.source == "gateway"

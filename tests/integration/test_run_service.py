@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from runtime.apps.control import call
+from tests.apiclient import run_task, snapshot
 from runtime.engines import ContainerSpec
 from runtime.errors import ContainerNotFound, CorralError
 
@@ -70,7 +70,7 @@ class Service:
         return "\n".join(self.text[-60:])
 
     async def worker(self, worker_id: str) -> dict:
-        snap = await call(self.sock, {"op": "snapshot"})
+        snap = await snapshot(self.sock)
         for child in snap["children"]:
             for w in child.get("workers", [child]):
                 if w.get("type") == "worker" and w["info"]["id"] == worker_id:
@@ -156,7 +156,7 @@ async def test_a_second_instance_of_a_name_refuses_and_leaves_the_first_alone(en
             after = {c.id: c.status for c in
                      await engine.container_list(labels={"corral.supervisor": corral_name})}
             assert after == before
-            res = await call(first.sock, {"op": "task", "pool": "shells", "prompt": "echo still mine"})
+            res = await run_task(first.sock, pool="shells", prompt="echo still mine")
             assert res["output"] == "still mine\n"
             first.signal(signal.SIGTERM)
             assert await first.wait() == 0, first.stderr()
@@ -215,7 +215,7 @@ async def test_an_interrupted_client_cancels_its_task_in_the_container(engine, c
                 info = await svc.wait_worker_state("shells-1", "ready")
             assert info["generation"] == 1                   # the task was cancelled, not the container
             with trio.fail_after(20):
-                res = await call(svc.sock, {"op": "task", "pool": "shells", "prompt": "echo next"})
+                res = await run_task(svc.sock, pool="shells", prompt="echo next")
             assert res["output"] == "next\n"
 
 
@@ -224,7 +224,7 @@ async def test_requests_sent_while_starting_wait_for_the_configured_tree(engine,
     with trio.fail_after(120):
         async with corral_run(tmp_path, corral_name, SHELLS.format(replicas=3)) as svc:
             await svc.wait_log("control_socket_listening")
-            res = await call(svc.sock, {"op": "task", "pool": "shells", "prompt": "echo early"})
+            res = await run_task(svc.sock, pool="shells", prompt="echo early")
             assert res["output"] == "early\n"
             assert any(e.get("event") == "configured_children_started" for e in svc.logs)
 
@@ -238,7 +238,7 @@ async def test_in_flight_requests_at_sigterm_are_answered(engine, corral_name, t
 
             async def ask() -> None:
                 try:
-                    await call(svc.sock, {"op": "task", "pool": "shells", "prompt": "sleep 600"})
+                    await run_task(svc.sock, pool="shells", prompt="sleep 600")
                 except CorralError as exc:
                     errors.append(str(exc))
             async with trio.open_nursery() as n:

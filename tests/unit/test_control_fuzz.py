@@ -1,9 +1,12 @@
-"""Fuzzing the control socket: whatever a client sends, each request line gets one clear answer
-and the supervision tree is untouched (same workers, same generations, no deaths, running)."""
+"""Fuzzing the HTTP API: whatever a client sends, each request gets one clear answer (JSON, an
+error with a stable code, never an internal error) and the supervision tree is untouched (same
+workers, same generations, no deaths, running)."""
 
 import json
 import random
+from urllib.parse import quote
 
+import httpx
 import msgspec
 import trio
 import trio.testing
@@ -11,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from runtime import PoolSpec, SupervisorConfig, WorkerSpec, open_supervisor
-from runtime.apps.control import handle
+from runtime.apps.httpapi import CorralAPI
 from runtime.testing import FakeEngine
 
 CFG = SupervisorConfig(name="t", workers=[WorkerSpec(id="solo")], pools=[PoolSpec(name="p", replicas=2)])
@@ -23,10 +26,8 @@ scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
            | st.text(max_size=20) | st.sampled_from(["", "solo", "p", "p-1", "a\x00b", "\ud800", "hi"]))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-requests = st.fixed_dictionaries(
-    {"op": st.sampled_from(["snapshot", "spawn", "stop", "restart", "task", "dance", "", "TASK"])
-     | json_values},
-    optional={
+task_bodies = st.fixed_dictionaries(
+    {}, optional={
         "worker_id": st.sampled_from(sorted(IDS) + ["nobody", ""]) | json_values,
         "pool": st.sampled_from(["p", "nope", "P"]) | json_values,
         "prompt": scalars | json_values,
@@ -35,11 +36,24 @@ requests = st.fixed_dictionaries(
         "max_attempts": st.integers(-10, 200) | scalars,
         "max_output_bytes": st.integers(-10, 10**7) | scalars,
         "task_id": scalars,
-        "spec": json_values | st.fixed_dictionaries({}, optional={
-            "agent": scalars, "id": scalars, "memory": scalars, "capabilities": json_values,
-            "env": json_values, "restart": json_values}),
+        "wait": st.just(True) | scalars,
         "bogus": json_values,
     })
+spawn_bodies = json_values | st.fixed_dictionaries({}, optional={
+    "agent": scalars, "id": scalars, "memory": scalars, "capabilities": json_values,
+    "env": json_values, "restart": json_values})
+ids = (st.sampled_from(sorted(IDS) + ["nobody", "NOPE!", "..", "%2e%2e", "a%20b", "p"])
+       | st.text(max_size=10).map(lambda t: quote(t.encode("utf-8", "surrogatepass"), safe="")))
+paths = st.one_of(
+    st.builds(lambda b: ("POST", "/v1/tasks", b), task_bodies),
+    st.builds(lambda b: ("POST", "/v1/workers", b), spawn_bodies),
+    st.builds(lambda i, b: ("POST", f"/v1/pools/{i}/scale", b), ids, json_values),
+    st.builds(lambda m, i, a: (m, f"/v1/workers/{i}/{a}", None),
+              st.sampled_from(["GET", "POST", "PUT", "DELETE"]), ids,
+              st.sampled_from(["restart", "stop", "logs", "dance", ""])),
+    st.builds(lambda m, i: (m, f"/v1/tasks/{i}", None), st.sampled_from(["GET", "DELETE", "PATCH"]), ids),
+    st.builds(lambda p: ("GET", p, None), st.text(max_size=20).map(lambda t: "/" + quote(t.encode("utf-8", "surrogatepass")))),
+)
 
 
 def dumps(value, ascii_only: bool) -> bytes:
@@ -47,31 +61,34 @@ def dumps(value, ascii_only: bool) -> bytes:
     return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
 
 
-lines = (st.binary(max_size=300)
-         | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
-         | st.builds(dumps, json_values, st.booleans())
-         | st.builds(dumps, requests, st.booleans()))
+bodies = (st.binary(max_size=300)
+          | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
+          | st.builds(dumps, json_values, st.booleans()))
+requests = (st.builds(lambda r, ascii_only: (r[0], r[1], dumps(r[2], ascii_only) if r[2] is not None else b""),
+                      paths, st.booleans())
+            | st.builds(lambda m, p, b: (m, p, b), st.sampled_from(["POST"]),
+                        st.sampled_from(["/v1/tasks", "/v1/workers", "/v1/pools/p/scale"]), bodies))
 
 
-def changes_the_tree(line: bytes) -> bool:
+def changes_the_tree(req) -> bool:
     """A valid request that is meant to change the tree (or to kill a worker): not fuzz."""
+    method, path, body = req
+    if method == "POST" and path.startswith("/v1/workers/") and path.rsplit("/", 1)[-1] in ("restart", "stop"):
+        return path.split("/")[3] in IDS
+    if path.startswith("/v1/pools/"):
+        return True
     try:
-        req = json.loads(line)
+        value = json.loads(body) if body else {}
     except (ValueError, RecursionError):
         return False
-    if not isinstance(req, dict):
-        return False
-    op = req.get("op")
-    if op == "spawn":
+    if method == "POST" and path == "/v1/workers":
         try:
-            msgspec.convert(req.get("spec") or {}, WorkerSpec)
+            msgspec.convert(value or {}, WorkerSpec)
         except (msgspec.ValidationError, ValueError, TypeError):
             return False
         return True
-    if op in ("stop", "restart"):
-        return isinstance(req.get("worker_id"), str) and req["worker_id"] in IDS
-    if op == "task":
-        prompt = req.get("prompt")
+    if path == "/v1/tasks" and isinstance(value, dict):
+        prompt = value.get("prompt")
         return isinstance(prompt, str) and prompt.lstrip().startswith("!")   # stub directives
     return False
 
@@ -90,67 +107,36 @@ def tree(snap) -> tuple:
     return snap["state"], sorted(workers, key=str)
 
 
-def check_answer(line: bytes, answer) -> None:
-    assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool), (line, answer)
-    msgspec.json.encode(answer)                      # it can be sent
-    if answer["ok"]:
-        assert set(answer) == {"ok", "result"}, (line, answer)
-    else:
-        assert set(answer) == {"ok", "error"}, (line, answer)
-        error = answer["error"]
-        assert isinstance(error, str) and error.strip(), (line, answer)
-        assert not error.startswith("internal error"), (line, answer)
+def check_answer(req, r: httpx.Response) -> None:
+    assert r.status_code < 500, (req, r.status_code, r.text)
+    if r.headers.get("content-type", "").startswith("application/json"):
+        answer = r.json()
+        if r.status_code >= 400:
+            assert set(answer) == {"code", "message"}, (req, answer)
+            assert answer["code"] and answer["message"].strip(), (req, answer)
+            assert answer["code"] != "internal_error", (req, answer)
 
 
-async def _fuzz_handler(batch: list[bytes]) -> None:
+async def _fuzz(batch) -> None:
     async with FakeEngine() as engine:
         async with open_supervisor(CFG, engine=engine, rng=random.Random(1)) as sup:
             await sup.wait_configured()
             before = tree(msgspec.to_builtins(await sup.snapshot()))
             assert before[0] == "running"
             creates = engine.stats["creates"]
-            for line in batch:
-                with trio.fail_after(600):
-                    check_answer(line, await handle(sup, line))
+            api = CorralAPI(sup)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app),
+                                         base_url="http://corral") as c:
+                for method, path, body in batch:
+                    with trio.fail_after(600):
+                        check_answer((method, path, body), await c.request(method, path, content=body))
+            api.close()
             assert tree(msgspec.to_builtins(await sup.snapshot())) == before
             assert engine.stats["creates"] == creates and engine.stats["kills"] == 0
 
 
 @SETTINGS
-@given(batch=st.lists(lines, min_size=1, max_size=10))
+@given(batch=st.lists(requests, min_size=1, max_size=10))
 def test_any_request_gets_a_clear_answer_and_leaves_the_tree_alone(batch):
-    assume(not any(changes_the_tree(line) for line in batch))
-    trio.run(_fuzz_handler, batch, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
-async def _fuzz_connection(chunks: list[bytes]) -> None:
-    from runtime.apps.control import serve_connection
-
-    data = b"".join(chunks)
-    expected = sum(1 for line in data.split(b"\n")[:-1] if line.strip())
-    async with FakeEngine() as engine:
-        async with open_supervisor(CFG, engine=engine, rng=random.Random(1)) as sup:
-            await sup.wait_configured()
-            before = tree(msgspec.to_builtins(await sup.snapshot()))
-            client, server = trio.testing.memory_stream_pair()
-            async with trio.open_nursery() as n:
-                n.start_soon(serve_connection, sup, server)
-                for chunk in chunks:
-                    await client.send_all(chunk)
-                got = b""
-                with trio.fail_after(600):
-                    while got.count(b"\n") < expected:
-                        got += await client.receive_some()
-                await client.aclose()
-            answers = got.split(b"\n")[:-1]
-            assert len(answers) == expected
-            for a in answers:
-                check_answer(data, json.loads(a))
-            assert tree(msgspec.to_builtins(await sup.snapshot())) == before
-
-
-@SETTINGS
-@given(chunks=st.lists(st.binary(max_size=80) | lines.map(lambda b: b + b"\n"), min_size=1, max_size=8))
-def test_any_byte_stream_gets_one_answer_per_request_line(chunks):
-    assume(not any(changes_the_tree(line) for line in b"".join(chunks).split(b"\n")))
-    trio.run(_fuzz_connection, chunks, clock=trio.testing.MockClock(autojump_threshold=0))
+    assume(not any(changes_the_tree(r) for r in batch))
+    trio.run(_fuzz, batch, clock=trio.testing.MockClock(autojump_threshold=0))

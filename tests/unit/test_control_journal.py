@@ -1,5 +1,6 @@
-"""`corral task --detach` and `corral result ID [--wait]`: the control ops over the task journal,
-and the CLI commands, against a control server on FakeEngine."""
+"""`corral task --detach` and `corral result ID [--wait]`: the HTTP API's task routes over the
+task journal (submit, status and result with long-poll), and the CLI commands, against the API
+served on FakeEngine."""
 
 import random
 from contextlib import asynccontextmanager
@@ -10,12 +11,11 @@ import trio
 
 from runtime import PoolSpec, SupervisorConfig, WorkerSpec, open_supervisor
 from runtime.apps import cli
-from runtime.apps.control import call, handle
 from runtime.journal import open_journal
 from runtime.testing import FakeEngine
 
 from .helpers import fake_supervisor
-from .test_control import control_server, receive_answer, send
+from .test_control import api_server, in_process, receive_answer, send, uds_client
 from .test_task_service import occupied, occupy
 
 
@@ -31,85 +31,106 @@ async def journaled(state_dir):
             yield sup
 
 
-async def ask(sup, **req):
-    return await handle(sup, msgspec.json.encode(req))
+async def submit(c, **req) -> str:
+    r = await c.post("/v1/tasks", json=req)
+    assert r.status_code == 202, r.json()
+    return r.json()["task_id"]
 
 
-async def test_detach_then_result_then_result_wait(autojump_clock, tmp_path):
-    async with journaled(tmp_path) as sup:
+async def result(c, tid, wait=None) -> dict:
+    r = await c.get(f"/v1/tasks/{tid}", params={"wait": wait} if wait else None)
+    assert r.status_code == 200, r.json()
+    return r.json()
+
+
+async def done(c, tid) -> dict:
+    """Long-poll until the task is done (as `corral result --wait` does)."""
+    while (rec := await result(c, tid, wait=300))["state"] != "done":
+        pass
+    return rec
+
+
+async def test_detach_then_result_then_result_long_poll(autojump_clock, tmp_path):
+    async with journaled(tmp_path) as sup, in_process(sup) as c:
         waited = []
         async with trio.open_nursery() as n:
             async with occupied(sup, "solo"):
-                res = await ask(sup, op="task", worker_id="solo", prompt="hi", detach=True)
-                assert res["ok"], res
-                tid = res["result"]["task_id"]
-                res = await ask(sup, op="result", task_id=tid)
-                assert res["ok"] and res["result"]["result"] is None
-                assert res["result"]["state"] == "queued"
-                assert res["result"]["task"]["prompt"] == "hi"
-                assert res["result"]["target"] == "worker:solo"
+                tid = await submit(c, worker_id="solo", prompt="hi")
+                rec = await result(c, tid)
+                assert rec["result"] is None and rec["state"] == "queued"
+                assert rec["task"]["prompt"] == "hi" and rec["target"] == "worker:solo"
+                t0 = trio.current_time()
+                rec = await result(c, tid, wait=30)      # a long-poll that ends unfinished
+                assert trio.current_time() - t0 == 30 and rec["state"] == "queued"
 
                 async def wait() -> None:
-                    waited.append(await ask(sup, op="result", task_id=tid, wait=True))
+                    waited.append(await result(c, tid, wait=300))
                 n.start_soon(wait)
                 await trio.sleep(60)
                 assert waited == []                 # it waits while the task cannot run
-        res, = waited
-        assert res["ok"] and res["result"]["state"] == "done"
-        assert res["result"]["result"]["output"] == "stub-shell: hi", res["result"]["result"]
+        rec, = waited
+        assert rec["state"] == "done"
+        assert rec["result"]["output"] == "stub-shell: hi", rec["result"]
 
 
 async def test_a_task_without_detach_goes_through_the_journal_too(autojump_clock, tmp_path):
-    async with journaled(tmp_path) as sup:
-        res = await ask(sup, op="task", worker_id="solo", prompt="hi", task_id="t-attached")
-        assert res["ok"] and res["result"]["output"] == "stub-shell: hi"
-        res = await ask(sup, op="result", task_id="t-attached")
-        assert res["result"]["result"]["output"] == "stub-shell: hi", res["result"]["result"]
+    async with journaled(tmp_path) as sup, in_process(sup) as c:
+        r = await c.post("/v1/tasks", json={"worker_id": "solo", "prompt": "hi",
+                                            "task_id": "t-attached", "wait": True})
+        assert r.json()["output"] == "stub-shell: hi"
+        rec = await result(c, "t-attached")
+        assert rec["result"]["output"] == "stub-shell: hi", rec["result"]
 
 
 async def test_result_after_corral_run_restarted(autojump_clock, tmp_path):
-    async with journaled(tmp_path) as sup, control_server(sup, tmp_path) as (path, _):
-        tid = (await call(path, {"op": "task", "pool": "p", "prompt": "one", "detach": True}))["task_id"]
-        first = await call(path, {"op": "result", "task_id": tid, "wait": True})
-        late = (await call(path, {"op": "task", "worker_id": "solo", "prompt": "!sleep 600",
-                                  "detach": True}))["task_id"]
-        queued = (await call(path, {"op": "task", "worker_id": "solo", "prompt": "after it",
-                                    "detach": True}))["task_id"]
-    async with journaled(tmp_path) as sup, control_server(sup, tmp_path) as (path, _):
-        again = await call(path, {"op": "result", "task_id": tid})
+    async with journaled(tmp_path) as sup, api_server(sup, tmp_path) as (path, _), \
+            uds_client(path) as c:
+        tid = await submit(c, pool="p", prompt="one")
+        first = await done(c, tid)
+        late = await submit(c, worker_id="solo", prompt="!sleep 600")
+        queued = await submit(c, worker_id="solo", prompt="after it")
+    async with journaled(tmp_path) as sup, api_server(sup, tmp_path) as (path, _), \
+            uds_client(path) as c:
+        again = await result(c, tid)
         assert again == first and again["result"]["output"] == "stub-shell: one"
-        rec = await call(path, {"op": "result", "task_id": queued, "wait": True})
+        rec = await done(c, queued)
         assert rec["result"]["output"] == "stub-shell: after it"     # resumed, then ran
-        assert (await call(path, {"op": "result", "task_id": late}))["task"]["prompt"] == "!sleep 600"
+        assert (await result(c, late))["task"]["prompt"] == "!sleep 600"
 
 
 async def test_unknown_ids_and_a_service_without_journal_are_clear_errors(autojump_clock, tmp_path):
-    async with journaled(tmp_path) as sup:
-        res = await ask(sup, op="result", task_id="t-nope")
-        assert not res["ok"] and res["error"].startswith("UnknownTask: no task 't-nope' in the journal")
-        res = await ask(sup, op="result", task_id="t-nope", wait=True)
-        assert not res["ok"] and "no task 't-nope'" in res["error"]
-        res = await ask(sup, op="result", task_id="../etc")
-        assert not res["ok"] and "bad request" in res["error"] and "task_id" in res["error"]
-        res = await ask(sup, op="task", pool="nope", prompt="x", detach=True)
-        assert not res["ok"] and "no pool 'nope'" in res["error"]
-    async with fake_supervisor(SupervisorConfig(name="t", workers=[WorkerSpec(id="solo")])) as (sup, _):
-        for req in ({"op": "result", "task_id": "t-1"},
-                    {"op": "task", "worker_id": "solo", "prompt": "x", "detach": True}):
-            res = await ask(sup, **req)
-            assert not res["ok"] and "keeps no task journal" in res["error"] \
-                and "--no-journal" in res["error"], res
-        res = await ask(sup, op="task", worker_id="solo", prompt="x")     # as before
-        assert res["ok"] and res["result"]["output"] == "stub-shell: x"
+    async with journaled(tmp_path) as sup, in_process(sup) as c:
+        r = await c.get("/v1/tasks/t-nope")
+        assert r.status_code == 404 and r.json()["code"] == "unknown_task"
+        assert r.json()["message"].startswith("UnknownTask: no task 't-nope' in the journal")
+        r = await c.get("/v1/tasks/t-nope", params={"wait": 10})
+        assert r.status_code == 404 and "no task 't-nope'" in r.json()["message"]
+        r = await c.get("/v1/tasks/..etc")
+        assert r.status_code == 400 and "bad request" in r.json()["message"] and "task_id" in r.json()["message"]
+        r = await c.post("/v1/tasks", json={"pool": "nope", "prompt": "x"})
+        assert r.status_code == 404 and "no pool 'nope'" in r.json()["message"]
+        tid = await submit(c, pool="p", prompt="x", task_id="t-twice")
+        r = await c.post("/v1/tasks", json={"pool": "p", "prompt": "x", "task_id": "t-twice"})
+        assert r.status_code == 409 and r.json()["code"] == "duplicate_task", r.json()
+    cfg = SupervisorConfig(name="t", workers=[WorkerSpec(id="solo")])
+    async with fake_supervisor(cfg) as (sup, _), in_process(sup) as c:
+        for method, url, body in (("GET", "/v1/tasks/t-1", None),
+                                  ("POST", "/v1/tasks", {"worker_id": "solo", "prompt": "x"})):
+            r = await c.request(method, url, json=body)
+            assert r.status_code == 409 and r.json()["code"] == "no_journal"
+            assert "keeps no task journal" in r.json()["message"] and "--no-journal" in r.json()["message"]
+        r = await c.post("/v1/tasks", json={"worker_id": "solo", "prompt": "x", "wait": True})
+        assert r.json()["output"] == "stub-shell: x"          # as before
 
 
 async def test_a_client_that_disconnects_cancels_its_journaled_task(autojump_clock, tmp_path):
-    async with journaled(tmp_path) as sup, control_server(sup, tmp_path) as (path, _):
-        client = await send(path, {"op": "task", "worker_id": "solo", "prompt": "!sleep 86400",
-                                   "task_id": "t-1"})
+    async with journaled(tmp_path) as sup, api_server(sup, tmp_path) as (path, _):
+        client = await send(path, "POST", "/v1/tasks", {"worker_id": "solo", "prompt": "!sleep 86400",
+                                                        "task_id": "t-1", "wait": True})
         await sup.worker("solo").wait_until(lambda i: i.state == "busy")
         await client.aclose()
-        rec = await call(path, {"op": "result", "task_id": "t-1", "wait": True})
+        async with uds_client(path) as c:
+            rec = await done(c, "t-1")
         assert rec["result"]["status"] == "cancelled"
         info = await sup.worker("solo").wait_until(lambda i: i.state == "ready")
         assert info.generation == 1                     # cancelled in its container
@@ -128,12 +149,13 @@ async def test_a_stopping_server_keeps_the_journaled_task_of_a_waiting_client(au
             if task.task_id == "t-1":
                 accepted.set()
         sup.tasks.journal.accepted = accepted_then_tell
-        async with control_server(sup, tmp_path) as (path, stop):
-            client = await send(path, {"op": "task", "worker_id": "solo", "prompt": "queued",
-                                       "task_id": "t-1"})
+        async with api_server(sup, tmp_path) as (path, api):
+            client = await send(path, "POST", "/v1/tasks", {"worker_id": "solo", "prompt": "queued",
+                                                            "task_id": "t-1", "wait": True})
             await accepted.wait()
-            stop.cancel()
-        assert await receive_answer(client) == {"ok": False, "error": "corral is shutting down"}
+            api.stop()
+            assert await receive_answer(client) == (
+                503, {"code": "shutting_down", "message": "corral is shutting down"})
         await client.aclose()
     async with open_journal(str(tmp_path)) as j:
         assert (await j.get("t-1")).result is None
@@ -148,7 +170,7 @@ async def corral(*argv: str) -> int:
 
 
 async def test_cli_task_detach_and_result(tmp_path, capsys):
-    async with journaled(tmp_path) as sup, control_server(sup, tmp_path) as (path, _):
+    async with journaled(tmp_path) as sup, api_server(sup, tmp_path) as (path, _):
         await sup.wait_configured()
         assert await corral("task", "--socket", path, "--pool", "p", "--detach", "quick") == 0
         tid = capsys.readouterr().out.strip()
@@ -177,7 +199,7 @@ async def test_cli_task_detach_and_result(tmp_path, capsys):
 
 async def test_cli_without_journal(tmp_path, capsys):
     cfg = SupervisorConfig(name="t", workers=[WorkerSpec(id="solo")])
-    async with fake_supervisor(cfg) as (sup, _), control_server(sup, tmp_path) as (path, _):
+    async with fake_supervisor(cfg) as (sup, _), api_server(sup, tmp_path) as (path, _):
         assert await corral("result", "--socket", path, "t-1") == 2
         assert "keeps no task journal" in capsys.readouterr().err
         assert await corral("task", "--socket", path, "--worker", "solo", "--detach", "x") == 2

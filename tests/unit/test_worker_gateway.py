@@ -24,7 +24,6 @@ from actors.worker.tasks import task_outcome
 from runtime import ConfigError, SupervisorConfig, Task, WorkerSpec, WorkerStartupError
 from runtime import gateway as gateway_mod
 from runtime.agentpkgs import AGENT_PACKAGES, AgentPackage, AgentPackageError, cache_key
-from runtime.apps.control import handle
 from runtime.engines.fake import _FakeAttachment
 from runtime.gateway import UpstreamFailed
 from runtime.protocol import (AgentUsage, CancelTask, HttpChunk, HttpEnd, HttpRequest,
@@ -489,7 +488,7 @@ async def test_the_key_is_nowhere_to_be_seen(autojump_clock, upstream, wire):
             shown = [msgspec.json.encode(c.spec).decode(), json.dumps(c.labels),
                      bytes(c.log).decode(errors="replace"),
                      msgspec.json.encode(await sup.snapshot()).decode(),
-                     json.dumps(await handle(sup, b'{"op": "snapshot"}')),
+                     json.dumps(msgspec.to_builtins(await sup.snapshot())),
                      msgspec.json.encode(r).decode(), msgspec.json.encode(await w.info()).decode(),
                      "".join(json.dumps(f, default=repr) for f in wire.frames)]
     shown.append(json.dumps(logs, default=repr))
