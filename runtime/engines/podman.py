@@ -1,6 +1,6 @@
 """What Podman's Docker-compatible API reports differently, in the port's own terms.
 
-Podman (``/version`` lists a component "Podman Engine") is served by the Docker adapter
+Podman (its ping answers with a ``Libpod-Api-Version`` header) is served by the Docker adapter
 (`runtime.engines.docker`), which detects it when it opens the engine and translates Podman's JSON,
 status codes and error texts there (`PodmanEngine`). What is left here is pure and typed: no JSON,
 no I/O.
