@@ -8,9 +8,9 @@ JSON -> ImageSummary, Docker's error statuses and texts -> runtime.errors. Every
 trio-flavoured to its callers; every aiodocker/aiohttp error becomes a corral exception that keeps
 the engine's own message.
 
-Podman's Docker-compatible API is served here too: `open_engine` asks ``/version`` and, when a
-component is "Podman Engine", opens a `PodmanEngine`, which handles what Podman does differently
-(see its doc). Nothing Podman-specific reaches the port's callers.
+Podman's Docker-compatible API is served here too: `open_engine` pings and, when the answer
+comes from Podman (a ``Libpod-Api-Version`` header), opens a `PodmanEngine`, which handles what
+Podman does differently (see its doc). Nothing Podman-specific reaches the port's callers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import re
 import signal as _signal
 import socket
+import time
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, AsyncIterator, Callable, Collection, Sequence
@@ -70,13 +71,17 @@ from .cluster import TASK_ENDED, NodeInfo, ServiceInfo, ServiceSpec, TaskInfo
 from .podman import (
     INIT_HINT,
     LIMITS_ENV,
+    OUTSIDE_REMOVAL_S,
     RLIMIT_HINT,
+    SETTLE_S,
     KillSignals,
     limits_reason,
     unenforced_limits_allowed,
 )
 
 DEFAULT_URL = "unix:///var/run/docker.sock"
+IDENTIFY_S = 30
+"""how long an engine that answered its ping may take to say how it runs (Podman's libpod/info)"""
 _STEP_RE = re.compile(r"^(?:Step|STEP) (\d+)/\d+ ?: (.*)$")
 """a build step: Docker's ``Step 1/16 : FROM x``, Podman's ``STEP 1/16: FROM x``"""
 _LAYER_RE = re.compile(r"^\s*-{2,3}> ([0-9a-f]{6,64})\s*$")
@@ -545,6 +550,15 @@ class DockerEngine:
     # -- system ----------------------------------------------------------------------------
     async def ping(self) -> None:
         await self.version()
+
+    async def _ping_headers(self) -> dict[str, str]:
+        """``GET /_ping`` (unversioned: it may come before the API version is known): the
+        answer's headers, names in lower case."""
+        async def run() -> dict[str, str]:
+            async with self._docker._query("_ping", "GET", versioned_api=False) as resp:
+                await resp.read()
+                return {k.lower(): v for k, v in resp.headers.items()}
+        return await self._call(run)
 
     async def version(self) -> EngineVersion:
         v = await self._call(self._docker.version)
@@ -1027,6 +1041,14 @@ class PodmanEngine(DockerEngine):
       filters the rest itself.
     - Removing a container (forced) that is exiting just then fails ("could not be stopped ...
       container state improper"): it waits for the exit and removes it then.
+    - Two forced removals of one container that overlap both answer 204 (the later one waits for
+      the container's lock, finds it gone and calls that a success), where Docker answers the
+      later one 409: a forced removal looks first (see `container_remove`), so that a removal
+      out of band (`podman rm -f`) is told as one. A container being removed answers inspect
+      with 500 "... does not exist in database: no such container": ContainerNotFound.
+    - A stop or restart shows ``stopping`` (not running, no exit code yet) until the container
+      has exited: ``wait`` waits for that exit rather than answering 0 at once (and takes the
+      exit code from the ``died`` event when a restart got the container running again first).
     - Inspect lists CapDrop expanded (the capabilities Podman would have granted) rather than
       ``ALL``; the container has none either way.
     - On cgroup v1 there are no ``oom`` events and ``OOMKilled`` stays false (`reports_oom`).
@@ -1038,16 +1060,129 @@ class PodmanEngine(DockerEngine):
     flavour = "podman"
     name = "Podman engine"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._removing: set[str] = set()
+        """the containers (full ids) this engine is removing"""
+        self._ended_here: set[str] = set()
+        """the containers this engine killed, stopped or restarted (as it was asked): their
+        deaths need no outside removal to explain them (see `container_remove`)"""
+
     async def container_wait(self, cid: str) -> int:
         """Podman's own wait (its compatible one answers 0.2-1.2 s after the exit, polling
-        slowly): until the container is stopped or exited, looking every 10 ms."""
+        slowly): until the container is stopped or exited, looking every 10 ms.
+
+        A stop or restart shows ``stopping`` (not running, no exit code yet) until the container
+        has exited: that is waited for too. A restart can take it from there to running again
+        without a look seeing it stopped (it holds the container's lock meanwhile): the exit
+        code is then the one its ``died`` event tells."""
         state = await self.container_inspect(cid)
-        if not state.running:
+        if not state.running and state.status != "running":   # "stopping" reads as running
             return state.exit_code or 0
+        if state.running:
+            code = await self._libpod_wait(cid, "stopped", "exited")
+            return int(code) if isinstance(code, int) else await super().container_wait(cid)
+        code = await self._libpod_wait(cid, "stopped", "exited", "running")
+        if isinstance(code, int) and code >= 0:
+            return code
+        return await self._last_exit_code(cid, since=state.started_at or 0.0)
+
+    async def _last_exit_code(self, cid: str, *, since: float) -> int:
+        """The exit code of the container's last ``died`` event since ``since``."""
+        params = {"stream": "false", "since": f"{since:.9f}",
+                  "filters": json.dumps({"container": [cid], "event": ["died"]})}
+
+        async def run() -> bytes:
+            async with self._docker._query("libpod/events", "GET", params=params) as resp:
+                return await resp.read()
+        body = await self._call(run, what=f"events of {cid[:12]}", kind="container")
+        codes = []
+        for line in body.splitlines():
+            try:
+                attrs = json.loads(line)["Actor"]["Attributes"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            code = _int(attrs.get("containerExitCode", attrs.get("exitCode")))
+            if code is not None:
+                codes.append(code)
+        if not codes:
+            raise EngineError(f"wait {cid[:12]}: it was started again before its exit was seen, "
+                              f"and no died event tells its exit code")
+        return codes[-1]
+
+    async def container_kill(self, cid: str, signal: str | int = "SIGKILL") -> None:
+        self._ended_here.add(cid)
+        await super().container_kill(cid, signal)
+
+    async def container_stop(self, cid: str, *, grace_s: float = 10.0) -> None:
+        self._ended_here.add(cid)
+        await super().container_stop(cid, grace_s=grace_s)
+
+    async def container_restart(self, cid: str, *, grace_s: float = 10.0) -> None:
+        self._ended_here.add(cid)
+        await super().container_restart(cid, grace_s=grace_s)
+
+    async def container_remove(self, cid: str, *, force: bool = True) -> None:
+        """Podman answers 204 to both of two forced removals that overlap (the later one waits
+        for the container's lock, then finds it gone), where Docker answers the later one 409. A
+        removal out of band (``podman rm -f``) would pass for this call's own, and the worker
+        whose container it was would be certified as crashed. So a forced removal looks first:
+
+        - a container that is gone, or being removed (inspect answers "no such container"), is
+          ContainerNotFound; a removal of it by this engine under way already, RemovalInProgress;
+        - one on its way out (``stopping``, or ``stopped``: exited, not yet cleaned up) is waited
+          for, up to `SETTLE_S`, until it has exited, runs again, or is gone;
+        - one that died of a signal that did not come through this engine, less than
+          `OUTSIDE_REMOVAL_S` ago, is given until then to be taken by a removal out of band
+          (which kills first, and holds the container only once it has seen the death): gone by
+          then, ContainerNotFound.
+
+        An outside removal slower than that still passes for this one's: Podman 4.3 tells no
+        more. This one's own removal is not slowed by any of it when the container runs, or this
+        engine ended it."""
+        if not force:
+            await super().container_remove(cid, force=False)
+            return
+        full = cid
+        try:
+            raw = await self.container_inspect_raw(cid)
+            full = str(raw["Id"])
+            if full in self._removing:
+                raise RemovalInProgress(f"remove {cid[:12]}: removal of container {full} is already "
+                                        f"in progress (by this engine)", status=409)
+            self._removing.add(full)
+            try:
+                await self._wait_for_outside_removal(cid, full, raw)
+                await super().container_remove(full, force=True)
+            finally:
+                self._removing.discard(full)
+        finally:
+            self._ended_here.difference_update((cid, full))
+
+    async def _libpod_wait(self, cid: str, *conditions: str) -> Any:
+        """Podman's own wait: until the container is in one of those states (looking every
+        10 ms); its exit code. ContainerNotFound once it is gone."""
         url = URL(f"libpod/containers/{cid}/wait").with_query(
-            [("condition", "stopped"), ("condition", "exited"), ("interval", "10ms")])
-        code = await self._json(url, "POST", timeout=None, what=f"wait {cid[:12]}", kind="container")
-        return int(code) if isinstance(code, int) else await super().container_wait(cid)
+            [("condition", c) for c in conditions] + [("interval", "10ms")])
+        return await self._json(url, "POST", timeout=None, what=f"wait {cid[:12]}",
+                                kind="container")
+
+    async def _wait_for_outside_removal(self, cid: str, full: str, raw: dict[str, Any]) -> None:
+        """See `container_remove`. ContainerNotFound if another removal took the container."""
+        if (raw.get("State") or {}).get("Status") in ("stopping", "stopped"):
+            with trio.move_on_after(SETTLE_S):
+                await self._libpod_wait(full, "exited", "running")
+            raw = await self.container_inspect_raw(full)
+        state = container_state(raw)
+        if state.running or state.finished_at is None or (state.exit_code or 0) <= 128 \
+                or cid in self._ended_here or full in self._ended_here:
+            return
+        left = min(state.finished_at + OUTSIDE_REMOVAL_S - time.time(), OUTSIDE_REMOVAL_S)
+        if left > 0:
+            with trio.move_on_after(left):
+                await self._libpod_wait(full, "removing")    # it never shows: gone, or the timeout
+                raise RemovalInProgress(f"remove {cid[:12]}: container {full} is being removed",
+                                        status=409)
 
     async def ping(self) -> None:
         """``GET /_ping``: Podman's ``/version`` runs conmon and the OCI runtime to ask theirs
@@ -1084,6 +1219,8 @@ class PodmanEngine(DockerEngine):
             return EngineError(text, status=409)
         if "is being removed" in msg or "removal is already in progress" in msg:
             return RemovalInProgress(text, status=409)
+        if "no such container" in msg.lower() or "has already been removed" in msg:
+            return ContainerNotFound(text, status=404)    # 500s while it is being removed
         if status == 404 and ("image not known" in msg or "No such image" in msg):
             return ImageNotFound(text, status=404)
         hint = ""
@@ -1138,11 +1275,21 @@ async def _open_engine(url: str) -> AsyncIterator[DockerEngine]:
         except ValueError as exc:
             raise EngineUnavailable(f"bad engine URL {url!r}: {exc}") from None
         try:
+            probe = DockerEngine(docker, loop, url)
             try:
                 with trio.fail_after(5):
-                    engine = await _identify(DockerEngine(docker, loop, url))
+                    headers = await probe._ping_headers()
             except trio.TooSlowError:
                 raise EngineUnavailable(f"the Docker engine at {url} did not answer within 5 s") from None
+            if docker.api_version == "auto" and headers.get("api-version"):
+                # what aiodocker would ask /version for (~0.4 s on Podman, seconds under load)
+                docker.api_version = "v" + headers["api-version"]
+            try:
+                with trio.fail_after(IDENTIFY_S):
+                    engine = await _identify(probe, headers)
+            except trio.TooSlowError:
+                raise EngineUnavailable(f"the engine at {url} answered its ping but did not say how "
+                                        f"it runs within {IDENTIFY_S:g} s") from None
             yield engine
         finally:
             with trio.CancelScope(shield=True):
@@ -1152,12 +1299,12 @@ async def _open_engine(url: str) -> AsyncIterator[DockerEngine]:
                         await aio_as_trio(connector.close, loop=loop)()
 
 
-async def _identify(probe: DockerEngine) -> DockerEngine:
-    """Which engine answers at the URL (``/version``: a component "Podman Engine" is Podman), as
-    the adapter for it. Podman tells whether it runs rootless, and on which cgroup version."""
-    version = await probe._json("version")
-    components = {str(c.get("Name")) for c in version.get("Components") or [] if isinstance(c, dict)}
-    if "Podman Engine" not in components:
+async def _identify(probe: DockerEngine, ping_headers: dict[str, str]) -> DockerEngine:
+    """Which engine answers at the URL, as the adapter for it: Podman answers its ping with a
+    ``Libpod-Api-Version`` header (the ``/version`` that also says so takes Podman ~0.4 s, as it
+    runs conmon and runc for theirs). Podman tells whether it runs rootless, and on which cgroup
+    version."""
+    if "libpod-api-version" not in ping_headers:
         return probe
     info = await probe._json("libpod/info")
     host = info.get("host") or {}

@@ -1,6 +1,6 @@
 """What Podman's Docker-compatible API reports differently, in the port's own terms.
 
-Podman (``/version`` lists a component "Podman Engine") is served by the Docker adapter
+Podman (its ping answers with a ``Libpod-Api-Version`` header) is served by the Docker adapter
 (`runtime.engines.docker`), which detects it when it opens the engine and translates Podman's JSON,
 status codes and error texts there (`PodmanEngine`). What is left here is pure and typed: no JSON,
 no I/O.
@@ -9,6 +9,9 @@ no I/O.
   container died of a signal (exit 128 + n); otherwise the kill stays without one (never a guess).
 - `LIMITS_ENV`: whether a container may run without limits the engine did not apply (rootless
   Podman on cgroup v1 drops memory, cpu and pids limits without a word).
+- `SETTLE_S`, `OUTSIDE_REMOVAL_S`: how long a forced removal looks for another removal of the
+  same container (Podman answers both of two overlapping removals 204; see
+  `PodmanEngine.container_remove`).
 - The hints that turn Podman's failures into something a person can act on.
 """
 
@@ -24,6 +27,14 @@ from .base import ContainerEvent
 
 KILL_HOLD_S = 1.0
 """how long a kill event without a signal waits for the container's death to name the signal"""
+
+SETTLE_S = 2.0
+"""how long a forced removal waits for a container on its way out (stopping, or exited and not yet
+cleaned up) to settle before it removes it all the same"""
+
+OUTSIDE_REMOVAL_S = 0.3
+"""how long after a container's death by a signal from elsewhere a forced removal waits for a
+removal out of band to take it (Podman's own takes it 0.08-0.17 s after the death, measured)"""
 
 LIMITS_ENV = "CORRAL_ALLOW_UNENFORCED_LIMITS"
 """``1``: run a container whose limits the engine did not apply, with a warning (default: refuse)"""

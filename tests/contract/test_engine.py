@@ -14,6 +14,7 @@ from runtime.errors import (
     EngineError,
     ImageNotFound,
     NameConflict,
+    RemovalInProgress,
 )
 from runtime.protocol import Fatal, Hello, Ready, RunTask, Shutdown, TaskDone
 
@@ -217,6 +218,33 @@ async def test_remove_of_a_running_container_needs_force(engine, sup_name, image
             await engine.container_remove(cid, force=True)
             with pytest.raises(ContainerNotFound):
                 await engine.container_inspect(cid)
+
+
+async def test_of_two_forced_removals_one_removes_and_the_other_is_told_it_is_gone(
+        engine, sup_name, image):
+    """What a worker relies on to tell `docker rm -f` from its own removal (certificate cause
+    "removed"): when two forced removals of one container overlap, only one of them returns;
+    the other raises ContainerNotFound or RemovalInProgress. Podman answers both with 204: the
+    adapter has to find out."""
+    with trio.fail_after(DEADLINE):
+        for round_, delay in enumerate([0.0, 0.02, 0.05, 0.1]):
+            async with AsyncExitStack() as stack:
+                cid, _ = await start_worker(stack, engine, worker_spec(image, sup_name, f"w{round_}"))
+                told = {}
+
+                async def remove(who):
+                    try:
+                        await engine.container_remove(cid, force=True)
+                        told[who] = "removed"
+                    except (ContainerNotFound, RemovalInProgress) as exc:
+                        told[who] = type(exc).__name__
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(remove, "first")
+                    await trio.sleep(delay)
+                    nursery.start_soon(remove, "second")
+                assert sorted(told.values()).count("removed") == 1, (delay, told)
+                with pytest.raises(ContainerNotFound):
+                    await engine.container_inspect(cid)
 
 
 async def test_logs_hold_the_tail_of_stdout_and_stderr(engine, sup_name, image):

@@ -60,6 +60,24 @@ async def test_docker_restart_is_killed_and_corral_brings_its_own_next_generatio
             assert death.reason == "restarted outside corral (docker restart)"
 
 
+async def test_docker_rm_f_is_removed_not_crashed(engine, corral_name):
+    """`docker rm -f` kills, then removes, while corral removes the dead container too: the
+    certificate says removed out of band, each time (on Podman both removals are answered 204,
+    and the adapter has to tell corral's that it was not its doing)."""
+    policy = RestartPolicy(backoff=Backoff(initial_s=0.05, max_s=0.2))
+    with trio.fail_after(90):
+        async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+            w = await sup.spawn(WorkerSpec(agent="claude", stub_agent=True, restart=policy))
+            for generation in range(2, 7):
+                cid = (await w.info()).container_id
+                await trio.run_process(["docker", "rm", "-f", cid], capture_stdout=True)
+                await wait_for_generation(w, generation)
+                death = (await w.info()).last_death
+                assert (death.cause, death.container_id, death.ready) == ("removed", cid, True), death
+                assert death.reason == "the container was removed out of band"
+            assert (await w.run(Task(prompt="back"))).output == "stub-claude: back"
+
+
 async def test_a_host_kill_of_the_init_process_is_told_as_such(engine, corral_name):
     """`kill -9` on the host of the container's init process: no kill event through the engine,
     exit 137. The certificate says so instead of blaming the container's insides."""

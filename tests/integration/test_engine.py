@@ -2,6 +2,7 @@
 tests/contract for every adapter): the base image, both attach implementations, the hardening
 policy as Docker sees it, unreachable engines."""
 
+import functools
 import time
 import uuid
 
@@ -70,6 +71,28 @@ async def test_attach_round_trip_of_100_lines(engine, sup_name, impl):
 
 
 
+
+
+@pytest.mark.parametrize("how", ["stop", "restart"])
+async def test_a_wait_during_a_stop_returns_the_exit_code_of_the_run_that_ended(engine, sup_name, how):
+    """A container that ignores SIGTERM: a stop (or restart) takes its whole grace, then kills.
+    A wait that starts meanwhile returns that run's exit code, 137. (Podman shows such a
+    container as "stopping", not running, and its wait answered 0 at once: a `docker restart`
+    came out of corral's certificate with exit code 0.)"""
+    with trio.fail_after(60):
+        cid = await engine.container_create(config(
+            sup_name, ["sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.1; done"],
+            name=f"{sup_name}-{how}"))
+        async with engine.attach(cid) as att:
+            await engine.container_start(cid)
+            assert (await att.output.receive())[1] == b"up\n"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(getattr(engine, f"container_{how}"), cid, grace_s=2))
+            await trio.sleep(0.5)
+            t0 = time.monotonic()
+            assert await engine.container_wait(cid) == 137
+            assert time.monotonic() - t0 > 0.5       # it waited for the end of the grace
+        assert (await engine.container_inspect(cid)).running is (how == "restart")
 
 
 @pytest.mark.parametrize("url", ["unix:///nonexistent/corral.sock", "tcp://127.0.0.1:9"])

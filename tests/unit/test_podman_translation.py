@@ -13,7 +13,8 @@ from runtime.engines.docker import (
     image_summary,
 )
 from runtime.engines.podman import KillSignals
-from runtime.errors import ContainerNotRunning, EngineError, ImageNotFound, NameConflict
+from runtime.errors import (ContainerNotFound, ContainerNotRunning, EngineError, ImageNotFound,
+                           NameConflict)
 
 CID = "c" * 64
 
@@ -115,3 +116,8 @@ def test_podman_s_error_texts_are_corral_s_typed_errors():
     assert isinstance(e._map_status(404, "no such image: docker.io/library/x:1: image not known"),
                       ImageNotFound)
     assert isinstance(e._map_status(500, "the container name \"n\" is already in use by c"), NameConflict)
+    # a container in the middle of its removal (someone else's): gone, as a 404 would say
+    for text in ("container c does not exist in database: no such container",
+                 "container has already been removed"):
+        gone = e._map_status(500, text, what="container c", kind="container")
+        assert isinstance(gone, ContainerNotFound) and gone.status == 404, (text, gone)
