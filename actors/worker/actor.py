@@ -278,6 +278,13 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
             structlog.contextvars.bind_contextvars(generation=self.generation)
             end_kind, cert = await self._one_life(task_status if first else None, handle, first,
                                                   adopt)
+            if adopt is not None and end_kind == "died" and cert is not None and not cert.ready:
+                # the container it found did not answer hello (its wrapper was already going,
+                # e.g. orphaned, or on an engine that closed its stdin): no death of this worker,
+                # a new container instead
+                log.warning("adoption_failed", container_id=adopt.id[:12], cause=cert.cause,
+                            reason=cert.reason)
+                continue
             was_first, first = first, False
             if end_kind == "stop":
                 return "stopped", []

@@ -268,3 +268,19 @@ async def test_a_second_signal_while_stopping_forces_the_stop_and_still_removes_
             assert any(e.get("event") == "stopped" and e.get("forced") for e in svc.logs), svc.stderr()
             assert await engine.container_list(labels={"corral.supervisor": corral_name}) == []
             assert not os.path.exists(svc.sock)
+
+
+async def call(sock: str, req: dict) -> dict:
+    """The control requests these tests make, over the HTTP API (runtime.apps.client): a task's
+    journal record ("result"), or a task run to its end ("task"); answered as plain dicts."""
+    import msgspec
+    from runtime.apps.apitypes import TaskSubmit
+    from runtime.apps.client import Client
+
+    def go():
+        with Client(sock) as c:
+            if req["op"] == "result":
+                return c.task(req["task_id"])
+            assert req["op"] == "task"
+            return c.run(TaskSubmit(**{k: v for k, v in req.items() if k != "op"}, wait=True))
+    return msgspec.to_builtins(await trio.to_thread.run_sync(go))

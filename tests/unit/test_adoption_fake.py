@@ -176,3 +176,27 @@ async def test_a_live_restore_engine_restart_restarts_no_worker(autojump_clock):
             assert [w.info_nowait().container_id for w in ws] == cids
             assert [w.info_nowait().restarts for w in ws] == [0, 0, 0]
             assert all(w.info_nowait().state == "ready" for w in ws)
+
+
+async def test_a_container_that_does_not_answer_hello_is_replaced_not_a_failed_start(autojump_clock):
+    """Adoption that fails (the wrapper found does not answer ``hello`` within startup_timeout_s)
+    is no death of the worker and no failed start: a new container serves instead."""
+    async with FakeEngine() as engine:
+        cfg = SupervisorConfig(name="t")
+        old = {}
+
+        async def start(sup, nursery):
+            w = await sup.spawn(spec())
+            old["cid"] = w.info_nowait().container_id
+
+        await crash_with(engine, cfg, start)
+        engine.hang(old["cid"])                                # it no longer reads its stdin
+        with capture_logs() as logs:
+            async with open_supervisor(cfg, engine=engine) as sup:
+                w = await sup.spawn(spec(startup_timeout_s=5))
+                info = w.info_nowait()
+                assert info.container_id != old["cid"] and info.state == "ready"
+                assert info.last_death is None and info.restarts == 0
+                assert (await w.run(Task(prompt="x"))).status == "ok"
+        assert [e["event"] for e in logs if e["event"] == "adoption_failed"] == ["adoption_failed"]
+        assert old["cid"] not in engine.containers
