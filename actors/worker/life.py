@@ -505,11 +505,14 @@ class ContainerLife:
         if life.outage:
             problem, unreachable = "the engine went away and the container did not survive it", True
         answered = True
+        watched_live = False      # its events were followed live as it ended (else a new
+                                  # subscription of the watcher replays them)
         if exc is None and kind != "protocol" and life.started:
             try:
                 with trio.fail_after(10):
                     exit_code = await self.engine.container_wait(cid)
                 if watch is not None and self.watcher.alive:
+                    watched_live = True
                     with trio.move_on_after(0.5):     # the die event comes after any kill event
                         await watch.died.wait()
                 state = await self.engine.container_inspect(cid)
@@ -548,6 +551,11 @@ class ContainerLife:
                     if self.watcher is not None:
                         await self.watcher.wait_alive()
                     answered = True
+                    if watch is not None and not watched_live and not watch.died.is_set():
+                        # subscribed again since the death: the new stream replays the events
+                        # of this container (a kill comes before its die event)
+                        with trio.move_on_after(0.5):
+                            await watch.died.wait()
                 except EngineUnavailable as e:
                     why = str(e)
                 except EngineError:
