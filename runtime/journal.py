@@ -282,14 +282,19 @@ class TaskJournal:
     async def attempt_done(self, task_id: str, worker_id: str, generation: int,
                            result: TaskResult) -> bool:
         """Record what ``worker_id``'s container ``generation`` answered for the task (before the
-        answer is acknowledged to the wrapper). False for a task that is not in the journal."""
+        answer is acknowledged to the wrapper). False for a task that is not in the journal, and
+        for an answer of that container that is recorded already: a container answers a task
+        once, and what it sends again is a replay (the answer was recorded, then the corral
+        process died before its lease acknowledged it)."""
         data, now = _enc.encode(result), self._clock()
 
         def write(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "INSERT INTO attempts (task_id, worker_id, generation, at, result) "
-                "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id = ?)",
-                (task_id, worker_id, generation, now, data, task_id))
+                "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM attempts WHERE task_id = ? AND worker_id = ? "
+                "AND generation = ?)",
+                (task_id, worker_id, generation, now, data, task_id, task_id, worker_id, generation))
             return cur.rowcount == 1
         done = await self._run(write)
         if done:
