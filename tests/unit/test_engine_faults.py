@@ -95,3 +95,32 @@ async def test_a_frozen_engine_does_not_make_workers_hung(autojump_clock):
             assert (info.generation, info.container_id, info.last_death) == (1, cid, None)
             assert (await w.run(Task(prompt="still here"))).status == "ok"
 
+
+
+async def test_an_engine_that_goes_away_as_a_new_container_is_attached_is_a_death_not_a_crash(
+        autojump_clock, monkeypatch):
+    """The engine went away between a restart's create and its attach (a dockerd restart under
+    a pool: corral chaos --restart-engine): that container's death is certified and the worker
+    goes on. (The attach's error reached the worker wrapped in an ExceptionGroup: the worker
+    crashed and its supervisor escalated.)"""
+    from contextlib import asynccontextmanager
+
+    from runtime.errors import EngineUnavailable
+    from runtime.testing import FakeEngine
+
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(restart=PATIENT))
+        attach, failures = FakeEngine.attach, [EngineUnavailable("fake: the engine went away")]
+
+        @asynccontextmanager
+        async def flaky_attach(self, cid):
+            if failures:
+                raise failures.pop()
+            async with attach(self, cid) as att:
+                yield att
+        monkeypatch.setattr(FakeEngine, "attach", flaky_attach)
+        engine.kill(engine.container_of(w.id).id)
+        await wait_for_generation(w, 3)
+        assert failures == []
+        assert [d.cause for d in sup._sup.all_workers()[0].deaths] == ["killed", "engine_error"]
+        assert (await sup.snapshot()).state == "running"
