@@ -154,6 +154,11 @@ class WrapperSession:
                         life.att = None
             except EngineError as exc:
                 if first:
+                    if isinstance(exc, EngineUnavailable) and await self._wait_for_engine():
+                        # the engine went away between the create and the first attach (a
+                        # dockerd shutting down still answers on the connections it has):
+                        # not this container's death; attach once it is back
+                        continue
                     raise
                 log.warning("reattach_failed", error=str(exc))
             if not await self._after_eof(life, watch):
