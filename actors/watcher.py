@@ -10,6 +10,7 @@ engine is taken to be gone (`alive`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -67,6 +68,10 @@ class Watcher:
         """the events seen within REPLAY_MARGIN_NS of the last one: a replay repeats them"""
         self.subscriptions = 0
         """how many times the events stream was taken (1 + resubscriptions)"""
+        self._first_ns: int | None = None
+        """wall-clock time just before the first subscription was taken: a resubscription
+        before any event was seen replays from then (a local engine stamps its events with the
+        same clock)"""
         self._up = trio.Event()
         """set while ``alive``"""
 
@@ -105,9 +110,13 @@ class Watcher:
         started = False
         delay = 0.1
         while True:
-            since = None if self._last_ns is None else (self._last_ns - REPLAY_MARGIN_NS) / 1e9
+            last = self._last_ns if self._last_ns is not None else self._first_ns
+            since = None if last is None else (last - REPLAY_MARGIN_NS) / 1e9
             try:
+                t_subscribe = time.time_ns()
                 async with self.engine.events(labels=labels, kinds=WATCHED, since=since) as stream:
+                    if self._first_ns is None:
+                        self._first_ns = t_subscribe
                     self.subscriptions += 1
                     self._set_alive(True)
                     delay = 0.1

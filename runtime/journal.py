@@ -22,6 +22,7 @@ import os
 import sqlite3
 import time
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, AsyncIterator, Callable, Literal
 
 import msgspec
@@ -41,6 +42,21 @@ BUSY_TIMEOUT_S = 10.0
 """how long a write waits for another connection's lock (another process reading the file)"""
 
 TaskState = Literal["queued", "dispatched", "done"]
+
+INLINE: ContextVar[bool] = ContextVar("corral_journal_inline", default=False)
+"""True: the database calls run on trio's own thread instead of a worker thread. For tests under
+a virtual clock only (trio's autojump clock jumps whenever every task waits, and a task waiting
+for a thread is waiting: the clock would run through every timer, leases included, while the
+disk works). Set it in the task that opens the supervisor (a journal opened then stays inline,
+whoever calls it); the chaos kit does on FakeEngine."""
+
+
+async def _off_loop(fn, *args, inline: bool = False):
+    """``fn(*args)`` in a worker thread, or ``inline``."""
+    if inline:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -159,8 +175,10 @@ class TaskJournal:
     transaction (group commit): under load, one thread hop and one commit serve many calls."""
 
     def __init__(self, path: str, conn: sqlite3.Connection, *, retention_s: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], inline: bool = False) -> None:
         self.path = path
+        self.inline = inline
+        """database calls on trio's thread (`INLINE`)"""
         self.retention_s = retention_s
         self._conn: sqlite3.Connection | None = conn
         self._clock = clock
@@ -184,7 +202,7 @@ class TaskJournal:
             async with self._limiter:
                 if not op.done:                 # not done by the flush before ours
                     batch, self._queue = self._queue, []
-                    await trio.to_thread.run_sync(self._flush, batch)
+                    await _off_loop(self._flush, batch, inline=self.inline)
         except BaseException:
             if not op.done and op in self._queue:
                 self._queue.remove(op)
@@ -416,7 +434,7 @@ class TaskJournal:
         with trio.CancelScope(shield=True):
             async with self._limiter:
                 self._conn = None
-                await trio.to_thread.run_sync(close)
+                await _off_loop(close, inline=self.inline)
 
 
 def _duration(s: float) -> str:
@@ -483,8 +501,9 @@ async def open_journal(state_dir: str, *, retention_s: float = 7 * 24 * 3600.0,
     """Open (or create) the task journal under ``state_dir`` for the block. JournalError (a
     CorralError naming the path) if it cannot be created, opened or is corrupt. ``clock``: wall
     clock for the records' times and for retention (tests pass their own)."""
-    path, conn = await trio.to_thread.run_sync(_open_sync, os.path.abspath(state_dir))
-    journal = TaskJournal(path, conn, retention_s=retention_s, clock=clock)
+    inline = INLINE.get()
+    path, conn = await _off_loop(_open_sync, os.path.abspath(state_dir), inline=inline)
+    journal = TaskJournal(path, conn, retention_s=retention_s, clock=clock, inline=inline)
     log.info("journal_opened", path=path)
     try:
         yield journal

@@ -313,10 +313,11 @@ class ContainerLife:
         are left running, as a killed process leaves them, for the next one to adopt."""
         return self.abandon is not None and self.abandon.is_set()
 
-    async def _wait_for_engine(self) -> bool:
+    async def _wait_for_engine(self, *, restore: bool = True) -> bool:
         """The engine does not answer: wait (state ``engine_down``) until it does again, for at
         most ``engine_outage_s``. False if it never came back in time, or the worker is asked to
-        stop meanwhile."""
+        stop meanwhile. ``restore``: once it is back, the state goes back to what it was (else
+        the caller does that when it has checked what it must)."""
         prev = self.state
         self._set_state("engine_down")
         log.warning("engine_down", outage_limit_s=self.engine_outage_s)
@@ -334,7 +335,8 @@ class ContainerLife:
                     back = True               # it answered, with an error
                 if back:
                     log.info("engine_back", down_s=round(trio.current_time() - t0, 3))
-                    self._set_state(prev)
+                    if restore:
+                        self._set_state(prev)
                     return True
             with trio.move_on_after(min(delay, max(deadline - trio.current_time(), 0))):
                 await self._stop_event.wait()
@@ -369,7 +371,8 @@ class ContainerLife:
             life.end("died", "output closed")
             return False
         except (EngineUnavailable, trio.TooSlowError):
-            if not await self._wait_for_engine():
+            prev = self.state
+            if not await self._wait_for_engine(restore=False):
                 if self._stop_event.is_set():
                     life.end("stop", "stop requested while the engine was away")
                     return False
@@ -386,6 +389,9 @@ class ContainerLife:
                 life.end("died", "the container did not survive the engine's outage")
                 life.outage = True
                 return False
+            # serving again only now that its container is known to have survived (a kill
+            # before this point is no kill of a serving worker: it is the outage's)
+            self._set_state(prev)
         except EngineError as exc:
             life.end("died", f"output closed ({exc})")
             return False
@@ -506,11 +512,14 @@ class ContainerLife:
         if life.outage:
             problem, unreachable = "the engine went away and the container did not survive it", True
         answered = True
+        watched_live = False      # its events were followed live as it ended (else a new
+                                  # subscription of the watcher replays them)
         if exc is None and kind != "protocol" and life.started:
             try:
                 with trio.fail_after(10):
                     exit_code = await self.engine.container_wait(cid)
                 if watch is not None and self.watcher.alive:
+                    watched_live = True
                     with trio.move_on_after(0.5):     # the die event comes after any kill event
                         await watch.died.wait()
                 state = await self.engine.container_inspect(cid)
@@ -551,6 +560,11 @@ class ContainerLife:
                     if self.watcher is not None:
                         await self.watcher.wait_alive()
                     answered = True
+                    if watch is not None and not watched_live and not watch.died.is_set():
+                        # subscribed again since the death: the new stream replays the events
+                        # of this container (a kill comes before its die event)
+                        with trio.move_on_after(0.5):
+                            await watch.died.wait()
                 except EngineUnavailable as e:
                     why = str(e)
                 except EngineError:

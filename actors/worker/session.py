@@ -41,6 +41,7 @@ from runtime.protocol import (
     decode_wrapper_frame,
     encode_frame,
 )
+from runtime.util import unwrap_single
 
 from .life import OUTBOX
 
@@ -107,24 +108,32 @@ class WrapperSession:
         live-restore), it attaches again and says ``hello``: the wrapper replays what it sent
         meanwhile."""
         setup = self._gateway_setup if self.spec.uses_gateway else None
-        async with trio.open_nursery() as nursery:
-            if setup is not None:
-                send, recv = trio.open_memory_channel[bytes](OUTBOX)
-                life.outbox = send
-                nursery.start_soon(self._writer, life, recv)
-                failures_in, failures = trio.open_memory_channel[UpstreamFailed](math.inf)
-                nursery.start_soon(self._upstream_failures, life, failures)
-                async with gateway_mod.open_gateway(
-                        upstream=setup.upstream, agent=self.spec.agent, secrets=setup.secrets,
-                        rule=setup.rule, send=partial(self._gateway_send, life),
-                        on_event=partial(self._gateway_event, life, failures_in),
-                        client=self._http_client()) as gw:
-                    life.gateway = gw
+        try:
+            async with trio.open_nursery() as nursery:
+                if setup is not None:
+                    send, recv = trio.open_memory_channel[bytes](OUTBOX)
+                    life.outbox = send
+                    nursery.start_soon(self._writer, life, recv)
+                    failures_in, failures = trio.open_memory_channel[UpstreamFailed](math.inf)
+                    nursery.start_soon(self._upstream_failures, life, failures)
+                    async with gateway_mod.open_gateway(
+                            upstream=setup.upstream, agent=self.spec.agent, secrets=setup.secrets,
+                            rule=setup.rule, send=partial(self._gateway_send, life),
+                            on_event=partial(self._gateway_event, life, failures_in),
+                            client=self._http_client()) as gw:
+                        life.gateway = gw
+                        await self._attach_loop(life, nursery, task_status)
+                    failures_in.close()
+                else:
                     await self._attach_loop(life, nursery, task_status)
-                failures_in.close()
-            else:
-                await self._attach_loop(life, nursery, task_status)
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            leaf = unwrap_single(group)
+            if isinstance(leaf, EngineError):
+                # the first attach failed (the engine went away just then): as itself, for the
+                # caller's `except EngineError`, which certifies the container's death
+                raise leaf from None
+            raise
 
     async def _attach_loop(self, life: _Life, nursery: trio.Nursery, task_status) -> None:
         watch = self.watcher.watch(life.container_id) if self.watcher is not None else None
@@ -146,6 +155,11 @@ class WrapperSession:
                         life.att = None
             except EngineError as exc:
                 if first:
+                    if isinstance(exc, EngineUnavailable) and await self._wait_for_engine():
+                        # the engine went away between the create and the first attach (a
+                        # dockerd shutting down still answers on the connections it has):
+                        # not this container's death; attach once it is back
+                        continue
                     raise
                 log.warning("reattach_failed", error=str(exc))
             if not await self._after_eof(life, watch):

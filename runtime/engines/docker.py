@@ -1003,17 +1003,24 @@ class DockerEngine:
                 finally:
                     opened.set()
 
+        failed: EngineUnavailable | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             if fill is not None:
                 nursery.start_soon(refill)
             await opened.wait()
             if es.ended and "resp" not in state:
-                raise EngineUnavailable(f"cannot subscribe to events at {self.url}: {es.ended}")
-            try:
-                yield es
-            finally:
+                # raised once the nursery is closed: from inside, it would reach the caller
+                # wrapped in an ExceptionGroup, which no `except EngineError` catches
+                failed = EngineUnavailable(f"cannot subscribe to events at {self.url}: {es.ended}")
                 nursery.cancel_scope.cancel()
+            else:
+                try:
+                    yield es
+                finally:
+                    nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
 
 
 class PodmanEngine(DockerEngine):

@@ -118,3 +118,29 @@ async def test_the_watcher_resubscribes_and_replays_what_it_missed(engine, sup_n
     # every event once, though the replay starts a little before the last one seen (a's death):
     # started a, b; killed, died a; killed, died, stopped b (Podman: died, stopped if told)
     assert watcher.events_seen == (5 + wb.stopped if podman else 7)
+
+
+async def test_a_watcher_that_saw_no_event_yet_replays_from_its_first_subscription(engine, sup_name, image):
+    """A watcher whose stream drops before it saw any event (a supervisor that just adopted a
+    running container, then the engine restarted) still replays what happened meanwhile: from
+    the time of its first subscription."""
+    dropping = DroppingEngine(engine)
+    with trio.fail_after(DEADLINE):
+        cid = await engine.container_create(worker_spec(image, sup_name, "a"))
+        await engine.container_start(cid)              # before the watcher: not its to see
+        async with trio.open_nursery() as nursery:
+            watcher = await nursery.start(Watcher(dropping, supervisor=sup_name).run)
+            w = watcher.watch(cid)
+            changed = w.changed
+            dropping.drop()
+            await changed.wait()
+            assert not watcher.alive and watcher.events_seen == 0
+            await engine.container_kill(cid)
+            dropping.let_in()
+            await watcher.wait_alive()
+            with trio.move_on_after(10):
+                while not w.died.is_set():
+                    await w.changed.wait()
+            nursery.cancel_scope.cancel()
+    assert watcher.subscriptions == 2
+    assert (w.kills, w.exit_code, w.died.is_set()) == (["9"], 137, True)

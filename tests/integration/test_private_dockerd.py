@@ -60,6 +60,20 @@ async def test_it_answers_with_live_restore_and_the_base_image_of_the_same_id(pr
         assert args[args.index("--default-address-pool") + 1].startswith("base=198.18.")
 
 
+async def test_subscribing_to_events_while_the_engine_is_down_is_engine_unavailable(private_docker):
+    """What a watcher that resubscribes while dockerd restarts gets: EngineUnavailable itself,
+    which it retries on (it was an ExceptionGroup around it, which took the supervisor down)."""
+    with trio.fail_after(60):
+        async with open_engine(private_docker.url) as e:
+            await private_docker.stop()
+            with pytest.raises(EngineUnavailable, match="cannot subscribe to events"):
+                async with e.events():
+                    pass
+            await private_docker.start()
+            async with e.events():
+                pass
+
+
 async def test_a_container_runs_on_across_a_restart_and_can_be_attached_again(private_docker):
     spec = ContainerSpec(image=BASE, name=f"t{uuid.uuid4().hex[:10]}", command=TICKER, stdin_once=False)
     with trio.fail_after(120):

@@ -200,3 +200,21 @@ async def test_a_container_that_does_not_answer_hello_is_replaced_not_a_failed_s
                 assert (await w.run(Task(prompt="x"))).status == "ok"
         assert [e["event"] for e in logs if e["event"] == "adoption_failed"] == ["adoption_failed"]
         assert old["cid"] not in engine.containers
+
+
+async def test_a_kill_just_after_a_live_restore_engine_restart_is_certified_killed(autojump_clock):
+    """After the engine came back, the worker serves again before its supervisor's watcher has
+    a new events stream; a `docker kill` then is certified from the events the new stream
+    replays: killed, not a crash."""
+    async with FakeEngine() as engine:
+        async with open_supervisor(SupervisorConfig(name="t"), engine=engine) as sup:
+            w = await sup.spawn(spec())
+            engine.go_down(live_restore=True)
+            await trio.sleep(2)
+            engine.come_up()
+            await w.wait_until(lambda i: i.state == "ready")
+            assert not sup._sup.watcher.alive                 # (the case: not subscribed yet)
+            engine.kill(w.info_nowait().container_id)
+            await w.wait_until(lambda i: i.generation == 2)
+            death = w.info_nowait().last_death
+            assert (death.cause, death.reason) == ("killed", "killed outside corral with SIGKILL")

@@ -101,3 +101,41 @@ async def test_a_frozen_engine_does_not_make_workers_hung(corral_engine, corral_
         assert (info.generation, info.container_id, info.last_death) == (1, cid, None)
         assert (await w.run(Task(prompt="still here"))).status == "ok"
     await invariants.check()
+
+
+async def test_an_engine_that_goes_away_as_a_new_container_is_attached_costs_no_death(
+        autojump_clock, monkeypatch):
+    """The engine went away between a restart's create and its first attach (a dockerd that is
+    shutting down still answers on the connections it has, and refuses new ones: corral chaos
+    --restart-engine): the worker waits for the engine and attaches then. (The attach's error
+    reached the worker wrapped in an ExceptionGroup: the worker crashed and its supervisor
+    escalated; unwrapped, it was a death per attempt, a new generation each, until the engine
+    was back.)"""
+    from contextlib import asynccontextmanager
+
+    from runtime.errors import EngineUnavailable
+    from runtime.testing import FakeEngine, capture_logs, wait_for_generation
+
+    from .helpers import fake_supervisor
+
+    async with fake_supervisor() as (sup, engine):
+        w = await sup.spawn(WorkerSpec(restart=PATIENT))
+        attach, failures = FakeEngine.attach, [EngineUnavailable("fake: the engine went away")]
+
+        @asynccontextmanager
+        async def flaky_attach(self, cid):
+            if failures:
+                raise failures.pop()
+            async with attach(self, cid) as att:
+                yield att
+        monkeypatch.setattr(FakeEngine, "attach", flaky_attach)
+        with capture_logs() as logs:
+            engine.kill(engine.container_of(w.id).id)
+            await wait_for_generation(w, 2)
+            await trio.sleep(5)
+        assert failures == []
+        assert [d.cause for d in sup._sup.all_workers()[0].deaths] == ["killed"]
+        assert w.info_nowait().generation == 2 and w.info_nowait().state == "ready"
+        assert [e["event"] for e in logs if e["event"] in ("engine_down", "engine_back")] == [
+            "engine_down", "engine_back"]
+        assert (await sup.snapshot()).state == "running"

@@ -286,3 +286,16 @@ async def test_calls_made_together_commit_together_and_fail_alone(tmp_path):
                             "half": "failed"}
         assert await j.get("t-half") is None
         assert len(await j.unfinished()) == 11
+
+
+async def test_a_replayed_answer_of_the_same_container_is_recorded_once(tmp_path):
+    """A wrapper replays what its supervisor had recorded but not yet acknowledged when that
+    supervisor died: the next one records it again, and the journal keeps one answer."""
+    async with open_journal(str(tmp_path)) as j:
+        await j.accepted(Task(prompt="x", task_id="t-1", max_attempts=2), "pool:p")
+        assert await j.attempt_done("t-1", "p-1", 1, TaskResult(task_id="t-1", status="worker_died")) is True
+        assert await j.attempt_done("t-1", "p-1", 1, TaskResult(task_id="t-1", status="worker_died")) is False
+        assert await j.attempt_done("t-1", "p-2", 4, ok("t-1")) is True
+        rec = await j.get("t-1")
+    assert [(a.worker_id, a.generation, a.result.status) for a in rec.attempts] == [
+        ("p-1", 1, "worker_died"), ("p-2", 4, "ok")]
