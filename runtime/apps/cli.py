@@ -446,10 +446,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_chaos(args) -> int:
-    from .chaos import run_chaos
-    report = trio.run(lambda: run_chaos(engine_url=args.engine, name=args.name, workers=args.workers,
-                                        duration_s=args.duration, kill_interval_s=args.kill_interval,
-                                        seed=args.seed))
+    from ..chaoskit import ChaosError
+    from .chaos import DEFAULT_EVERY_S, run_chaos
+    every = args.every if args.every is not None else DEFAULT_EVERY_S
+    if args.every is not None and not (args.kill_supervisor or args.restart_engine):
+        print("corral chaos: --every goes with --kill-supervisor or --restart-engine", file=sys.stderr)
+        return 2
+    try:
+        report = trio.run(lambda: run_chaos(
+            engine_url=args.engine, name=args.name, workers=args.workers, duration_s=args.duration,
+            kill_interval_s=args.kill_interval, seed=args.seed,
+            kill_supervisor_every=every if args.kill_supervisor else None,
+            restart_engine_every=every if args.restart_engine else None))
+    except ChaosError as exc:
+        print(f"corral chaos: {exc}", file=sys.stderr, flush=True)
+        return 2
     if args.text:
         _out(report.text())                 # ends with the verdict line
     else:
@@ -558,7 +569,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="chaos")
     s.add_argument("--workers", type=int, default=4)
     s.add_argument("--duration", type=float, default=20.0)
-    s.add_argument("--kill-interval", type=float, default=1.0)
+    s.add_argument("--kill-interval", type=float, default=1.0,
+                   help="kill or remove a worker's container about this often (0: never)")
+    s.add_argument("--kill-supervisor", action="store_true",
+                   help="also kill the supervisor (a crash: its containers run on) and reopen it; tasks "
+                        "go through its task journal, and it must adopt its containers")
+    s.add_argument("--restart-engine", action="store_true",
+                   help="also restart the engine (live-restore) under the pool: a private dockerd this "
+                        "run starts itself (root; never the machine's engine); no worker may die of it")
+    s.add_argument("--every", type=float, metavar="S",
+                   help="how often --kill-supervisor / --restart-engine act (default 10 s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--text", action="store_true", help="a text report instead of JSON")
     s.set_defaults(fn=cmd_chaos)

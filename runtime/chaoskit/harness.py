@@ -8,7 +8,11 @@ label), the history, the monkey and the invariants. The pytest plugin, the state
         problems = await h.close(check_invariants=True)     # [] when all is well
 
 Supervisors run in the harness's own nursery (a test's fixture, or the caller's block), so they
-outlive the code that starts them. Closing settles first (tasks answered, faults certified), then
+outlive the code that starts them, and a supervisor the monkey kills (``kill_supervisor``: a
+crash, its containers left running) is opened again there with the same name: it adopts them.
+Its handle then changes (`SupervisorFactory.current`); tasks that must outlive it go through its
+task journal (``state_dir`` in its config) with `Harness.submit`, and their results are read
+from the journal. Closing settles first (tasks answered, faults certified), then
 names what was left behind: a task without an answer or still running, an image build in flight,
 a container with the supervisor's label after it stopped (removed, and reported), an escalation
 nobody looked at.
@@ -31,9 +35,9 @@ import trio.testing
 from ..api import open_supervisor
 from ..engines import Engine
 from ..engines.fake import FakeEngine
-from ..errors import EngineError, SupervisorEscalation
-from ..specs import SupervisorConfig
-from .history import History
+from ..errors import CorralError, EngineError, SupervisorEscalation, SupervisorStopped
+from ..specs import SupervisorConfig, Task
+from .history import Fault, History, SupervisorKill
 from .invariants import Invariants
 from .schedule import Chaos
 
@@ -50,6 +54,17 @@ class SupervisorRun:
     escalation: SupervisorEscalation | None = None
     observed: bool = False
     """someone looked at its escalation (escalation(), wait_escalation(), the invariants)"""
+    up: bool = False
+    """an instance runs (False before the first, between a kill and the reopening, at the end)"""
+    abandon: trio.Event = field(default_factory=trio.Event)
+    """the running instance's: set, it is killed (a crash: its containers are left running)"""
+    instance_ended: trio.Event = field(default_factory=trio.Event)
+    """set when the running instance has ended"""
+    kills: list[SupervisorKill] = field(default_factory=list)
+    down_s: float = 0.0
+    """after a kill, how long until it is opened again"""
+    scopes: set = field(default_factory=set)
+    """cancel scopes of calls on the running instance (`Harness.submit`), cancelled when it ends"""
 
 
 class SupervisorFactory:
@@ -61,6 +76,11 @@ class SupervisorFactory:
 
     async def __call__(self, config: SupervisorConfig | None = None, /, **fields: Any):
         return await self._h.supervisor(config, **fields)
+
+    async def current(self, sup):
+        """The handle of ``sup``'s running instance (a killed supervisor is reopened with a new
+        handle); waits while it is down."""
+        return await self._h.current(sup)
 
     @property
     def names(self) -> list[str]:
@@ -106,6 +126,8 @@ class Harness:
         """a failure's text has shown the seed, the schedule and the timeline already"""
         self.containers_left: dict[str, list[str]] = {}
         """supervisor name -> the containers with its label found after it stopped"""
+        self._durable: dict[str, SupervisorRun] = {}
+        """task id -> the run whose journal it was submitted to (`submit`)"""
 
     # -- supervisors --------------------------------------------------------------------------
     async def supervisor(self, config: SupervisorConfig | None = None, /, **fields: Any):
@@ -129,13 +151,49 @@ class Harness:
         return await self._nursery.start(self._run_supervisor, run)
 
     async def _run_supervisor(self, run: SupervisorRun, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run ``run``'s supervisor until the harness closes; open it again after each kill."""
+        if self.fake:
+            # under a virtual clock, a journal in a worker thread would let the clock run away
+            from ..journal import INLINE
+            INLINE.set(True)
+        kill: SupervisorKill | None = None
         try:
-            async with open_supervisor(run.config, engine=self.engine, rng=run.rng,
-                                       ledger=self.history.ledger) as sup:
-                run.handle, run.actor = sup, sup._sup
-                self._instrument(run.actor, parent=None)
-                task_status.started(sup)
-                await run.close.wait()
+            while True:
+                abandon = run.abandon = trio.Event()
+                ended = run.instance_ended = trio.Event()
+                try:
+                    async with open_supervisor(run.config, engine=self.engine, rng=run.rng,
+                                               ledger=self.history.ledger, abandon=abandon) as sup:
+                        # (no checkpoint before the journal's hook: nothing has finished yet)
+                        run.handle, run.actor = sup, sup._sup
+                        self._hook_journal(sup)
+                        self._instrument(run.actor, parent=None)
+                        run.up = True
+                        self.history._poke()
+                        if kill is None:
+                            task_status.started(sup)
+                            await run.close.wait()
+                        else:
+                            async with trio.open_nursery() as n:
+                                n.start_soon(self._adopted, run, sup, kill)
+                                await run.close.wait()
+                                n.cancel_scope.cancel()
+                finally:
+                    run.up = False
+                    for scope in list(run.scopes):
+                        scope.cancel()
+                    ended.set()
+                    self.history._poke()
+                if not abandon.is_set():
+                    break
+                # killed: its containers run on; open it again (also when the harness is
+                # closing: the next instance adopts them and stops them properly)
+                kill = run.kills[-1]
+                if run.down_s > 0 and not run.close.is_set():
+                    with trio.move_on_after(run.down_s):
+                        await run.close.wait()
+                kill.running = await self._running(run.name)
+                kill.reopened_at = self.history.now()
         except SupervisorEscalation as exc:
             run.escalation = exc
             self.history.supervisor_escalated(run.name, exc)
@@ -143,6 +201,209 @@ class Harness:
             run.done.set()
             if run.name in self.history.supervisors:
                 self.history.supervisors[run.name].closed_at = self.history.now()
+
+    def _hook_journal(self, sup) -> None:
+        """Record every final result the instance's task journal is given (the first one it
+        takes, and any later one it refuses)."""
+        tasks = getattr(sup, "tasks", None)
+        if tasks is None:
+            return
+        journal = tasks.journal
+        original = journal.finished
+        history = self.history
+
+        async def finished(result, _original=original):
+            first = await _original(result)
+            history.journal_result(result, first)
+            return first
+        journal.finished = finished
+
+    async def _running(self, name: str) -> dict[str, tuple[str, int]]:
+        """Worker id -> (container id, generation) of the running containers of ``name``."""
+        try:
+            listing = await self.engine.container_list(labels={"corral.supervisor": name}, all=False)
+        except EngineError:
+            return {}
+        out: dict[str, tuple[str, int]] = {}
+        for c in listing:
+            wid = c.labels.get("corral.worker")
+            try:
+                gen = int(c.labels.get("corral.generation", "0"))
+            except ValueError:
+                gen = 0
+            if wid and (wid not in out or gen > out[wid][1]):
+                out[wid] = (c.id, gen)
+        return out
+
+    async def _adopted(self, run: SupervisorRun, sup, kill: SupervisorKill) -> None:
+        """After a reopening: once the configured tree is up, check that every worker serves in
+        the container it had (adopted), that none has two, and read from the journal the final
+        results the kill kept the kit from seeing."""
+        await sup.wait_configured()
+        kill.serving_at = self.history.now()
+        self.census()                          # (its configured pools may predate the kit's hook)
+        current = {w.id: w for w in run.actor.all_workers()}
+        for wid, (cid, gen) in sorted(kill.running.items()):
+            actor = current.get(wid)
+            if actor is None:
+                continue                       # not made again (yet): spawned, not configured
+            rec = self.history.workers.get(wid)
+            first = rec.first_serving.get(id(actor)) if rec is not None else None
+            if first is None:
+                kill.problems.append(f"worker {wid} is not serving once the tree is up (its container "
+                                     f"{cid[:12]} gen {gen} ran at the reopening)")
+            elif first == (cid, gen):
+                kill.adopted += 1
+            else:
+                kill.problems.append(f"worker {wid} serves in container {first[0][:12] if first[0] else '?'} "
+                                     f"gen {first[1]}, not in its container {cid[:12]} gen {gen} that ran "
+                                     f"at the reopening (not adopted)")
+        kill.replaced = 0
+        for wid, actor in sorted(current.items()):
+            if wid in kill.running:
+                continue
+            kill.replaced += 1
+            rec = self.history.workers.get(wid)
+            before = rec.actors[-2] if rec is not None and len(rec.actors) > 1 else None
+            first = rec.first_serving.get(id(actor)) if rec is not None else None
+            if before is not None and first is not None and first[1] <= before.generation:
+                kill.generation_resets.append(f"{wid}: gen {before.generation} before the kill, gen "
+                                              f"{first[1]} after")
+        try:
+            listing = await self.engine.container_list(labels={"corral.supervisor": run.name}, all=False)
+        except EngineError:
+            listing = []
+        by_worker: dict[str, list[str]] = {}
+        for c in listing:
+            by_worker.setdefault(c.labels.get("corral.worker", "?"), []).append(c.name)
+        for wid, names in sorted(by_worker.items()):
+            if len(names) > 1:
+                kill.problems.append(f"worker {wid} has {len(names)} running containers: {sorted(names)}")
+        for f in self.history.faults:
+            if f.kind == "kill_supervisor" and f.t == kill.t and f.detail.endswith(run.name):
+                f.back_at = kill.serving_at
+        self.history.note("supervisor", f"supervisor {run.name} serves again after "
+                                        f"{kill.adoption_s:.3f} s: {kill.adopted} worker(s) adopted their "
+                                        f"container, {kill.replaced} started a new one"
+                                        + (f" (generation reset: {'; '.join(kill.generation_resets)})"
+                                           if kill.generation_resets else ""))
+        await self._reconcile(run, sup)
+
+    async def _reconcile(self, run: SupervisorRun, sup) -> None:
+        """Final results the journal has and the kit did not see written (a kill cut the
+        write's caller short after it was committed)."""
+        tasks = getattr(sup, "tasks", None)
+        if tasks is None:
+            return
+        for tid in [t for t, r in self._durable.items() if r is run]:
+            rec = self.history.tasks.get(tid)
+            if rec is None or rec.results:
+                continue
+            try:
+                jrec = await tasks.journal.get(tid)
+            except CorralError:
+                return
+            if jrec is not None and jrec.result is not None and not rec.results:
+                self.history.note("task", f"task {tid}: its final result ({jrec.result.status}) found "
+                                          f"in the journal")
+                self.history.journal_result(jrec.result, True)
+
+    async def current(self, sup):
+        """The handle of ``sup``'s running instance; waits while it is down (killed, not yet
+        reopened). SupervisorStopped once it has ended for good."""
+        run = self.run_of(sup)
+        await self.history.wait_until(lambda: run.up or run.done.is_set())
+        if not run.up:
+            raise SupervisorStopped(f"supervisor {run.name} has stopped")
+        return run.handle
+
+    def all_up(self) -> bool:
+        """Every supervisor the harness started runs (none is killed and not yet back)."""
+        return all(r.up for r in self.runs if not r.done.is_set())
+
+    def _engine_down(self) -> bool:
+        if self.fake:
+            return self.engine.down
+        control = self.engine_control
+        return control is not None and not control.running
+
+    async def kill_supervisor(self, sup: Any = None, *, for_s: float = 0.0, rule: str = "") -> Fault | None:
+        """Kill ``sup`` (a handle or a name; None: one drawn among the running ones) as a crash
+        of its process would: it ends at once, its containers run on. It is opened again with
+        the same name ``for_s`` seconds later and adopts them (`SupervisorFactory.current` has
+        its new handle). Returns the recorded Fault once the instance has ended, or None if no
+        supervisor runs (or the engine is down: nothing could reopen it)."""
+        if sup is not None:
+            runs = [self.run_of(sup)]
+        else:
+            runs = [r for r in self.runs if r.up and not r.done.is_set()]
+        runs = [r for r in runs if r.up and not r.close.is_set()]
+        if not runs or self._engine_down():
+            return None
+        run = runs[0] if len(runs) == 1 else self.chaos.rng.choice(runs)
+        n = self.chaos.next_number()
+        t = self.history.now()
+        fault = self.history.fault(Fault(n, "kill_supervisor", t, rule=rule,
+                                         detail=f"supervisor {run.name}"
+                                                + (f", down {for_s:g} s" if for_s else "")))
+        fault.outcome = "certified"          # no death expected: it adopts its containers
+        run.kills.append(SupervisorKill(run.name, t))
+        self.history.kills.append(run.kills[-1])
+        self.history.note("supervisor", f"supervisor {run.name} killed (instance "
+                                        f"{len(run.kills)}): its containers run on")
+        run.down_s = for_s
+        ended = run.instance_ended
+        run.abandon.set()
+        await ended.wait()
+        return fault
+
+    async def submit(self, sup: Any, target: str, task: Task | str) -> str:
+        """Submit ``task`` to ``target`` (``pool:NAME`` / ``worker:ID``) through ``sup``'s task
+        journal (its config needs a ``state_dir``), recorded in the history; its final result is
+        recorded when the journal takes it. A kill of ``sup`` on the way does not lose it: it is
+        submitted again to the next instance unless the journal had accepted it already.
+        Returns the task id."""
+        if isinstance(task, str):
+            task = Task(prompt=task)
+        run = self.run_of(sup)
+        self.history.submitted(task, target)
+        self._durable[task.task_id] = run
+        from ..journal import DuplicateTask, UnknownTask
+        while True:
+            try:
+                handle = await self.current(run)
+            except SupervisorStopped as exc:
+                self.history.failed(task, exc)
+                raise
+            tasks = getattr(handle, "tasks", None)
+            if tasks is None:
+                raise CorralError(f"supervisor {run.name} keeps no task journal: give its config a "
+                                  f"state_dir to submit tasks that outlive it")
+            abandon, ended = run.abandon, run.instance_ended
+            try:
+                with trio.CancelScope() as scope:      # cancelled when the instance ends
+                    run.scopes.add(scope)
+                    try:
+                        try:
+                            await tasks.result(task.task_id)
+                            return task.task_id        # accepted before a kill
+                        except UnknownTask:
+                            pass
+                        try:
+                            return await tasks.submit(target, task)
+                        except DuplicateTask:
+                            return task.task_id
+                    finally:
+                        run.scopes.discard(scope)
+            except CorralError as exc:
+                if not (abandon.is_set() or isinstance(exc, SupervisorStopped) and not run.close.is_set()):
+                    self.history.failed(task, exc)
+                    raise
+            # the instance ended under it (killed): once more on the next one
+            if run.close.is_set() and not abandon.is_set():
+                self.history.failed(task, SupervisorStopped(f"supervisor {run.name} has stopped"))
+                raise SupervisorStopped(f"supervisor {run.name} has stopped")
+            await ended.wait()
 
     def run_of(self, sup) -> SupervisorRun:
         for r in self.runs:
@@ -157,11 +418,14 @@ class Harness:
         from actors.worker.handle import WorkerHandle
 
         history = self.history
+        durable = self._durable
         for cls in (PoolHandle, WorkerHandle):
             original = cls.run
 
             @functools.wraps(original)
             async def run(handle, task, _original=original):
+                if not isinstance(task, str) and task.task_id in durable:
+                    return await _original(handle, task)    # a journal's: its result is recorded there
                 return await history.run_task(handle, task, run=_original)
             setattr(cls, "run", run)
 
@@ -237,7 +501,8 @@ class Harness:
             if f.worker_id is None or f.cert is not None:
                 continue
             rec = self.history.workers.get(f.worker_id)
-            if rec is not None and not rec.actor.finished.is_set():
+            actor = f.actor if f.actor is not None else (rec.actor if rec is not None else None)
+            if actor is not None and not actor.finished.is_set():
                 return False
         return True
 

@@ -8,7 +8,14 @@ checked against and that a failure prints.
   certificate, with the worker's state when it died (``busy``: a task ran) and the time it was
   seen;
 - faults: what the monkey injected, where, what cause it should give, and the certificate it gave;
-- supervisors: their configs, parents and escalations.
+- supervisors: their configs, parents and escalations; each kill of a supervisor (a simulated
+  crash: ``abandon``) and the adoption by the one reopened after it;
+- the engine's restarts (``restart_engine``), each from going down to answering again.
+
+A worker or a supervisor killed and reopened has several incarnations (one actor each) under
+one record: a Worker actor made again for the same worker id, or the Supervisor actor of the
+reopened supervisor. Deaths and states carry the incarnation they happened in: an adopted
+worker's restart budget and backoff, like a reopened supervisor's intensity, start afresh.
 
 Times are ``trio.current_time()`` relative to the history's start: virtual and exact under the
 autojump clock, real on Docker.
@@ -41,6 +48,8 @@ class TaskRecord:
     """exceptions the caller got instead of a result (PoolStopped, WorkerGone...)"""
     abandoned_at: float | None = None
     """the caller gave up (cancelled) before an answer came"""
+    refused: list[tuple[float, TaskResult]] = field(default_factory=list)
+    """final results offered to a task journal after it had one (refused: a second result)"""
 
     @property
     def answers(self) -> int:
@@ -65,6 +74,10 @@ class DeathRecord:
     compare (the same float, so the model decides exactly as they do)"""
     stopping: bool | None = False
     """the worker had been told to stop when it died (it is done, not restarted); None: unknown"""
+    incarnation: int = 0
+    """which of the worker's actors recorded it (a new one after its supervisor was reopened)"""
+    epoch: int = 0
+    """which instance of its (top-level) supervisor ran then (0: the first; +1 per reopening)"""
 
     @property
     def at(self) -> float:
@@ -97,6 +110,20 @@ class WorkerRecord:
     lost: int = 0
     """deaths that happened before the kit saw the worker and no longer in its last-deaths list"""
     last_state: str = "pending"
+    actors: list[Any] = field(default_factory=list)
+    """every actor of this worker id, oldest first (``actor`` is the last)"""
+    incarnations: list[float] = field(default_factory=list)
+    """when the kit first saw each of them"""
+    first_serving: dict[int, tuple[str | None, int]] = field(default_factory=dict)
+    """id(actor) -> (container id, generation) when that actor first served (READY or busy)"""
+
+    @property
+    def incarnation(self) -> int:
+        return len(self.actors) - 1
+
+    def incarnation_end(self, i: int) -> float:
+        """When incarnation ``i`` was followed by the next one (inf: it is the last)."""
+        return self.incarnations[i + 1] if i + 1 < len(self.incarnations) else float("inf")
 
 
 @dataclass
@@ -117,7 +144,10 @@ class Fault:
     cert: DeathCertificate | None = None
     cert_at: float | None = None
     back_at: float | None = None
-    """when the worker had a newer generation READY again"""
+    """when the worker had a newer generation READY again (kill_supervisor: when the supervisor
+    was serving again; restart_engine: when the engine answered again)"""
+    actor: Any = None
+    """the Worker actor hit (its incarnation: one that ended before it certified owes nothing)"""
     outcome: str = "pending"
     """pending | certified | missed (the engine refused it: the container was not running)"""
 
@@ -137,6 +167,41 @@ class SupervisorRecord:
     escalation: BaseException | None = None
     escalated_at: float | None = None
     closed_at: float | None = None
+    epochs: list[float] = field(default_factory=list)
+    """when each instance started (one more per kill and reopening)"""
+
+    @property
+    def epoch(self) -> int:
+        return max(0, len(self.epochs) - 1)
+
+
+@dataclass
+class SupervisorKill:
+    """A supervisor killed (``abandon``: its containers left running) and reopened."""
+    name: str
+    t: float
+    """when it was killed"""
+    running: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """worker id -> (container id, generation) of the containers that ran when it was reopened"""
+    reopened_at: float | None = None
+    """when the next instance was asked to open"""
+    serving_at: float | None = None
+    """when its configured tree was up again (every worker of its pools READY: adopted or new)"""
+    adopted: int = 0
+    """workers serving on in the very container they had (same id, same generation)"""
+    replaced: int = 0
+    """workers whose container had ended meanwhile: a new one"""
+    problems: list[str] = field(default_factory=list)
+    """adoption invariant violations found at this reopening"""
+    generation_resets: list[str] = field(default_factory=list)
+    """workers whose container died while the supervisor was down, made again from generation 1
+    (the dead container was removed at the reopening; its death was never certified)"""
+
+    @property
+    def adoption_s(self) -> float | None:
+        if self.serving_at is None or self.reopened_at is None:
+            return None
+        return self.serving_at - self.reopened_at
 
 
 @dataclass
@@ -155,6 +220,7 @@ class History:
         self.deaths: list[DeathRecord] = []
         self.faults: list[Fault] = []
         self.supervisors: dict[str, SupervisorRecord] = {}
+        self.kills: list[SupervisorKill] = []
         self.notes: list[Note] = []
         self.internal_errors: list[str] = []
         self._changed = trio.Event()
@@ -186,6 +252,20 @@ class History:
 
     def answered(self, task: Task, result: TaskResult) -> None:
         self.tasks[task.task_id].results.append((self.now(), result))
+        self._poke()
+
+    def journal_result(self, result: TaskResult, first: bool) -> None:
+        """A final result written to a task journal (``first``: the journal took it; False: the
+        task had one already, and this second one was refused). Tasks the kit did not submit
+        are left alone."""
+        rec = self.tasks.get(result.task_id)
+        if rec is None:
+            return
+        if first:
+            if not any(r is result for _, r in rec.results):
+                rec.results.append((self.now(), result))
+        else:
+            rec.refused.append((self.now(), result))
         self._poke()
 
     def failed(self, task: Task, exc: BaseException) -> None:
@@ -221,11 +301,27 @@ class History:
 
     # -- supervisors and workers ----------------------------------------------------------------
     def supervisor_started(self, name: str, config: SupervisorConfig, parent: str | None, actor) -> None:
-        if name not in self.supervisors:
-            self.supervisors[name] = SupervisorRecord(name, config, parent, actor, self.now())
+        rec = self.supervisors.get(name)
+        if rec is None:
+            rec = self.supervisors[name] = SupervisorRecord(name, config, parent, actor, self.now(),
+                                                            epochs=[self.now()])
             self.note("supervisor", f"supervisor {name} started ({config.strategy}, max_restarts="
                                     f"{config.max_restarts} within {config.within_s:g} s)"
                       + (f" under {parent}" if parent else ""))
+        elif rec.actor is not actor:                 # reopened after a kill
+            rec.actor = actor
+            rec.epochs.append(self.now())
+            rec.closed_at = None
+            self.note("supervisor", f"supervisor {name} reopened (instance {rec.epoch + 1})")
+
+    def _epoch(self, supervisor: str) -> int:
+        """The instance of ``supervisor``'s top-level supervisor now."""
+        rec = self.supervisors.get(supervisor)
+        seen = set()
+        while rec is not None and rec.parent is not None and rec.name not in seen:
+            seen.add(rec.name)
+            rec = self.supervisors.get(rec.parent)
+        return rec.epoch if rec is not None else 0
 
     def supervisor_escalated(self, name: str, exc: BaseException) -> None:
         rec = self.supervisors[name]
@@ -235,37 +331,54 @@ class History:
     def watch_worker(self, actor, supervisor: str) -> WorkerRecord:
         """Follow a Worker actor: every state change, every death certificate as it is made."""
         rec = self.workers.get(actor.id)
-        if rec is not None:
+        if rec is not None and any(a is actor for a in rec.actors):
             return rec
-        rec = self.workers[actor.id] = WorkerRecord(
-            actor.id, actor, supervisor, actor.pool, actor.spec.restart, last_state=actor.state)
+        if rec is None:
+            rec = self.workers[actor.id] = WorkerRecord(
+                actor.id, actor, supervisor, actor.pool, actor.spec.restart, last_state=actor.state)
+        else:                                 # made again: its supervisor was reopened
+            rec.actor, rec.supervisor, rec.policy = actor, supervisor, actor.spec.restart
+            rec.last_state = actor.state
+        rec.actors.append(actor)
+        rec.incarnations.append(self.now())
         rec.states.append((self.now(), actor.state, actor.generation))
+        self._first_serving(rec, actor)
         # deaths before we saw it: what its last-deaths list still holds (state unknown)
         total = sum(actor.deaths_by_cause.values())
         kept = list(actor.deaths)
         rec.lost = max(0, total - len(kept))
         for cert in kept[-total:] if total else []:
             self._add_death(rec, cert, state_before=None, group_pending=None, stopping=None)
-        actor.deaths = _DeathList(actor.deaths, lambda cert, rec=rec: self._on_death(rec, cert))
+        self._hook_deaths(rec, actor)
         actor.listeners.append(lambda w, rec=rec: self._on_state(rec, w))
         return rec
 
-    def _on_death(self, rec: WorkerRecord, cert: DeathCertificate) -> None:
+    def _hook_deaths(self, rec: WorkerRecord, actor) -> None:
+        n = rec.incarnation
+        actor.deaths = _DeathList(actor.deaths, lambda cert, rec=rec, n=n, a=actor: self._on_death(rec, cert, n, a))
+
+    def _on_death(self, rec: WorkerRecord, cert: DeathCertificate, incarnation: int | None = None,
+                  actor: Any = None) -> None:
         try:
+            actor = actor if actor is not None else rec.actor
             sup = self.supervisors.get(rec.supervisor)
             pending = getattr(sup.actor, "_group_pending", None) if sup is not None else None
-            stop = getattr(rec.actor, "_stop_event", None)
-            self._add_death(rec, cert, state_before=rec.actor.state,
+            stop = getattr(actor, "_stop_event", None)
+            self._add_death(rec, cert, state_before=actor.state,
                             group_pending=None if pending is None else rec.id in pending,
-                            stopping=None if stop is None else stop.is_set())
+                            stopping=None if stop is None else stop.is_set(),
+                            incarnation=incarnation)
             self._poke()
         except Exception as exc:      # a hook must never break the actor it watches
             self.internal_errors.append(f"watching {rec.id}: {exc!r}")
 
     def _add_death(self, rec: WorkerRecord, cert: DeathCertificate, *, state_before: str | None,
-                   group_pending: bool | None, stopping: bool | None) -> None:
+                   group_pending: bool | None, stopping: bool | None,
+                   incarnation: int | None = None) -> None:
         d = DeathRecord(self.now(), cert, state_before, rec.supervisor, group_pending,
-                        trio.current_time(), stopping)
+                        trio.current_time(), stopping,
+                        rec.incarnation if incarnation is None else incarnation,
+                        self._epoch(rec.supervisor))
         self.deaths.append(d)
         for f in self.faults:
             if f.container_id is not None and f.container_id == cert.container_id and f.cert is None:
@@ -273,8 +386,15 @@ class History:
 
     def _on_state(self, rec: WorkerRecord, actor) -> None:
         try:
+            if actor is not rec.actor:
+                return                # an earlier incarnation (abandoned) changing on its way out
+            if not isinstance(actor.deaths, _DeathList):
+                # adopting a container, the worker took its past from the container's labels
+                # (a new list): follow that one
+                self._hook_deaths(rec, actor)
             rec.states.append((self.now(), actor.state, actor.generation))
             rec.last_state = actor.state
+            self._first_serving(rec, actor)
             if actor.state in ("ready", "busy"):
                 for f in self.faults:
                     if f.worker_id == rec.id and f.back_at is None and f.generation is not None \
@@ -283,6 +403,12 @@ class History:
             self._poke()
         except Exception as exc:      # a listener must never break the actor it watches
             self.internal_errors.append(f"watching {rec.id}: {exc!r}")
+
+    @staticmethod
+    def _first_serving(rec: WorkerRecord, actor) -> None:
+        if id(actor) not in rec.first_serving and actor.state in ("ready", "busy"):
+            life = getattr(actor, "_life", None)
+            rec.first_serving[id(actor)] = (getattr(life, "container_id", None), actor.generation)
 
     def certificates(self, worker_id: str | None = None) -> list[DeathRecord]:
         return [d for d in self.deaths if worker_id is None or d.cert.worker_id == worker_id]
@@ -303,8 +429,9 @@ class History:
         where the kit saw a worker late)."""
         out: dict[str, int] = {}
         for rec in self.workers.values():
-            for cause, n in rec.actor.deaths_by_cause.items():
-                out[cause] = out.get(cause, 0) + n
+            for actor in rec.actors or [rec.actor]:
+                for cause, n in actor.deaths_by_cause.items():
+                    out[cause] = out.get(cause, 0) + n
         return dict(sorted(out.items()))
 
     def faults_by_kind(self) -> dict[str, int]:
@@ -317,7 +444,18 @@ class History:
 
     def restart_latencies(self) -> list[float]:
         """Fault -> the worker's next generation READY, for each fault whose worker came back."""
-        return [f.back_at - f.t for f in self.faults if f.back_at is not None]
+        return [f.back_at - f.t for f in self.faults
+                if f.back_at is not None and f.worker_id is not None and f.counted]
+
+    def engine_restarts(self) -> list[Fault]:
+        return [f for f in self.live_faults() if f.kind == "restart_engine"]
+
+    def unexplained_deaths(self, start: float, end: float) -> list[DeathRecord]:
+        """Deaths recorded between ``start`` and ``end`` that no injected fault of a worker
+        explains (the certificate of no fault's container)."""
+        explained = {f.container_id for f in self.live_faults()
+                     if f.worker_id is not None and f.kind != "restart_engine"}
+        return [d for d in self.deaths if start <= d.t <= end and d.cert.container_id not in explained]
 
     # -- the timeline ---------------------------------------------------------------------------
     def timeline(self, *, limit: int = 400) -> str:

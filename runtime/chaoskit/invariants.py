@@ -19,6 +19,16 @@
   its intensity is exceeded, a child gives up, ``shared_cause_threshold`` workers die of an
   engine error within ``shared_cause_window_s``, or a worker finds the engine unreachable for over
   ``engine_outage_s`` (``engine_unavailable``), and for that reason, at that death.
+- ``adoption`` (``kill_supervisor``): the supervisor reopened after a kill serves on with the
+  containers that were running: each worker in the very container it had (same id, same
+  generation), no worker with two running containers, no container of the supervisor's that no
+  worker took.
+- ``engine_restarts`` (``restart_engine``): a restart of a live-restore engine costs no worker
+  a restart: no death from the moment the engine goes down until ``ENGINE_RESTART_MARGIN_S``
+  after it answers again, other than the deaths of faults injected into workers.
+
+A killed supervisor's workers are made again when it reopens: their restart budget and backoff,
+like the supervisor's intensity, start afresh then (the models here too).
 
 The model behind the last two is written here again, apart from the actors' own code
 (actors/worker/restart.py, actors/supervisor.py), so a bug there shows up as a difference.
@@ -38,7 +48,11 @@ if TYPE_CHECKING:
     from .harness import Harness
     from .history import DeathRecord, History
 
-INVARIANTS = ("results", "executions", "orphans", "certificates", "restart_delays", "escalations")
+INVARIANTS = ("results", "executions", "orphans", "certificates", "restart_delays", "escalations",
+              "adoption", "engine_restarts")
+ENGINE_RESTART_MARGIN_S = 30.0
+"""after the engine answers again, how long a death is still the restart's (a worker finds out
+its container is gone at its next heartbeat, at most a heartbeat timeout later)"""
 SHARED_CAUSES = frozenset({"engine_error"})
 """causes that, striking several workers at once, are the environment's (DESIGN.md)"""
 
@@ -91,6 +105,10 @@ def _cap(backoff: Any, consecutive: int) -> float:
 def check_results(h: "History", *, complete: bool) -> list[Violation]:
     out: list[Violation] = []
     for tid, r in h.tasks.items():
+        if r.refused:
+            out.append(Violation("results", f"task {tid}: a second final result was offered to the journal "
+                                            f"after its first ({r.results[0][1].status if r.results else '?'}): "
+                                            + ", ".join(res.status for _, res in r.refused)))
         if len(r.results) > 1:
             out.append(Violation("results", f"task {tid}: {len(r.results)} results (expected exactly 1): "
                                             + ", ".join(res.status for _, res in r.results)))
@@ -141,7 +159,8 @@ def check_certificates(h: "History", *, complete: bool) -> list[Violation]:
                 out.append(Violation("certificates", f"{head}: certified as {c.worker_id} gen {c.generation}"))
         elif complete:
             rec = h.workers.get(f.worker_id)
-            if rec is not None and not rec.actor.finished.is_set():
+            actor = f.actor if f.actor is not None else (rec.actor if rec is not None else None)
+            if rec is not None and not actor.finished.is_set():
                 out.append(Violation("certificates", f"{head}: no death certificate for its container"))
     return out
 
@@ -154,8 +173,11 @@ def check_restart_delays(h: "History", *, tolerance: float) -> list[Violation]:
             continue                                  # its first deaths are unknown
         backoff = rec.policy.backoff
         consecutive = 0
+        incarnation = 0
         for d in h.certificates(wid):
             c = d.cert
+            if d.incarnation != incarnation:           # made again: a fresh backoff
+                incarnation, consecutive = d.incarnation, 0
             if c.restart_in_s is None:
                 continue
             stable = c.ready and c.uptime_s >= backoff.stable_s
@@ -171,8 +193,10 @@ def check_restart_delays(h: "History", *, tolerance: float) -> list[Violation]:
             elif not -1e-9 <= c.restart_in_s <= cap + 1e-9:
                 out.append(Violation("restart_delays", f"{head}: restart in {c.restart_in_s:.3f} s; "
                                                        f"the policy allows 0 to {cap:.3f} s {why}"))
+            end = rec.incarnation_end(d.incarnation) if rec.incarnations else float("inf")
             nxt = next((t for t, state, gen in rec.states
-                        if gen > c.generation and state in ("building", "creating", "starting")), None)
+                        if d.at <= t < end and gen > c.generation
+                        and state in ("building", "creating", "starting")), None)
             if nxt is not None and nxt - d.at < c.restart_in_s - tolerance:
                 out.append(Violation("restart_delays", f"{head}: the next container came "
                                                        f"{nxt - d.at:.3f} s later, before its delay of "
@@ -201,8 +225,11 @@ def _worker_decisions(h: "History", eps: float) -> tuple[list[Violation], set[st
         pol = rec.policy
         window: list[float] = []
         deaths = h.certificates(wid)
+        incarnation = 0
         for i, d in enumerate(deaths):
             c = d.cert
+            if d.incarnation != incarnation:           # made again: a fresh budget
+                incarnation, window = d.incarnation, []
             charged = _charged(d)
             if charged is None:
                 unknown.add(wid)
@@ -226,7 +253,8 @@ def _worker_decisions(h: "History", eps: float) -> tuple[list[Violation], set[st
             head = f"{wid} gen {c.generation} ({c.cause}, t={d.at:.3f})"
             last = i == len(deaths) - 1
             if expect == "restart" and c.restart_in_s is None:
-                if d.stopping is None and last and rec.actor.state == "stopped":
+                actor = rec.actors[d.incarnation] if d.incarnation < len(rec.actors) else rec.actor
+                if d.stopping is None and last and actor.state == "stopped":
                     continue                          # it was being stopped: done, not given up
                 out.append(Violation("escalations", f"{head}: the worker gave up, but "
                                      + ("the death was charged to its task (such deaths never count "
@@ -277,11 +305,14 @@ def predict_escalation(h: "History", name: str, unknown: set[str], eps: float = 
     events.sort(key=lambda e: (e[0], e[1]))
     counted: list[float] = []
     recent: list["DeathRecord"] = []
+    epoch = 0
     for _, _, kind, x in events:
         if kind == "child":
             return Prediction("child_failed", x.trigger, x.t, f"a nested supervisor escalated ({x.why})")
         d = x
         c = d.cert
+        if d.epoch != epoch:                   # reopened after a kill: a fresh intensity
+            epoch, counted, recent = d.epoch, [], []
         if kind == "gave_up":
             return Prediction("child_failed", d, d.t, f"{c.worker_id} gave up ({c.cause})")
         if c.worker_id in unknown:
@@ -379,8 +410,9 @@ async def check_orphans(harness: "Harness") -> list[Violation]:
                 out.append(Violation("orphans", f"supervisor {run.name} stopped and left "
                                                 f"{len(left)} container(s): {left}"))
             continue
-        if not harness.fake:
-            continue                       # a real engine's containers come and go in between
+        if not harness.fake or not run.up:
+            continue                       # a real engine's containers come and go in between;
+                                           # a killed supervisor's run on until it is reopened
         running: dict[str, list[str]] = {}
         try:
             listing = await harness.engine.container_list(labels={"corral.supervisor": run.name}, all=False)
@@ -395,6 +427,30 @@ async def check_orphans(harness: "Harness") -> list[Violation]:
                                                 + (f"worker {wid}, which has ended" if w else f"no known worker ({wid})")))
             elif len(names) > 1:
                 out.append(Violation("orphans", f"worker {wid} has {len(names)} running containers: {names}"))
+    return out
+
+
+# -- adoption and engine restarts ------------------------------------------------------------
+def check_adoption(h: "History") -> list[Violation]:
+    return [Violation("adoption", f"supervisor {k.name} killed at t={k.t:.3f}, reopened at "
+                                  f"t={k.reopened_at if k.reopened_at is not None else float('nan'):.3f}: {p}")
+            for k in h.kills for p in k.problems]
+
+
+def check_engine_restarts(h: "History", *, margin_s: float = ENGINE_RESTART_MARGIN_S) -> list[Violation]:
+    out: list[Violation] = []
+    restarts = h.engine_restarts()
+    for d in h.unexplained_deaths(restarts[0].t if restarts else 0.0, h.now()) if restarts else []:
+        # the latest restart that began before the death, if the death falls in its window
+        f = max((g for g in restarts if g.t <= d.t), key=lambda g: g.t, default=None)
+        if f is None or d.t > (f.back_at if f.back_at is not None else h.now()) + margin_s:
+            continue
+        c = d.cert
+        out.append(Violation("engine_restarts", f"{c.worker_id} gen {c.generation} died ({c.cause}"
+                             + (f": {c.reason}" if c.reason else "") + f") at t={d.t:.3f}, during "
+                             f"the engine restart #{f.n} (down at t={f.t:.3f}, back at "
+                             + (f"t={f.back_at:.3f}" if f.back_at is not None else "never")
+                             + "), and no fault was injected into it"))
     return out
 
 
@@ -416,12 +472,16 @@ class Invariants:
         have stopped (the plugin's teardown)."""
         h = self.harness
         complete = complete or final
+        if not final:
+            h.census()                  # (workers made before the kit could follow them)
         out = check_results(h.history, complete=complete)
         out += check_executions(h.history)
         out += await check_orphans(h)
         out += check_certificates(h.history, complete=complete)
         out += check_restart_delays(h.history, tolerance=1e-6 if h.fake else 0.25)
         out += check_escalations(h, complete=complete)
+        out += check_adoption(h.history)
+        out += check_engine_restarts(h.history)
         out += [Violation("kit", e) for e in h.history.internal_errors]
         return out
 

@@ -16,7 +16,11 @@ fixture argument wins). Fixtures:
     the test never looked (``corral_supervisor.escalation(sup)``).
 ``chaos``
     the seeded monkey: ``chaos.every(2).kill(pool="p")``, ``chaos.at(5).crash_wrapper(worker=w)``,
-    ``remove``, ``stop``, ``oom``, ``pause``, ``stop_engine``, ``any({...})``;
+    ``remove``, ``stop``, ``oom``, ``pause``, ``stop_engine``, ``restart_engine`` (live-restore:
+    FakeEngine or ``corral_engine("private")``), ``kill_supervisor`` (a crash of corral: the
+    supervisor is reopened and adopts its containers; ``corral_supervisor.current(sup)`` is its
+    new handle, ``corral_harness.submit(sup, "pool:p", task)`` a task through its journal that
+    outlives it), ``any({...})``;
     ``async with chaos.running(): ...``. The seed comes from ``--corral-seed`` (default: derived
     from the test's id, so a rerun repeats it); a failing test prints the seed, the schedule and
     what it injected.

@@ -25,6 +25,11 @@ fault              FakeEngine                            real engine            
                                                          inside (exec)
 ``stop_engine``    ``engine.shut_down`` (+ come_up)      SIGTERM to a private        engine_error
                                                          dockerd (+ start)
+``restart_engine`` ``go_down(live_restore=True)``,       a private dockerd with      (none)
+                   ``come_up()`` ``for_s`` later          live-restore: stop, start
+``kill_supervisor`` a supervisor's ``abandon`` (a crash:  the same                    (none)
+                   its containers run on), reopened
+                   ``for_s`` later with the same name
 =================  ====================================  ==========================  ==========
 
 ``oom`` needs FakeEngine: the engine port has no way to set off the OOM killer from outside.
@@ -37,6 +42,16 @@ container runs on, and corral finds it hung after ``heartbeat_timeout_s``.
 run on while it is stopped, so the fault expects no death at all (only the engine-wide record
 is kept); without live-restore, dockerd stops them as it goes (``engine_error``, or ``killed``
 when the engine is back before corral concludes so).
+
+``restart_engine`` restarts such an engine (FakeEngine, or a private dockerd that runs with
+live-restore): the containers run on, and no worker may die of it (the ``engine_restarts``
+invariant). ``for_s``: how long it stays down (FakeEngine: default 2 s; a private dockerd: as long
+as its stop and start take, plus ``for_s``). ``kill_supervisor`` kills a supervisor the harness
+started (``supervisor=``, else one drawn among them) as a crash of its process would, and opens it
+again with the same name ``for_s`` later (default at once): it adopts the containers that run on
+(the ``adoption`` invariant). Its workers' tasks die with it unless they went through its task
+journal (a ``state_dir`` in its config; `Harness.submit` submits a task that way, surviving the
+kill). Neither fires while the other has the engine or a supervisor down.
 """
 
 from __future__ import annotations
@@ -64,10 +79,15 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "oom": ("oom_killed",),
     "pause": ("hung",),
     "stop_engine": ("engine_error",),
+    "restart_engine": (),
+    "kill_supervisor": (),
 }
 """fault -> the causes its death certificate may give"""
 FAULTS = tuple(EXPECTED)
-FAKE_ONLY = frozenset({"oom", "stop_engine"})
+FAKE_ONLY = frozenset({"oom", "stop_engine", "restart_engine"})
+"""faults of FakeEngine only (stop_engine and restart_engine: or an engine the run started)"""
+RESTART_ENGINE_FAKE_S = 2.0
+"""how long ``restart_engine`` keeps FakeEngine down by default"""
 FREEZE_WRAPPER = """\
 import os, signal, sys
 hit = 0
@@ -138,6 +158,15 @@ class When:
     def stop_engine(self, *, for_s: float | None = None) -> "Rule":
         return self.chaos._add(self, {"stop_engine": 1.0}, {}, for_s=for_s)
 
+    def restart_engine(self, *, for_s: float | None = None) -> "Rule":
+        """Restart the engine (live-restore: its containers run on), down for ``for_s``."""
+        return self.chaos._add(self, {"restart_engine": 1.0}, {}, for_s=for_s)
+
+    def kill_supervisor(self, supervisor: Any = None, *, for_s: float | None = None) -> "Rule":
+        """Kill a supervisor as a crash would and reopen it ``for_s`` later (it adopts)."""
+        return self.chaos._add(self, {"kill_supervisor": 1.0},
+                               {} if supervisor is None else {"supervisor": supervisor}, for_s=for_s)
+
     def any(self, kinds: Mapping[str, float] | None = None, **target: Any) -> "Rule":
         """A fault of a kind drawn at each firing (weights; default: kill and remove)."""
         return self.chaos._add(self, dict(kinds or {"kill": 4.0, "remove": 1.0}), target)
@@ -158,7 +187,9 @@ class Rule:
     def describe(self) -> str:
         what = ("/".join(self.kinds) if len(self.kinds) == 1
                 else "one of " + ", ".join(f"{k} ({w:g})" for k, w in self.kinds.items()))
-        where = ", ".join(f"{k}={_target_name(v)}" for k, v in self.target.items()) or "any worker"
+        default = ("the engine" if set(self.kinds) <= {"stop_engine", "restart_engine"}
+                   else "any supervisor" if set(self.kinds) == {"kill_supervisor"} else "any worker")
+        where = ", ".join(f"{k}={_target_name(v)}" for k, v in self.target.items()) or default
         extra = f", for {self.for_s:g} s" if self.for_s is not None else ""
         return f"#{self.n} {self.when.describe()}: {what} ({where}{extra})"
 
@@ -239,13 +270,20 @@ class Chaos:
     def _check_engine(self, kinds) -> None:
         if not isinstance(self.harness.engine, FakeEngine):
             need = set(kinds) & FAKE_ONLY
-            if getattr(self.harness, "engine_control", None) is not None:
+            control = getattr(self.harness, "engine_control", None)
+            if control is not None:
                 need.discard("stop_engine")
+                if "restart_engine" in need and getattr(control, "live_restore", False):
+                    need.discard("restart_engine")
             if need:
-                raise ChaosError(f"{', '.join(sorted(need))}: needs FakeEngine (the engine port has no "
-                                 f"outside OOM kill and no engine stop"
-                                 + ("; stop_engine also runs on an engine the test started itself: "
-                                    "corral_engine('private')" if "stop_engine" in need else "")
+                engine_wide = need & {"stop_engine", "restart_engine"}
+                raise ChaosError(f"{', '.join(sorted(need))}: needs FakeEngine (the engine port has "
+                                 f"no outside OOM kill and no engine stop"
+                                 + (f"; {' and '.join(sorted(engine_wide))} also run"
+                                    f"{'s' if len(engine_wide) == 1 else ''} on an engine the test "
+                                    f"started itself: corral_engine('private')"
+                                    + (" with live-restore" if "restart_engine" in engine_wide else "")
+                                    if engine_wide else "")
                                  + f"); this engine is {self.harness.engine.url}")
 
     def describe(self) -> str:
@@ -348,6 +386,13 @@ class Chaos:
         self._check_engine({kind: 1})
         if kind == "stop_engine":
             return await self._stop_engine(rule, for_s)
+        if kind == "restart_engine":
+            return await self._restart_engine(rule, for_s)
+        if kind == "kill_supervisor":
+            fault = await self.harness.kill_supervisor(supervisor, for_s=for_s or 0.0, rule=rule)
+            if fault is None:
+                self.skipped += 1
+            return fault
         h = self.harness
         candidates = self.serving(worker=worker, pool=pool, supervisor=supervisor)
         if not candidates:
@@ -361,7 +406,7 @@ class Chaos:
             # the wrapper (!crash-wrapper, !oom) still does
             expected = ("hung", "crashed", "oom_killed")
         fault = h.history.fault(Fault(self._n, kind, h.history.now(), actor.id, cid, actor.generation,
-                                      expected, rule=rule))
+                                      expected, rule=rule, actor=actor))
         self._hit.add(cid)
         try:
             await self._apply(kind, cid)
@@ -410,6 +455,42 @@ class Chaos:
                 if code != 0:
                     raise ChaosError(f"pause: could not stop the wrapper in {cid[:12]} (exit {code}): "
                                      f"{out.strip()[-200:]}")
+
+    def next_number(self) -> int:
+        self._n += 1
+        return self._n
+
+    async def _restart_engine(self, rule: str, for_s: float | None) -> Fault | None:
+        h = self.harness
+        engine = h.engine
+        control = h.engine_control
+        fake = isinstance(engine, FakeEngine)
+        if (engine.down if fake else not control.running) or not h.all_up():
+            self.skipped += 1                # down already, or a supervisor is (killed, not back)
+            return None
+        down_s = (RESTART_ENGINE_FAKE_S if fake else 0.0) if for_s is None else for_s
+        fault = h.history.fault(Fault(self.next_number(), "restart_engine", h.history.now(), rule=rule,
+                                      detail=f"engine {engine.url}, down "
+                                             + (f"{down_s:g} s" if fake else
+                                                "while it stops and starts" + (f" + {down_s:g} s" if down_s else ""))
+                                             + " (live-restore: the containers run on)"))
+        fault.outcome = "certified"          # engine-wide: no certificate expected
+
+        async def back() -> None:
+            if fake:
+                engine.come_up()
+            else:
+                await control.start()
+            fault.back_at = h.history.now()
+            h.history.note("engine", f"the engine answers again (restart #{fault.n}, down "
+                                     f"{fault.back_at - fault.t:.3f} s)")
+        if fake:
+            engine.go_down(live_restore=True)
+        else:
+            await control.stop()
+        h.call_later(down_s, back)
+        await trio.lowlevel.checkpoint()
+        return fault
 
     async def _stop_engine(self, rule: str, for_s: float | None) -> Fault | None:
         h = self.harness

@@ -212,7 +212,9 @@ async def test_corral_chaos_reports_faults_deaths_latency_and_invariants(autojum
     assert report.restart_latency_s["n"] == sum(report.faults.values())
     assert 0 <= report.restart_latency_s["p50"] <= report.restart_latency_s["p99"] <= report.restart_latency_s["max"]
     assert report.invariants == {name: [] for name in ("results", "executions", "orphans", "certificates",
-                                                       "restart_delays", "escalations")}
+                                                       "restart_delays", "escalations", "adoption",
+                                                       "engine_restarts")}
+    assert (report.supervisor_kills, report.engine_restarts) == (0, 0)
     assert report.executions >= report.tasks_submitted > 100
     text = report.text()
     assert "faults:    " in text and "deaths:    " in text and "restarts:  " in text and " p99 " in text
