@@ -121,7 +121,7 @@ async def _body(request: Request, kind: type, *, empty: Any = None) -> Any:
         data += chunk
         if len(data) > MAX_BODY:
             raise BadRequest(f"request too large (the limit is {MAX_BODY} bytes)")
-    if not data.strip() and empty is not None:
+    if not data and empty is not None:      # no body at all (whitespace is not JSON)
         return empty
     try:
         return msgspec.json.decode(bytes(data), type=kind)

@@ -281,6 +281,9 @@ async def test_with_stdin_once_off_a_detach_does_not_end_the_container(engine, s
     """What a supervisor that restarts relies on: attached with stdin_once off, its detach leaves
     the wrapper and its task running, and a new attachment talks to the same wrapper (``hello``)
     and sees what it writes from then on (the task's result, live or replayed)."""
+    if flavour(engine) == "podman":
+        pytest.xfail("Podman 4.3 closes a container's stdin when the attach connection closes, "
+                     "StdinOnce or not: the wrapper shuts down (README, Running on Podman)")
     with trio.fail_after(DEADLINE):
         spec = worker_spec(image, sup_name, "w1", stdin_once=False)
         async with AsyncExitStack() as stack:
