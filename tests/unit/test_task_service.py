@@ -17,6 +17,18 @@ from runtime.testing import FakeEngine
 from .helpers import fake_supervisor
 
 
+@pytest.fixture(autouse=True)
+def _journal_on_trios_thread():
+    """The journal's calls on trio's own thread (runtime.journal.INLINE): under the autojump
+    clock, a task waiting for a worker thread lets virtual time run through every timer (a
+    loaded machine made a worker look hung while the journal wrote)."""
+    from runtime.journal import INLINE
+    token = INLINE.set(True)
+    yield
+    INLINE.reset(token)
+
+
+
 def config(state_dir, **kw) -> SupervisorConfig:
     return SupervisorConfig(name="t", state_dir=str(state_dir), workers=[WorkerSpec(id="solo")],
                             pools=[PoolSpec(name="p", replicas=2)], **kw)
