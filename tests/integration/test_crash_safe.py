@@ -29,7 +29,7 @@ import trio
 from runtime import SupervisorConfig, Task, WorkerSpec, open_supervisor
 from runtime.journal import JOURNAL_FILE
 
-from .test_run_service import CORRAL, ROOT, Service
+from .test_run_service import CORRAL, ROOT, Service, call
 
 POOL = '''
 [[pools]]
@@ -335,19 +335,3 @@ async def test_an_orphaned_container_exits_after_its_lease(engine, corral_name, 
                                  "the wrapper exits")
     assert lines[-1].endswith("orphaned: task long ended, exiting"), logs
     assert await engine.container_list(labels=labels) == []
-
-
-async def call(sock: str, req: dict) -> dict:
-    """The control requests these tests make, over the HTTP API (runtime.apps.client): a task's
-    journal record ("result"), or a task run to its end ("task"); answered as plain dicts."""
-    import msgspec
-    from runtime.apps.apitypes import TaskSubmit
-    from runtime.apps.client import Client
-
-    def go():
-        with Client(sock) as c:
-            if req["op"] == "result":
-                return c.task(req["task_id"])
-            assert req["op"] == "task"
-            return c.run(TaskSubmit(**{k: v for k, v in req.items() if k != "op"}, wait=True))
-    return msgspec.to_builtins(await trio.to_thread.run_sync(go))
