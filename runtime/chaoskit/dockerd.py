@@ -208,6 +208,20 @@ def _umount(path: str) -> int:
     return errno.EBUSY
 
 
+def _kill_cgroup(path: str) -> None:
+    """SIGKILL every process in cgroup directory ``path`` (one of the engine's own)."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            pids = [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _wait_gone(procs: Sequence[Proc], timeout: float) -> list[Proc]:
     deadline = time.monotonic() + timeout
     left = [p for p in procs if _alive(p)]
@@ -608,11 +622,20 @@ def _clean_root(root: str, cgroup_parent: str, *, seen: Sequence[Proc] = ()) -> 
         err = _umount(point)
         if err not in (0, errno.EINVAL, errno.ENOENT):    # EINVAL: gone with its parent already
             problems.append(f"(umount {point}: {os.strerror(err)})")
+    deadline = time.monotonic() + 10.0
     for d in _cgroup_dirs(cgroup_parent):
-        try:
-            os.rmdir(d)
-        except OSError as exc:
-            problems.append(f"(rmdir {d}: {exc.strerror})")
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except OSError as exc:
+                # busy: a container's process is still dying (or was missed): it is in this
+                # engine's own cgroup parent, so it is one of its containers'
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    problems.append(f"(rmdir {d}: {exc.strerror})")
+                    break
+                _kill_cgroup(d)
+                time.sleep(0.05)
     if _mounts_under(root):             # never remove files through a mount that is left
         return problems
     # rm: twice as fast as shutil.rmtree on the image layers, and it stays on this filesystem

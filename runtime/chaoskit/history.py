@@ -398,7 +398,11 @@ class History:
             if actor.state in ("ready", "busy"):
                 for f in self.faults:
                     if f.worker_id == rec.id and f.back_at is None and f.generation is not None \
-                            and actor.generation > f.generation and f.outcome != "missed":
+                            and f.outcome != "missed" and (
+                                actor.generation > f.generation
+                                or f.actor is not None and f.actor is not actor):
+                        # (a newer generation, or the worker made again after its supervisor's
+                        # kill: its generation may start over)
                         f.back_at = self.now()
             self._poke()
         except Exception as exc:      # a listener must never break the actor it watches
