@@ -8,8 +8,10 @@ Two guards, both taken by `open_supervisor()` before it touches any container:
    else ``/tmp/corral-<uid>``. An in-memory engine (FakeEngine) is locked in memory, per engine.
 2. With the lock held, the previous instance of this name is gone: the containers it left that
    still run are adopted by the new instance's workers of the same id (``claim_engine`` returns
-   them), and the ones that no longer run are removed. (The lock is per host: two hosts must not
-   run the same supervisor name against one engine.)
+   them); the newest container of a worker that died meanwhile is returned too, for its worker to
+   certify its death (and record the results it wrote) before removing it; the rest (older
+   generations, containers never started) are removed. (The lock is per host: two hosts must
+   not run the same supervisor name against one engine.)
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ log = structlog.get_logger("corral.instance")
 
 LIVE_STATES = frozenset({"running", "restarting", "paused"})
 """container states that mean "someone is still using this supervisor name\""""
+
+
+DEAD_STATES = frozenset({"exited", "dead"})
+"""container states of a container that ran and ended"""
 
 
 class AlreadyRunning(CorralError):
@@ -168,23 +174,24 @@ def hold_instance(engine: Engine, name: str) -> Iterator[None]:
 
 
 async def claim_engine(engine: Engine, name: str) -> dict[str, ContainerSummary]:
-    """With the lock held, survey the containers of supervisor ``name``: the ones that no longer
-    run (what a crashed earlier run left behind) are removed; the running ones are returned by
-    worker id, to be adopted by the workers of the same id (the newest generation of each; an
-    older live generation of the same worker is removed too)."""
+    """With the lock held, survey the containers of supervisor ``name`` and return, by worker
+    id, the one each worker takes over: its running container (the newest generation), to be
+    adopted, or else its newest container that ended while no corral process was attached, to
+    be certified and removed by the worker (runtime.instance: ``DEAD_STATES``). The others
+    (older generations, containers created but never started, unlabelled ones) are removed."""
     found = await engine.container_list(labels={"corral.supervisor": name})
-    live: dict[str, ContainerSummary] = {}
+    claimed: dict[str, ContainerSummary] = {}
     doomed: list[ContainerSummary] = []
     for c in found:
         wid = c.labels.get("corral.worker")
-        if c.status not in LIVE_STATES or not wid:
+        if not wid or (c.status not in LIVE_STATES and c.status not in DEAD_STATES):
             doomed.append(c)
             continue
-        other = live.get(wid)
-        if other is None or _generation(c) > _generation(other):
+        other = claimed.get(wid)
+        if other is None or _rank(c) > _rank(other):
             if other is not None:
                 doomed.append(other)
-            live[wid] = c
+            claimed[wid] = c
         else:
             doomed.append(c)
     for c in doomed:
@@ -193,10 +200,15 @@ async def claim_engine(engine: Engine, name: str) -> dict[str, ContainerSummary]
             log.info("stale_container_removed", supervisor=name, name=c.name, state=c.status)
         except (ContainerNotFound, RemovalInProgress):
             pass
-    if live:
-        log.info("containers_to_adopt", supervisor=name, count=len(live),
-                 workers=sorted(live)[:20])
-    return live
+    if claimed:
+        live = sorted(w for w, c in claimed.items() if c.status in LIVE_STATES)
+        log.info("containers_to_adopt", supervisor=name, count=len(live), workers=live[:20],
+                 dead=sorted(set(claimed) - set(live))[:20])
+    return claimed
+
+
+def _rank(c: ContainerSummary) -> tuple[bool, int]:
+    return c.status in LIVE_STATES, _generation(c)
 
 
 def _generation(c: ContainerSummary) -> int:

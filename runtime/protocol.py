@@ -38,6 +38,10 @@ class Ready(Frame, tag="ready"):
 
 class Heartbeat(Frame, tag="heartbeat"):
     seq: int
+    sent: int = 0
+    """the seq of the last kept frame the wrapper sent before this heartbeat (frames reach the
+    actor in order: a higher number than the actor processed means frames were lost on the way,
+    and a ``hello`` has them replayed); 0 from a wrapper older than version 5.1"""
 
 
 class TaskStarted(Frame, tag="task_started"):

@@ -20,6 +20,7 @@ import trio
 from runtime import events
 from runtime.engines import ContainerSummary, Engine
 from runtime.errors import CorralError, WorkerGone, WorkerStartupError
+from runtime.instance import LIVE_STATES
 from runtime.messages import (
     CancelTaskRequest,
     ChildDied,
@@ -99,6 +100,8 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         self.mailbox, self._recv = trio.open_memory_channel[Any](mailbox_size)
         self.finished = trio.Event()
         self._life: _Life | None = None
+        self._before_outage = "ready"
+        """the state before the engine went away (``engine_down``): what it goes back to"""
         self._pending: list[_Pending] = []
         self._current: _Pending | None = None
         self._draining: _Pending | None = None
@@ -273,6 +276,9 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
             adopt, self._adopt = self._adopt, None
             if adopt is not None:
                 self._take_over(adopt)
+                if adopt.status not in LIVE_STATES:
+                    await self._found_dead(adopt)
+                    continue
             else:
                 self.generation += 1
             structlog.contextvars.bind_contextvars(generation=self.generation)
@@ -285,6 +291,8 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
                 log.warning("adoption_failed", container_id=adopt.id[:12], cause=cert.cause,
                             reason=cert.reason)
                 continue
+            if end_kind == "replace":
+                continue           # it never ran: a new container, no death, no restart
             was_first, first = first, False
             if end_kind == "stop":
                 return "stopped", []
@@ -353,6 +361,26 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
                 self.deaths = [msgspec.json.decode(last, type=DeathCertificate)]
             except (msgspec.DecodeError, msgspec.ValidationError):
                 log.warning("adopted_last_death_unreadable")
+
+    async def _found_dead(self, c: ContainerSummary) -> None:
+        """Its container ended while no corral process was attached: the death is certified
+        and recorded (last death, restarts: as after any death, but in the past: no backoff,
+        and nothing for the supervisor to count), the results the container wrote meanwhile are
+        recorded in the journal, and a new container follows at once."""
+        structlog.contextvars.bind_contextvars(generation=self.generation)
+        cert, results = await self._certify_found(c)
+        for frame in results:
+            self._carried.add(frame.task_id)
+            await self._task_done(frame)
+        cert = msgspec.structs.replace(cert, restart_in_s=0.0)
+        self.deaths.append(cert)
+        del self.deaths[:-MAX_DEATHS]
+        self.deaths_by_cause[cert.cause] = self.deaths_by_cause.get(cert.cause, 0) + 1
+        log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
+                    ready=True, uptime_s=round(cert.uptime_s, 3), decision="restart",
+                    restart_in_s=0.0, found_dead=True)
+        events.worker_died(self, cert, "restart")
+        self.restarts += 1
 
     def carries(self, task_id: str) -> bool:
         """An adopted container was running ``task_id``, or replays its result: it is not lost."""

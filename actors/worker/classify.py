@@ -56,6 +56,10 @@ class ExitFacts:
     """the engine still answered right after the death (a ping, its events stream)"""
     node_lost: str | None = None
     """a cluster engine lost the node the container ran on (why)"""
+    unattended: bool = False
+    """it ended while no corral process was attached (found dead when corral started)"""
+    orphaned: bool = False
+    """the wrapper said it was orphaned (its lease ran out with no supervisor attached)"""
 
 
 def signal_name(sig: str | int) -> str:
@@ -95,6 +99,13 @@ def _exit_signal(exit_code: int | None) -> str | None:
 
 def classify(f: ExitFacts) -> tuple[Cause, str]:
     """The cause of a container's end and a reason a person can act on."""
+    cause, reason = _classify(f)
+    if f.unattended:
+        reason += " (while no corral process was attached)"
+    return cause, reason
+
+
+def _classify(f: ExitFacts) -> tuple[Cause, str]:
     # corral ended it itself: its own account is the cause
     if f.end == "engine_unavailable":
         return "engine_unavailable", f.detail or "the engine stayed unreachable"
@@ -116,6 +127,9 @@ def classify(f: ExitFacts) -> tuple[Cause, str]:
         return "node_lost", f"its node was lost: {f.node_lost}"
     if f.removed:
         return "removed", "the container was removed out of band"
+    if f.orphaned and f.exit_code == 0:
+        return "exited", ("orphaned: its lease ran out with no supervisor attached "
+                          "(orphan_timeout_s), and the wrapper exited")
     if fatal.startswith("oom_killed") or f.oom or f.oom_event:
         return "oom_killed", fatal or "killed by the kernel OOM killer"
     if f.exit_code == EX_CONFIG or (fatal and not f.ready):

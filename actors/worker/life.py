@@ -20,9 +20,10 @@ from runtime.errors import (
     EngineUnavailable,
     ImageNotFound,
     NameConflict,
+    ProtocolError,
     RemovalInProgress,
 )
-from runtime.protocol import Hello, Shutdown
+from runtime.protocol import Shutdown, TaskDone, decode_wrapper_frame
 from runtime.records import DeathCertificate
 
 from ..watcher import ENGINE_CHECK_S, SETTLE_S
@@ -31,12 +32,19 @@ from .classify import ExitFacts, classify, signal_name
 log = structlog.get_logger("corral.worker")
 
 LOG_TAIL = 4096
+FOUND_LOG_BYTES = 4 << 20
+"""how much of the log of a container found dead is searched for task results"""
 MAX_DEATHS = 10
 EX_CONFIG = 78
 GATEWAY_PORT = 8787
 """the wrapper's model-gateway endpoint: http://127.0.0.1:8787 inside the container"""
 OUTBOX = 64
 """frames queued for the wrapper's stdin (backpressure beyond that)"""
+
+
+class StartLost(Exception):
+    """A container's start was cut off by the engine going away, and the engine refused to
+    start it again once back: it never ran, and is replaced (no death)."""
 
 
 def container_name(supervisor: str, worker_id: str, generation: int) -> str:
@@ -80,7 +88,7 @@ class _Life:
     ready: bool = False
     settled: trio.Event = field(default_factory=trio.Event)   # ready, or ended before it
     ended: trio.Event = field(default_factory=trio.Event)
-    end_kind: str | None = None        # died | hung | protocol | restart | stop | startup_timeout
+    end_kind: str | None = None        # died | hung | protocol | restart | stop | startup_timeout | replace
     end_reason: str = ""
     fatal_reason: str | None = None
     tail: bytearray = field(default_factory=bytearray)
@@ -101,6 +109,14 @@ class _Life:
     seq: int = 0
     """the highest kept-frame sequence number processed (what the next lease acknowledges)"""
     reattaches: int = 0
+    startup: trio.CancelScope | None = None
+    """the startup deadline's scope (create to READY): an engine outage meanwhile extends it"""
+    hello_at: float | None = None
+    """when the last ``hello`` still unanswered was sent"""
+    hellos: int = 0
+    """``hello`` frames sent so far (numbered 1, 2, ...)"""
+    first_unanswered: int | None = None
+    """the number of the oldest ``hello`` not answered yet"""
     outage: bool = False
     """it ended while the engine was away (not the worker's doing)"""
 
@@ -184,7 +200,8 @@ class ContainerLife:
                         adopt: ContainerSummary | None = None) -> tuple[str, DeathCertificate | None]:
         """One container, from create (or adoption: ``adopt``, a running container of this
         worker left by an earlier corral process) to removal. Returns ("died", certificate), or
-        ("restart" | "stop", None) when it ended on request."""
+        ("restart" | "stop", None) when it ended on request, ("replace", None) when it never
+        ran and is replaced (StartLost)."""
         gen = self.generation
         name = adopt.name if adopt is not None else container_name(self.supervisor, self.id, gen)
         t_create = trio.current_time()
@@ -257,14 +274,18 @@ class ContainerLife:
                 async with trio.open_nursery() as nursery:
                     life.nursery = nursery
                     try:
-                        with trio.move_on_at(deadline):
+                        with trio.move_on_at(deadline) as life.startup:
                             try:
                                 await nursery.start(self._attached, life)
                                 if adopt is None:
                                     self._set_state("starting")
-                                    await self.engine.container_start(cid)
+                                    await self._start(life)
                                 else:
-                                    await self._send(life, Hello(worker_id=self.id))
+                                    await self._hello(life)
+                            except StartLost as exc:
+                                log.warning("start_lost_replacing", error=str(exc))
+                                life.end("replace", str(exc))
+                                return "replace", None
                             except EngineError as exc:
                                 life.end("died", str(exc))
                                 return "died", await self._certify(life, watch, exc)
@@ -308,6 +329,36 @@ class ContainerLife:
             if holding_slot:
                 self.start_limiter.release()
 
+    async def _start(self, life: _Life) -> None:
+        """Start the container. A start cut off by the engine going away (a dockerd restarting
+        closes its connections) is not the container's death: once the engine is back, the
+        container runs (it started after all: the attach loop says ``hello`` and its READY
+        comes as the answer) or is still only created (it is started again)."""
+        cid = life.container_id
+        cut = False
+        while True:
+            try:
+                await self.engine.container_start(cid)
+                return
+            except EngineUnavailable:
+                if not await self._wait_for_engine():
+                    raise
+                cut = True
+            except EngineError as exc:
+                if cut:
+                    # started again after the outage, and refused: dockerd can come back with
+                    # the half-made start of a container it still calls "created" ("task ...
+                    # already exists"). It never ran: replaced by a new one, no death.
+                    raise StartLost(str(exc)) from None
+                raise
+            try:
+                st = await self.engine.container_inspect(cid)
+            except EngineUnavailable:
+                continue               # away again
+            if st.status != "created":
+                log.info("start_cut_off_by_the_engine", status=st.status)
+                return                 # it started (running, or ended already: certified)
+
     def _abandoned(self) -> bool:
         """The supervisor was abandoned (a simulated crash of the corral process): containers
         are left running, as a killed process leaves them, for the next one to adopt."""
@@ -318,7 +369,9 @@ class ContainerLife:
         most ``engine_outage_s``. False if it never came back in time, or the worker is asked to
         stop meanwhile. ``restore``: once it is back, the state goes back to what it was (else
         the caller does that when it has checked what it must)."""
-        prev = self.state
+        # (the attach loop and a start cut off may both wait: the state to go back to is the
+        # one from before the outage)
+        prev = self._before_outage = self.state if self.state != "engine_down" else self._before_outage
         self._set_state("engine_down")
         log.warning("engine_down", outage_limit_s=self.engine_outage_s)
         t0 = trio.current_time()
@@ -335,6 +388,11 @@ class ContainerLife:
                     back = True               # it answered, with an error
                 if back:
                     log.info("engine_back", down_s=round(trio.current_time() - t0, 3))
+                    life = self._life
+                    if life is not None and life.startup is not None and not life.settled.is_set():
+                        # the startup deadline does not count the outage
+                        life.startup.deadline = max(life.startup.deadline,
+                                                    trio.current_time() + self.spec.startup_timeout_s)
                     if restore:
                         self._set_state(prev)
                     return True
@@ -344,6 +402,18 @@ class ContainerLife:
         if self._stop_event.is_set():
             return False
         log.error("engine_unavailable", down_s=round(trio.current_time() - t0, 3))
+        return False
+
+    async def _engine_answers(self) -> bool:
+        """The engine answers a ping within ENGINE_CHECK_S (with an error, even)."""
+        with trio.move_on_after(ENGINE_CHECK_S):
+            try:
+                await self.engine.ping()
+                return True
+            except EngineUnavailable:
+                return False
+            except EngineError:
+                return True
         return False
 
     def _outage_cert(self, cid: str | None, gen: int, exc: BaseException | None,
@@ -364,42 +434,50 @@ class ContainerLife:
             life.end("died", "output closed")
             return False
         cid = life.container_id
-        try:
-            with trio.fail_after(ENGINE_CHECK_S):
-                st = await self.engine.container_inspect(cid)
-        except ContainerNotFound:
-            life.end("died", "output closed")
-            return False
-        except (EngineUnavailable, trio.TooSlowError):
-            prev = self.state
-            if not await self._wait_for_engine(restore=False):
-                if self._stop_event.is_set():
-                    life.end("stop", "stop requested while the engine was away")
-                    return False
-                life.end("engine_unavailable",
-                         f"the engine was unreachable for over {self.engine_outage_s:g} s "
-                         f"(engine_outage_s)")
-                return False
+        outage = False
+        for _ in range(3):
             try:
-                st = await self.engine.container_inspect(cid)
-            except EngineError as exc:
-                life.end("died", f"output closed; after the engine came back: {exc}")
+                with trio.fail_after(ENGINE_CHECK_S):
+                    st = await self.engine.container_inspect(cid)
+                break
+            except ContainerNotFound:
+                life.end("died", "output closed")
                 return False
-            if not st.running:
+            except (EngineError, trio.TooSlowError) as exc:
+                # unreachable, too slow, or an error from an engine shutting down (a dockerd
+                # that stops answers some calls with errors before it closes its socket): wait
+                # until it answers again
+                error = exc
+                if not isinstance(exc, (EngineUnavailable, trio.TooSlowError)) \
+                        and await self._engine_answers():
+                    await trio.sleep(0.1)      # an error of its own: asked again (3 times)
+                    continue
+                outage = True
+                if not await self._wait_for_engine(restore=False):
+                    if self._stop_event.is_set():
+                        life.end("stop", "stop requested while the engine was away")
+                        return False
+                    life.end("engine_unavailable",
+                             f"the engine was unreachable for over {self.engine_outage_s:g} s "
+                             f"(engine_outage_s)")
+                    return False
+        else:
+            life.end("died", f"output closed; the engine kept failing: {error}")
+            return False
+        if outage:
+            if not st.running and not (st.status == "created" and not life.started):
                 life.end("died", "the container did not survive the engine's outage")
                 life.outage = True
                 return False
             # serving again only now that its container is known to have survived (a kill
             # before this point is no kill of a serving worker: it is the outage's)
-            self._set_state(prev)
-        except EngineError as exc:
-            life.end("died", f"output closed ({exc})")
-            return False
-        if not st.running:
+            self._set_state(self._before_outage)
+        if not st.running and not (st.status == "created" and not life.started):
             life.end("died", "output closed")
             return False
-        # still running: the stream broke, or the process is ending and the engine has not
-        # noticed yet (its die event then comes at once)
+        # still running (or not started yet: its start was cut off, and is retried): the stream
+        # broke, or the process is ending and the engine has not noticed yet (its die event
+        # then comes at once)
         if watch is not None and self.watcher is not None and self.watcher.alive:
             with trio.move_on_after(0.2):
                 await watch.died.wait()
@@ -494,6 +572,47 @@ class ContainerLife:
                 except EngineError as exc:
                     log.warning("container_remove_failed", container_id=cid[:12], error=str(exc))
 
+    async def _certify_found(self, c: ContainerSummary) -> tuple[DeathCertificate, list[TaskDone]]:
+        """A container of this worker that ended while no corral process was attached (found
+        when corral started): its death certified from what the engine kept (exit code, OOM,
+        its log), with the task results it wrote meanwhile (its log's task_done frames: a
+        task that ended before the container did still has its answer); then it is removed."""
+        exit_code: int | None = None
+        oom = removed = False
+        problem: str | None = None
+        tail, at, uptime = "", time.time(), 0.0
+        try:
+            st = await self.engine.container_inspect(c.id)
+            exit_code, oom = st.exit_code, st.oom_killed
+            if st.finished_at:
+                at = st.finished_at
+                uptime = max(st.finished_at - (st.started_at or st.finished_at), 0.0)
+            tail = await self.engine.container_logs(c.id, tail_bytes=FOUND_LOG_BYTES)
+        except ContainerNotFound:
+            removed = True
+        except EngineError as exc:
+            problem = str(exc)
+        results: list[TaskDone] = []
+        for line in tail.encode(errors="replace").splitlines():
+            if b'"kind":"task_done"' in line:
+                try:
+                    frame = decode_wrapper_frame(line)
+                except ProtocolError:
+                    continue                 # cut off by the log's tail
+                if isinstance(frame, TaskDone):
+                    results.append(frame)
+        cause, reason = classify(ExitFacts(
+            end="died", ready=True, exit_code=exit_code, oom=oom, removed=removed,
+            engine_problem=problem, watched=False, unattended=True,
+            orphaned="orphaned:" in tail))
+        await self._remove_container(c.id)
+        log.info("found_dead", container_id=c.id[:12], cause=cause, results=len(results))
+        return DeathCertificate(worker_id=self.id, container_id=c.id, generation=self.generation,
+                                cause=cause, reason=reason, exit_code=exit_code,
+                                oom_killed=oom or cause == "oom_killed", ready=True,
+                                uptime_s=round(uptime, 6), logs_tail=tail[-LOG_TAIL:],
+                                at=at), results
+
     def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float) -> DeathCertificate:
         return DeathCertificate(worker_id=self.id, container_id=cid, generation=gen,
                                 cause="engine_error", reason=str(exc), at=time.time(),
@@ -514,7 +633,7 @@ class ContainerLife:
         answered = True
         watched_live = False      # its events were followed live as it ended (else a new
                                   # subscription of the watcher replays them)
-        if exc is None and kind != "protocol" and life.started:
+        for again in (True, False) if exc is None and kind != "protocol" and life.started else ():
             try:
                 with trio.fail_after(10):
                     exit_code = await self.engine.container_wait(cid)
@@ -533,12 +652,17 @@ class ContainerLife:
                         exit_code = state.exit_code
             except ContainerNotFound:
                 removed = True
-            except EngineUnavailable as e:
-                problem, unreachable = str(e), True
             except EngineError as e:
-                problem = str(e)
+                problem, unreachable = str(e), isinstance(e, EngineUnavailable)
+                if again and (unreachable or not await self._engine_answers()) \
+                        and await self._wait_for_engine():
+                    # the engine went away as it ended (a dockerd restarting cuts every call
+                    # short): once it is back, it says how the container ended
+                    problem, unreachable = None, False
+                    continue
             except trio.TooSlowError:
                 problem = "the container's exit was not reported within 10 s"
+            break
         if watch is not None:
             oom = oom or watch.oom
             removed = removed or watch.destroyed.is_set()
@@ -569,6 +693,25 @@ class ContainerLife:
                     why = str(e)
                 except EngineError:
                     answered = True                   # it answered, with an error
+            back = answered or await self._wait_for_engine()
+            if not back and not self._stop_event.is_set():
+                kind = "engine_unavailable"
+                life.end_reason = (f"the engine was unreachable for over {self.engine_outage_s:g} s "
+                                   f"(engine_outage_s)")
+            if not answered and back:
+                # it went away as the container ended, and is back (a dockerd restarting): the
+                # events its new stream replays tell a kill from outside (`docker kill`) apart;
+                # any other end is the outage's doing, restarted without counting
+                if self.watcher is not None:
+                    with trio.move_on_after(ENGINE_CHECK_S):
+                        await self.watcher.wait_alive()
+                if watch is not None and not watch.died.is_set():
+                    with trio.move_on_after(0.5):
+                        await watch.died.wait()
+                if watch is not None and watch.kills and not watch.stopped and not life.kill_sent:
+                    answered = True
+                else:
+                    life.outage = True
             if not answered:
                 problem = why
         facts = ExitFacts(

@@ -148,7 +148,7 @@ class WrapperSession:
                         task_status.started()
                     else:
                         life.last_frame = trio.current_time()
-                        await self._send(life, Hello(worker_id=self.id))
+                        await self._hello(life)
                     try:
                         await self._reader(life, att)
                     finally:
@@ -164,6 +164,15 @@ class WrapperSession:
                 log.warning("reattach_failed", error=str(exc))
             if not await self._after_eof(life, watch):
                 return
+
+    async def _hello(self, life: _Life) -> None:
+        """Ask the wrapper to resume: it answers ``ready`` (resumed) and replays every kept frame
+        not yet acknowledged."""
+        life.hello_at = trio.current_time()
+        life.hellos += 1
+        if life.first_unanswered is None:
+            life.first_unanswered = life.hellos
+        await self._send(life, Hello(worker_id=self.id))
 
     async def _lease(self, life: _Life) -> None:
         """Renews the wrapper's lease every heartbeat_s and acknowledges the kept frames
@@ -294,13 +303,21 @@ class WrapperSession:
         if seq and seq <= life.seq:
             return                    # replayed, and processed already (a re-attach)
         match frame:
-            case Heartbeat():
-                pass
+            case Heartbeat(sent=sent):
+                if sent > life.seq and (life.hello_at is None or trio.current_time() - life.hello_at
+                                        > 2 * self.spec.heartbeat_s):
+                    # frames reach us in order, and this heartbeat comes after frames we never
+                    # saw (written while the engine restarted, or the answer to a hello that
+                    # was lost): have them replayed (duplicates are dropped by seq)
+                    log.warning("frames_lost", processed=life.seq, sent=sent)
+                    await self._hello(life)
             case Ready(worker_id=wid):
                 if wid != self.id:
                     raise ProtocolError(f"ready from worker {wid!r}, expected {self.id!r}")
                 if frame.resumed:
+                    answered, life.first_unanswered, life.hello_at = life.first_unanswered, None, None
                     self._resumed(life, frame)
+                    await self._redeliver_lost(life, frame, answered)
                 life.ready = True
                 life.ready_at = life.ready_at or trio.current_time()
                 life.settled.set()

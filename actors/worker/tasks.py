@@ -56,6 +56,10 @@ class _Pending:
     gw_output: int = 0
     gw_seen: bool = False
     """token usage that crossed the gateway while this task ran"""
+    frame: bytes | None = None
+    """its run_task frame as sent (sent again if it was lost on the way)"""
+    hellos_before: int = 0
+    """how many ``hello`` frames its container's life had sent when its run_task was written"""
     recorded: bool = False
     carried: bool = False
     """running in an adopted container when this corral process found it: nobody here waits
@@ -185,8 +189,24 @@ class TaskBook:
             stall = self.spec.effective_stall_timeout_s
             if stall is not None and life.nursery is not None:
                 life.nursery.start_soon(self._watch_stall, life, p, stall)
+            p.frame, p.hellos_before = data, life.hellos
             await self._send_bytes(life, data)
             return
+
+    async def _redeliver_lost(self, life: _Life, frame: Ready, first_unanswered: int | None) -> None:
+        """A resumed wrapper answered a ``hello`` written after this worker sent it its task,
+        yet it neither runs that task nor holds its result: the run_task frame was lost on the
+        way (written while the engine restarted). It is sent again (the task never ran)."""
+        p = self._current
+        if p is None or p.frame is None or first_unanswered is None \
+                or p.hellos_before >= first_unanswered:
+            return
+        tid = p.task.task_id
+        if frame.running == tid or tid in frame.replay:
+            return
+        log.warning("task_frame_lost", task_id=tid)
+        p.hellos_before = life.hellos
+        await self._send_bytes(life, p.frame)
 
     async def _enforce_deadline(self, life: _Life, p: _Pending) -> None:
         """corral's own deadline for a task, whatever the wrapper does: at timeout_s +

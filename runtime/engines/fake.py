@@ -93,12 +93,19 @@ class _Output:
         self._c = c
         self.attached: trio.MemorySendChannel[tuple[int, bytes]] | None = None
         self.attachment: "_FakeAttachment | None" = None
+        self.lose: list[bytes] = []
+        """(lose_output) the next stdout writes that contain these go to the log only"""
 
     def send_nowait(self, item: tuple[int, bytes]) -> None:
         log = self._c.log
         log += item[1]
         if len(log) > LOG_KEPT:
             del log[:-LOG_KEPT]
+        if self.lose and item[0] == 1:
+            for mark in self.lose:
+                if mark in item[1]:
+                    self.lose.remove(mark)
+                    return             # lost on the way (in the log, never seen attached)
         if self.attached is not None:
             self.attached.send_nowait(item)
 
@@ -133,6 +140,8 @@ class FakeContainer:
     stdin: trio.MemorySendChannel | None = None
     _stdin_recv: trio.MemoryReceiveChannel | None = None
     log: bytearray = field(default_factory=bytearray)
+    lose_input: list[bytes] = field(default_factory=list)
+    """(lose_input) the next stdin writes that contain these are lost on the way"""
     controls: FakeControls = field(default_factory=FakeControls)
     scope: trio.CancelScope | None = None
 
@@ -165,6 +174,10 @@ class _FakeAttachment:
             raise EngineError("attach stdin closed: the engine closed the connection")
         if self._c.stdin is None or self._c.status == "exited":
             raise EngineError("attach stdin closed: container exited")
+        for mark in self._c.lose_input:
+            if mark in data:
+                self._c.lose_input.remove(mark)
+                return                 # written, and lost on the way
         try:
             self._c.stdin.send_nowait(data)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -354,6 +367,20 @@ class FakeEngine:
             if c.labels.get("corral.worker") == worker_id and c.status == "running":
                 return c
         return None
+
+    def lose_output(self, cid: str, *marks: bytes) -> None:
+        """The next stdout write of the container that contains each of ``marks`` (a frame's
+        ``b'"kind":"task_done"'``) reaches its log but not the attached side, as frames written
+        while a live-restore dockerd restarts can be lost."""
+        out = self._get(cid).out_send
+        assert out is not None
+        out.lose += marks
+
+    def lose_input(self, cid: str, *marks: bytes) -> None:
+        """The next stdin write to the container that contains each of ``marks`` seems to go
+        through but never reaches it, as a write on a connection that a restarting dockerd
+        drops."""
+        self._get(cid).lose_input.extend(marks)
 
     def kill(self, cid: str, signal: str | int = "9") -> None:
         """Like `docker kill`: a kill event (with the signal's number, as dockerd reports it),
@@ -580,6 +607,7 @@ class FakeEngine:
             return                              # as Docker: nothing to do (304)
         self.stats["starting_now"] += 1
         self.stats["max_starting"] = max(self.stats["max_starting"], self.stats["starting_now"])
+        outage = self._outage
         try:
             if self.start_delay:
                 await trio.sleep(self.start_delay)
@@ -591,6 +619,11 @@ class FakeEngine:
         self._emit(c, "started")
         assert self._nursery is not None, "use `async with FakeEngine() as engine`"
         self._nursery.start_soon(self._wrapper, c)
+        if outage.is_set():
+            # a live-restore engine went away during the start: the container runs (what it
+            # writes goes to its log), but the call that started it was cut off
+            c.out_send.break_off()
+            raise EngineUnavailable("fake: the engine went away during the start")
 
     async def container_inspect(self, cid: str) -> ContainerState:
         await self._op()

@@ -83,6 +83,9 @@ The control plane survives its supervisor (wrapper version 5):
   running now, or null) and ``replay`` (the task ids of the kept task_done frames, in order),
   then every kept frame again, unchanged (same seq), in seq order; what the agent writes
   afterwards follows with higher numbers. A hello naming another worker is logged and ignored.
+- Every ``heartbeat`` carries ``sent``, the seq of the last kept frame sent before it: a
+  supervisor that has processed less than that lost frames on the way (written while the engine
+  was restarting) and says ``hello`` again to have them replayed.
 - The lease (CORRAL_ORPHAN_TIMEOUT_S seconds; absent or 0: no lease, nothing is ever orphaned).
   It runs from Boot and is renewed by every frame from the actor that has a known kind (lease,
   hello, run_task, cancel_task, shutdown, http_*). Once it runs out the wrapper is orphaned:
@@ -1413,7 +1416,7 @@ class WrapperCore(object):
         running = job is not None and job.phase == "running"
         if ev.name == "heartbeat":
             self.seq += 1
-            self._send("heartbeat", seq=self.seq)
+            self._send("heartbeat", seq=self.seq, sent=self.sent_seq)
             self._start_timer("heartbeat", self.interval)
         elif ev.name == "timeout" and running:
             self._kill(job, "timeout")

@@ -39,10 +39,6 @@ async def test_corral_chaos_kill_supervisor_on_docker(engine, corral_name):
     assert report["containers_left"] == 0
 
 
-@pytest.mark.xfail(strict=False, reason="known, not fixed yet: over repeated dockerd restarts a "
-                   "re-attached worker can miss the replay that answers its hello (its task stays "
-                   "running), and a restart that catches every worker's container_wait mid-shutdown "
-                   "certifies engine_error x3 (shared cause): see the session note")
 async def test_corral_chaos_restart_engine_on_a_private_dockerd(private_docker):
     """Engine restarts alone (no worker faults: a worker restarting just as dockerd shuts down
     may still lose that container, see the README's `corral chaos`): not one death."""

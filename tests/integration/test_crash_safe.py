@@ -5,7 +5,7 @@
   tasks that finished while no corral ran deliver their results, the queued ones run, and every
   task has exactly one result in the journal and ran exactly once in a container.
 - A container whose supervisor is gone (no lease renewed) exits by itself once its lease runs
-  out: exit code 0, its log says why.
+  out: exit code 0, its log says why; the next start certifies that death and removes it.
 
 The tasks are shell commands that append to /workspace/ran in their container, so the runs are
 counted where they happen, not where corral says they happened."""
@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from runtime import SupervisorConfig, Task, WorkerSpec, open_supervisor
+from runtime.errors import ContainerNotFound
 from runtime.journal import JOURNAL_FILE
 
 from .test_run_service import CORRAL, ROOT, Service, call
@@ -316,10 +317,24 @@ async def test_an_orphaned_container_exits_after_its_lease(engine, corral_name, 
                 code = await engine.container_wait(cid)
             st = await engine.container_inspect(cid)
             logs = await engine.container_logs(cid, tail_bytes=8192)
+            # the next start certifies the orphan's death, removes it, and starts a new one
+            async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
+                info = await (await sup.spawn(spec)).info()
+                left = [c.id for c in await engine.container_list(labels=labels)]
         finally:
             with trio.CancelScope(shield=True):
-                await engine.container_remove(cid, force=True)
+                try:
+                    await engine.container_remove(cid, force=True)
+                except ContainerNotFound:
+                    pass
     assert (code, st.exit_code, st.running) == (0, 0, False), logs
+    death = info.last_death
+    assert (death.cause, death.exit_code, death.container_id, info.generation, info.restarts) == (
+        "exited", 0, cid, 2, 1)
+    assert death.reason == ("orphaned: its lease ran out with no supervisor attached "
+                            "(orphan_timeout_s), and the wrapper exited (while no corral process "
+                            "was attached)")
+    assert left == [info.container_id] and cid != info.container_id
     lived = st.finished_at - t_abandon
     print(f"\norphan ({policy}): exited {lived:.2f} s after its supervisor went (lease "
           f"{lease_s:g} s, renewed every {heartbeat_s:g} s)")

@@ -146,7 +146,68 @@ async def test_an_orphaned_wrapper_exits_after_its_lease(autojump_clock):
         await engine.container_wait(cid["id"])
         assert 29 <= trio.current_time() - t0 <= 31            # orphan_timeout_s = 30
         assert c.status == "exited"
-        async with open_supervisor(cfg, engine=engine):        # the next start removes it
+        async with open_supervisor(cfg, engine=engine) as sup:
+            # the next start certifies its death and removes it; the worker goes on
+            w = await sup.spawn(spec())
+            info = w.info_nowait()
+            assert cid["id"] not in engine.containers
+            assert (info.generation, info.restarts, info.state) == (2, 1, "ready")
+            assert (info.last_death.cause, info.last_death.exit_code, info.last_death.reason) == (
+                "exited", 0, "orphaned: its lease ran out with no supervisor attached "
+                             "(orphan_timeout_s), and the wrapper exited (while no corral process "
+                             "was attached)")
+
+
+async def test_a_container_that_crashed_while_corral_was_down_is_certified_and_removed(autojump_clock):
+    async with FakeEngine() as engine:
+        cfg = SupervisorConfig(name="t")
+        cid = {}
+
+        async def start(sup, nursery):
+            w = await sup.spawn(spec())
+            cid["id"] = w.info_nowait().container_id
+
+        await crash_with(engine, cfg, start)
+        engine.crash(cid["id"], exit_code=3)
+        with capture_logs() as logs:
+            async with open_supervisor(cfg, engine=engine) as sup:
+                w = await sup.spawn(spec())
+                info = w.info_nowait()
+                death = info.last_death
+                assert (death.cause, death.exit_code, death.container_id, death.generation) == (
+                    "crashed", 3, cid["id"], 1)
+                assert death.reason == "exited with 3 after READY (while no corral process was attached)"
+                assert (info.generation, info.restarts, info.state) == (2, 1, "ready")
+                assert cid["id"] not in engine.containers
+                assert info.container_id in engine.containers
+        died = [e for e in logs if e["event"] == "worker_died"]
+        assert [(e["cause"], e.get("found_dead")) for e in died] == [("crashed", True)]
+
+
+async def test_a_result_written_before_an_orphan_exited_is_recorded_from_its_log(autojump_clock):
+    """orphan_policy "finish": the task ends while no corral process is attached, and the wrapper
+    exits; its answer is in the dead container's log. The next start certifies the death and
+    records that answer in the journal: the task is not lost."""
+    journal = RecordingJournal()
+    finish = lambda: WorkerSpec(id="w", heartbeat_s=1.0, orphan_timeout_s=2.0,  # noqa: E731
+                                orphan_policy="finish", restart=FAST)
+    async with FakeEngine() as engine:
+        cfg = SupervisorConfig(name="t")
+        cid = {}
+
+        async def start(sup, nursery):
+            w = await sup.spawn(finish())
+            cid["id"] = w.info_nowait().container_id
+            nursery.start_soon(w.run, Task(prompt="!sleep 5", task_id="long"))
+            await w.wait_until(lambda i: i.state == "busy")
+
+        await crash_with(engine, cfg, start)
+        assert await engine.container_wait(cid["id"]) == 0       # finished, then exited
+        async with open_supervisor(cfg, engine=engine) as sup:
+            sup._sup.journal = journal
+            w = await sup.spawn(finish())
+            assert journal.attempts == [("long", "w", 1, "ok")]
+            assert w.info_nowait().last_death.reason.startswith("orphaned:")
             assert cid["id"] not in engine.containers
 
 
@@ -218,3 +279,111 @@ async def test_a_kill_just_after_a_live_restore_engine_restart_is_certified_kill
             await w.wait_until(lambda i: i.generation == 2)
             death = w.info_nowait().last_death
             assert (death.cause, death.reason) == ("killed", "killed outside corral with SIGKILL")
+
+
+async def test_a_result_lost_on_the_way_is_replayed_after_the_next_heartbeat(autojump_clock):
+    """A task_done frame written while the engine restarts can be lost on the way; the next
+    heartbeat says which frames were sent, and the worker asks for them again (``hello``): the
+    task still gets its result, once, without a restart."""
+    async with FakeEngine() as engine:
+        async with open_supervisor(SupervisorConfig(name="t"), engine=engine) as sup:
+            w = await sup.spawn(spec())
+            cid = w.info_nowait().container_id
+            engine.lose_output(cid, b'"kind":"task_done"')
+            with capture_logs() as logs:
+                with trio.fail_after(4):                # 2 heartbeats and a bit
+                    result = await w.run(Task(prompt="x", task_id="t1"))
+            assert (result.task_id, result.status) == ("t1", "ok")
+            assert [e["event"] for e in logs if e["event"] == "frames_lost"] == ["frames_lost"]
+            assert (await w.run(Task(prompt="y", task_id="t2"))).status == "ok"
+            info = w.info_nowait()
+            assert (info.container_id, info.restarts, info.generation) == (cid, 0, 1)
+
+
+async def test_a_lost_answer_to_hello_is_asked_for_again(autojump_clock):
+    """The answer to a re-attach's ``hello`` (ready and the replay) is lost too: the worker says
+    hello again two heartbeats later, and the task's result comes."""
+    async with FakeEngine() as engine:
+        async with open_supervisor(SupervisorConfig(name="t"), engine=engine) as sup:
+            w = await sup.spawn(spec())
+            cid = w.info_nowait().container_id
+            engine.lose_output(cid, b'"kind":"task_done"', b'"kind":"ready"', b'"kind":"task_done"')
+            with capture_logs() as logs:
+                with trio.fail_after(8):
+                    result = await w.run(Task(prompt="x", task_id="t1"))
+            assert (result.task_id, result.status) == ("t1", "ok")
+            assert [e["event"] for e in logs if e["event"] == "frames_lost"] == ["frames_lost"] * 2
+            assert w.info_nowait().restarts == 0
+
+
+async def test_a_start_cut_off_by_an_engine_restart_is_no_death(autojump_clock):
+    """dockerd restarting (live-restore) cuts off the call that starts a container, which runs
+    all the same: once the engine is back, the worker attaches again and its READY comes as the
+    answer to ``hello``: the same container serves, no death, no restart."""
+    from runtime.errors import EngineError, EngineUnavailable
+    async with FakeEngine(start_delay=1.0) as engine:
+        async with open_supervisor(SupervisorConfig(name="t", engine_outage_s=60),
+                                   engine=engine) as sup:
+            async with trio.open_nursery() as n:
+                n.start_soon(sup.spawn, spec())
+                await trio.sleep(0.5)                       # (in the middle of the start)
+                engine.go_down(live_restore=True)
+                await trio.sleep(3)
+                engine.come_up()
+            w = sup.worker("w")
+            info = w.info_nowait()
+            assert (info.state, info.generation, info.restarts, info.last_death) == ("ready", 1, 0, None)
+            assert [c.status for c in engine.containers.values()] == ["running"]
+            assert (await w.run(Task(prompt="x"))).status == "ok"
+
+        # a start refused as the engine went away (the container only created): started again
+        engine.set_start_delay(0)
+        engine.fail_next_starts(1, EngineUnavailable("fake: connection reset during the start"))
+        async with open_supervisor(SupervisorConfig(name="u"), engine=engine) as sup:
+            w = await sup.spawn(spec())
+            info = w.info_nowait()
+            assert (info.state, info.generation, info.restarts, info.last_death) == ("ready", 1, 0, None)
+
+        # ... and refused once the engine is back (dockerd restored a half-made start: "task
+        # already exists"): it never ran; a new container replaces it, no death, no restart
+        engine.fail_next_starts(1, EngineUnavailable("fake: connection reset during the start"))
+        engine.fail_next_starts(1, EngineError("start: task 1234: already exists", status=500))
+        async with open_supervisor(SupervisorConfig(name="v"), engine=engine) as sup:
+            with capture_logs() as logs:
+                w = await sup.spawn(spec())
+            info = w.info_nowait()
+            assert (info.state, info.generation, info.restarts, info.last_death) == ("ready", 2, 0, None)
+            assert [e["event"] for e in logs if e["event"] == "start_lost_replacing"] == ["start_lost_replacing"]
+            assert [c.name for c in engine.containers.values() if c.labels["corral.supervisor"] == "v"] \
+                == ["corral-v-w-2"]
+
+
+async def test_a_task_sent_as_the_engine_went_away_is_sent_again_after_the_re_attach(autojump_clock):
+    """The run_task frame written just as dockerd went away never reached the wrapper. The
+    answer to the re-attach's hello says it runs nothing and holds no result of it: the worker
+    sends the task again, and it runs once."""
+    async with FakeEngine() as engine:
+        async with open_supervisor(SupervisorConfig(name="t", engine_outage_s=60),
+                                   engine=engine) as sup:
+            w = await sup.spawn(spec())
+            cid = w.info_nowait().container_id
+            engine.lose_input(cid, b'"kind":"run_task"')
+            results = []
+
+            async def run():
+                results.append(await w.run(Task(prompt="!sleep 1", task_id="t1")))
+
+            with capture_logs() as logs, trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    n.start_soon(run)
+                    await w.wait_until(lambda i: i.state == "busy")
+                    engine.go_down(live_restore=True)
+                    await trio.sleep(2)
+                    engine.come_up()
+                    await w.wait_until(lambda i: i.state == "ready")
+            assert [e["event"] for e in logs if e["event"] == "task_frame_lost"] == ["task_frame_lost"]
+            assert [(r.task_id, r.status) for r in results] == [("t1", "ok")]
+            info = w.info_nowait()
+            assert (info.container_id, info.restarts) == (cid, 0)
+            log_text = bytes(engine.containers[cid].log)
+            assert log_text.count(b'"kind":"task_started"') == 1 and log_text.count(b'"kind":"task_done"') == 1

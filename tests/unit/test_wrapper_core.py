@@ -444,7 +444,7 @@ def test_heartbeats_are_timer_driven_frames():
     assert w.ready[-1] == c.StartTimer("heartbeat", 2.5)
     for seq in (1, 2, 3):
         acts = w(c.TimerFired("heartbeat"))
-        assert frames(acts) == [{"kind": "heartbeat", "seq": seq}] and acts[-1] == c.StartTimer("heartbeat", 2.5)
+        assert frames(acts) == [{"kind": "heartbeat", "seq": seq, "sent": 0}] and acts[-1] == c.StartTimer("heartbeat", 2.5)
     assert w(c.TimerFired("grace")) == []                     # not running: ignored
 
 

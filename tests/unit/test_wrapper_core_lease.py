@@ -64,7 +64,8 @@ def test_progress_and_results_are_numbered_over_the_wrapper_s_life():
     assert seqs(acts) == [("task_output", "a", 2), ("task_output", "a", 3), ("heartbeat", None, 1),
                           ("task_done", "a", 4), ("task_done", "bad", 5), ("task_output", "b", 7),
                           ("task_done", "b", 8)]
-    assert frames(acts)[2] == {"kind": "heartbeat", "seq": 1}     # heartbeats count on their own
+    assert frames(acts)[2] == {"kind": "heartbeat", "seq": 1, "sent": 3}   # heartbeats count on their
+    #                                                                    own, and say what was sent
 
 
 # --- hello and replay ---------------------------------------------------------------------------
