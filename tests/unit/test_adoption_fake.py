@@ -43,6 +43,22 @@ def spec(**kw) -> WorkerSpec:
     return WorkerSpec(id="w", heartbeat_s=1.0, orphan_timeout_s=30.0, **kw)
 
 
+async def crashed(engine, config, ws: WorkerSpec | None = None, task: Task | None = None) -> str:
+    """Spawn a worker (``ws``, else ``spec()``) that runs ``task`` if given, then crash its
+    supervisor: the id of the container left running."""
+    left = {}
+
+    async def start(sup, nursery):
+        w = await sup.spawn(ws or spec())
+        left["cid"] = w.info_nowait().container_id
+        if task is not None:
+            nursery.start_soon(w.run, task)
+            await w.wait_until(lambda i: i.state == "busy")
+
+    await crash_with(engine, config, start)
+    return left["cid"]
+
+
 async def crash_with(engine, config, body):
     """Run ``body(sup, nursery)`` under a supervisor, then crash it (abandon): containers stay,
     and whatever ``body`` left running in ``nursery`` is cancelled with it."""
@@ -95,13 +111,7 @@ async def test_a_result_that_finished_while_corral_was_down_is_replayed_exactly_
     journal = RecordingJournal()
     async with FakeEngine() as engine:
         cfg = SupervisorConfig(name="t")
-
-        async def start(sup, nursery):
-            w = await sup.spawn(spec())
-            nursery.start_soon(w.run, Task(prompt="!sleep 2", task_id="short"))
-            await w.wait_until(lambda i: i.state == "busy")
-
-        await crash_with(engine, cfg, start)
+        await crashed(engine, cfg, task=Task(prompt="!sleep 2", task_id="short"))
         await trio.sleep(10)                                   # it finishes while nobody listens
         async with open_supervisor(cfg, engine=engine) as sup:
             sup._sup.journal = journal
@@ -116,41 +126,29 @@ async def test_a_result_that_finished_while_corral_was_down_is_replayed_exactly_
 async def test_an_adopted_container_whose_spec_changed_is_drained_and_replaced(autojump_clock):
     async with FakeEngine() as engine:
         cfg = SupervisorConfig(name="t")
-        old = {}
-
-        async def start(sup, nursery):
-            w = await sup.spawn(spec())
-            old["cid"] = w.info_nowait().container_id
-
-        await crash_with(engine, cfg, start)
+        old = await crashed(engine, cfg)
         async with open_supervisor(cfg, engine=engine) as sup:
             w = await sup.spawn(spec(env={"NEW": "1"}))
             await w.wait_until(lambda i: i.generation == 2 and i.state == "ready")
-            assert w.info_nowait().container_id != old["cid"]
-            assert old["cid"] not in engine.containers
+            assert w.info_nowait().container_id != old
+            assert old not in engine.containers
             assert (await w.run(Task(prompt="x"))).status == "ok"
 
 
 async def test_an_orphaned_wrapper_exits_after_its_lease(autojump_clock):
     async with FakeEngine() as engine:
         cfg = SupervisorConfig(name="t")
-        cid = {}
-
-        async def start(sup, nursery):
-            w = await sup.spawn(spec())
-            cid["id"] = w.info_nowait().container_id
-
-        await crash_with(engine, cfg, start)
-        c = engine.containers[cid["id"]]
+        cid = await crashed(engine, cfg)
+        c = engine.containers[cid]
         t0 = trio.current_time()
-        await engine.container_wait(cid["id"])
+        await engine.container_wait(cid)
         assert 29 <= trio.current_time() - t0 <= 31            # orphan_timeout_s = 30
         assert c.status == "exited"
         async with open_supervisor(cfg, engine=engine) as sup:
             # the next start certifies its death and removes it; the worker goes on
             w = await sup.spawn(spec())
             info = w.info_nowait()
-            assert cid["id"] not in engine.containers
+            assert cid not in engine.containers
             assert (info.generation, info.restarts, info.state) == (2, 1, "ready")
             assert (info.last_death.cause, info.last_death.exit_code, info.last_death.reason) == (
                 "exited", 0, "orphaned: its lease ran out with no supervisor attached "
@@ -161,24 +159,18 @@ async def test_an_orphaned_wrapper_exits_after_its_lease(autojump_clock):
 async def test_a_container_that_crashed_while_corral_was_down_is_certified_and_removed(autojump_clock):
     async with FakeEngine() as engine:
         cfg = SupervisorConfig(name="t")
-        cid = {}
-
-        async def start(sup, nursery):
-            w = await sup.spawn(spec())
-            cid["id"] = w.info_nowait().container_id
-
-        await crash_with(engine, cfg, start)
-        engine.crash(cid["id"], exit_code=3)
+        cid = await crashed(engine, cfg)
+        engine.crash(cid, exit_code=3)
         with capture_logs() as logs:
             async with open_supervisor(cfg, engine=engine) as sup:
                 w = await sup.spawn(spec())
                 info = w.info_nowait()
                 death = info.last_death
                 assert (death.cause, death.exit_code, death.container_id, death.generation) == (
-                    "crashed", 3, cid["id"], 1)
+                    "crashed", 3, cid, 1)
                 assert death.reason == "exited with 3 after READY (while no corral process was attached)"
                 assert (info.generation, info.restarts, info.state) == (2, 1, "ready")
-                assert cid["id"] not in engine.containers
+                assert cid not in engine.containers
                 assert info.container_id in engine.containers
         died = [e for e in logs if e["event"] == "worker_died"]
         assert [(e["cause"], e.get("found_dead")) for e in died] == [("crashed", True)]
@@ -193,22 +185,14 @@ async def test_a_result_written_before_an_orphan_exited_is_recorded_from_its_log
                                 orphan_policy="finish", restart=FAST)
     async with FakeEngine() as engine:
         cfg = SupervisorConfig(name="t")
-        cid = {}
-
-        async def start(sup, nursery):
-            w = await sup.spawn(finish())
-            cid["id"] = w.info_nowait().container_id
-            nursery.start_soon(w.run, Task(prompt="!sleep 5", task_id="long"))
-            await w.wait_until(lambda i: i.state == "busy")
-
-        await crash_with(engine, cfg, start)
-        assert await engine.container_wait(cid["id"]) == 0       # finished, then exited
+        cid = await crashed(engine, cfg, finish(), Task(prompt="!sleep 5", task_id="long"))
+        assert await engine.container_wait(cid) == 0       # finished, then exited
         async with open_supervisor(cfg, engine=engine) as sup:
             sup._sup.journal = journal
             w = await sup.spawn(finish())
             assert journal.attempts == [("long", "w", 1, "ok")]
             assert w.info_nowait().last_death.reason.startswith("orphaned:")
-            assert cid["id"] not in engine.containers
+            assert cid not in engine.containers
 
 
 async def test_a_live_restore_engine_restart_restarts_no_worker(autojump_clock):
@@ -244,23 +228,17 @@ async def test_a_container_that_does_not_answer_hello_is_replaced_not_a_failed_s
     is no death of the worker and no failed start: a new container serves instead."""
     async with FakeEngine() as engine:
         cfg = SupervisorConfig(name="t")
-        old = {}
-
-        async def start(sup, nursery):
-            w = await sup.spawn(spec())
-            old["cid"] = w.info_nowait().container_id
-
-        await crash_with(engine, cfg, start)
-        engine.hang(old["cid"])                                # it no longer reads its stdin
+        old = await crashed(engine, cfg)
+        engine.hang(old)                                # it no longer reads its stdin
         with capture_logs() as logs:
             async with open_supervisor(cfg, engine=engine) as sup:
                 w = await sup.spawn(spec(startup_timeout_s=5))
                 info = w.info_nowait()
-                assert info.container_id != old["cid"] and info.state == "ready"
+                assert info.container_id != old and info.state == "ready"
                 assert info.last_death is None and info.restarts == 0
                 assert (await w.run(Task(prompt="x"))).status == "ok"
         assert [e["event"] for e in logs if e["event"] == "adoption_failed"] == ["adoption_failed"]
-        assert old["cid"] not in engine.containers
+        assert old not in engine.containers
 
 
 async def test_a_kill_just_after_a_live_restore_engine_restart_is_certified_killed(autojump_clock):
