@@ -145,7 +145,9 @@ def _classify(f: ExitFacts) -> tuple[Cause, str]:
     if f.restarted:
         return "killed", "restarted outside corral (docker restart)"
     if f.stopped:
-        how = ", then ".join(dict.fromkeys(names)) if names else "its stop signal"
+        # (Podman tells no kill event for a stop: the exit code names the signal, 128 + n)
+        how = (", then ".join(dict.fromkeys(names)) if names
+               else _exit_signal(f.exit_code) or "its stop signal")
         return "killed", f"stopped outside corral (docker stop: {how})"
     if external and _died_of(f.exit_code, external):
         return "killed", f"killed outside corral with {', then '.join(dict.fromkeys(names))}"

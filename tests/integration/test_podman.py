@@ -238,8 +238,8 @@ async def test_an_outside_kill_is_a_kill_and_the_restart_is_prompt(engine, corra
 async def test_an_outside_stop(engine, corral_name):
     """Podman 4.3 tells no kill event for a stop, and its stop event only when the stop call wins
     a race with the container's cleanup. The death is by SIGTERM (143) either way: with the stop
-    event corral says "stopped outside corral" (cause killed, the signal unnamed: no kill event
-    named it), without it it cannot tell the stop from a crash by SIGTERM (cause crashed, the
+    event corral says "stopped outside corral" (cause killed; no kill event names the signal, its
+    exit code does: SIGTERM), without it it cannot tell the stop from a crash by SIGTERM (cause crashed, the
     reason names SIGTERM). The worker comes back either way."""
     with trio.fail_after(60):
         async with open_supervisor(SupervisorConfig(name=corral_name), engine=engine) as sup:
@@ -249,7 +249,7 @@ async def test_an_outside_stop(engine, corral_name):
             await wait_for_generation(w, 2)
             death = (await w.info()).last_death
             assert (death.exit_code, death.ready) == (143, True)
-            assert (death.cause, death.reason) == ("killed", "stopped outside corral (docker stop: its stop signal)") \
+            assert (death.cause, death.reason) == ("killed", "stopped outside corral (docker stop: SIGTERM)") \
                 or (death.cause == "crashed" and "SIGTERM" in death.reason), death
             assert (await w.run(Task(prompt="back"))).output == "stub-claude: back"
 
