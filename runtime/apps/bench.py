@@ -9,7 +9,8 @@ Scenarios (see BENCHMARKS.md for what limits each number):
             (bare, and with the HTTP API serving an open dashboard's event stream and /metrics scrapes)
   mailbox   actor ask/reply round trips per second, vs a bare trio memory channel round trip
   journal   tasks/s through a FakeEngine pool with the task journal (SQLite, `corral run`'s
-            default) vs without it, side by side
+            default) vs without it, side by side; then the same through a pool of 4 stub workers
+            on the real engine (journal_real)
   swarm     (only when named: --only swarm; root) a 2-node test swarm vs the single engine: spawn
             throughput, restart latency; the time to see a lost node (dockerd stopped, and
             dockerd SIGKILLed) and until its workers serve again on the other node
@@ -33,15 +34,16 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
 COMPARE_ENV = "CORRAL_BENCH_COMPARE_ENGINE"
 QUICK = {"swarm_spawn": 8, "swarm_restart": 3, "restart": 3, "spawn": 10, "spawn_rounds": 1, "task": 30, "exec": 10, "fake": 1000, "idle": 10, "idle_s": 5.0,
-         "mailbox": 20_000, "journal": 1000, "adopt": [10]}
+         "mailbox": 20_000, "journal": 1000, "journal_real": 200, "adopt": [10]}
 FULL = {"swarm_spawn": 20, "swarm_restart": 10, "restart": 10, "spawn": 50, "spawn_rounds": 5, "task": 300, "exec": 50, "fake": 10_000, "idle": 100, "idle_s": 60.0,
-        "mailbox": 200_000, "journal": 10_000, "adopt": [10, 100]}
+        "mailbox": 200_000, "journal": 10_000, "journal_real": 2000, "adopt": [10, 100]}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -372,18 +374,35 @@ class Bench:
         """The task journal's cost: the same tasks through the same FakeEngine pool, with the
         journal (each task accepted, dispatched, answered and finished in SQLite, through its
         thread) and without it (straight to the pool). Rounds alternate; the best of each."""
+        from ..testing import FakeEngine
+
+        @asynccontextmanager
+        async def fake():
+            async with FakeEngine() as engine:
+                yield engine
+        await self._journal_cost("journal", fake, self.sizes["journal"], engine_url=None)
+
+    async def journal_real(self, engine, url: str) -> None:
+        """The same on the real engine: a pool of 4 stub workers, trivial tasks (so the journal's
+        share of a task's round trip is as large as it gets)."""
+        @asynccontextmanager
+        async def same():
+            yield engine
+        await self._journal_cost("journal_real", same, self.sizes["journal_real"], engine_url=url)
+
+    async def _journal_cost(self, key: str, open_engine_, n: int, *, engine_url: str | None) -> None:
         import tempfile
         from ..api import open_supervisor
         from ..specs import PoolSpec, SupervisorConfig, Task, WorkerSpec
-        from ..testing import FakeEngine
-        n, replicas, in_flight = self.sizes["journal"], 4, 64
+        replicas, in_flight = 4, 64
 
         async def one_round(journaled: bool) -> float:
             with tempfile.TemporaryDirectory() as d:
-                cfg = SupervisorConfig(name="jb", state_dir=d if journaled else None, pools=[PoolSpec(
-                    name="p", replicas=replicas, queue_size=in_flight,
-                    worker=WorkerSpec())])
-                async with FakeEngine() as engine, open_supervisor(cfg, engine=engine) as sup:
+                cfg = SupervisorConfig(name=f"{self.name}j" if engine_url else "jb",
+                                       engine_url=engine_url, state_dir=d if journaled else None,
+                                       pools=[PoolSpec(name="p", replicas=replicas,
+                                                       queue_size=in_flight, worker=WorkerSpec())])
+                async with open_engine_() as engine, open_supervisor(cfg, engine=engine) as sup:
                     await sup.wait_configured()
                     pool, tasks = sup.pool("p"), sup.tasks
                     if tasks is not None:
@@ -392,7 +411,7 @@ class Bench:
 
                     async def go(i: int) -> None:
                         try:
-                            task = Task(prompt=f"n{i}")
+                            task = Task(prompt="true")
                             if tasks is None:
                                 res = await pool.run(task)
                             else:
@@ -412,7 +431,7 @@ class Bench:
             for journaled in (False, True):
                 rates[journaled].append(await one_round(journaled))
         plain, journaled = max(rates[False]), max(rates[True])
-        self.report("journal", tasks=n, pool_replicas=replicas, in_flight=in_flight,
+        self.report(key, tasks=n, pool_replicas=replicas, in_flight=in_flight,
                     tasks_per_s_without_journal=plain, tasks_per_s_with_journal=journaled,
                     ratio_with_over_without=journaled / plain,
                     journal_ms_per_task=(1 / journaled - 1 / plain) * 1000,
@@ -574,6 +593,8 @@ class Bench:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.cleanup(engine)
+            if "journal" in want and not second:
+                await self.journal_real(engine, url)
             if "adopt" in want and not second:
                 if flavour == "docker":
                     await self.adopt(engine, url)

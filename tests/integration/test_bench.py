@@ -19,12 +19,14 @@ async def test_bench_quick_runs_every_scenario(tmp_path, engine):
     data = json.loads(out_file.read_text())
     results = data["results"]
     assert data["quick"] is True
-    for key in ("restart", "spawn", "task", "scale", "idle", "mailbox"):
+    for key in ("restart", "spawn", "task", "scale", "idle", "mailbox", "journal", "journal_real",
+                "adopt"):
         assert key in results, key
         assert "met" in results[key] and "target" in results[key]
     assert results["restart"]["corral_s"]["n"] == 3 and results["restart"]["corral_s"]["median"] > 0
     assert results["task"]["docker_exec_s"]["median"] > 0
     assert results["scale"]["workers"] == 1000
+    assert results["journal_real"]["tasks"] == 200 and results["journal_real"]["tasks_per_s_with_journal"] > 0
     assert "summary:" in proc.stdout
     # the benchmark cleans up after itself
     assert await engine.container_list(labels={"corral.bench": "1"}) == []
