@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -84,6 +85,9 @@ class RestartPolicy(_Config):
 
 
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
+Constraint = Annotated[str, Meta(max_length=512)]
+"""a Swarm placement constraint: ``node.hostname==n2``, ``node.labels.zone!=b``, ``node.role==worker``"""
+_CONSTRAINT = re.compile(r"(node|engine)\.[A-Za-z0-9_.-]+ *(==|!=) *[^ =!][^ ]*")
 Permissions = Literal["read-only", "workspace-write", "full"]
 
 
@@ -158,6 +162,10 @@ class WorkerSpec(_Config):
     orphan_policy: Literal["cancel", "finish"] = "cancel"
     """an orphaned wrapper's running task: ``cancel`` it at once, or let it ``finish`` first
     (its result is kept for a supervisor that attaches before the wrapper exits)"""
+    placement: list[Constraint] = field(default_factory=list)
+    """(Docker Swarm only) where the worker's containers may run: Swarm placement constraints,
+    all of which must hold, added to the engine URL's own (``?constraint=``). A worker with a
+    placement on a single engine does not start (config_error)"""
     stall_timeout_s: NonNeg | None = None
     """a task with no agent output and no model traffic for this long ends "error" with failure
     ``stalled`` (the agent is killed, the container stays). None: 300 s for real agents (which
@@ -176,6 +184,11 @@ class WorkerSpec(_Config):
                 _check_text(f"secrets[{k!r}]", v)
         if self.upstream is not None:
             check_upstream(self.upstream)
+        for i, c in enumerate(self.placement):
+            if not _CONSTRAINT.fullmatch(c):
+                raise ConfigError(f"placement[{i}] {c!r} is not a Swarm placement constraint: "
+                                  f"node.<attribute> or engine.labels.<name>, then == or !=, then "
+                                  f"a value (e.g. node.hostname==n2)")
         if self.orphan_timeout_s < 2 * self.heartbeat_s:
             raise ConfigError(f"orphan_timeout_s ({self.orphan_timeout_s}) must be at least twice "
                               f"heartbeat_s ({self.heartbeat_s}): corral renews the lease every "
@@ -248,6 +261,8 @@ class WorkerSpec(_Config):
         """16 hex digits that change whenever the spec does (secrets included) and reveal no
         secret: each value enters as a domain-separated sha256 of itself, never as text."""
         data = msgspec.to_builtins(self)
+        if not data["placement"]:
+            del data["placement"]      # (a field added later: the hash of a spec without it stays)
         data["secrets"] = {k: v if isinstance(v, dict) else
                            "sha256:" + hashlib.sha256(b"corral.secret\x00" + v.encode()).hexdigest()
                            for k, v in data["secrets"].items()}

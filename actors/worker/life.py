@@ -179,7 +179,7 @@ class ContainerLife:
             image=image_id, name=container_name(self.supervisor, self.id, generation), env=env,
             labels=labels, user="worker", working_dir="/workspace", memory=spec.memory,
             cpus=spec.cpus, pids_limit=spec.pids_limit, read_only_rootfs=spec.read_only_rootfs,
-            tmpfs=tuple(tmpfs), stdin_once=False)
+            tmpfs=tuple(tmpfs), stdin_once=False, placement=tuple(spec.placement))
 
     async def _create(self, cspec: ContainerSpec) -> str:
         try:
@@ -215,6 +215,14 @@ class ContainerLife:
                 return "died", DeathCertificate(
                     worker_id=self.id, container_id=None, generation=gen, cause="config_error",
                     reason=str(exc), at=time.time())
+        if self.spec.placement and not getattr(self.engine, "places", False):
+            reason = (f"placement {self.spec.placement} needs a Docker Swarm engine "
+                      f"(swarm+unix://...): {getattr(self.engine, 'url', 'this engine')} runs every "
+                      f"container on its own host")
+            log.error("worker_config_error", reason=reason)
+            return "died", DeathCertificate(
+                worker_id=self.id, container_id=None, generation=gen, cause="config_error",
+                reason=reason, at=time.time())
         await self._remove_leftovers()
         if adopt is not None:
             if self.image_id is None:

@@ -71,6 +71,8 @@ class ContainerSpec(msgspec.Struct, frozen=True, kw_only=True):
     tmpfs: tuple[TmpfsMount, ...] = ()
     stdin_once: bool = True
     """stdin closes (EOF) when the first attached client detaches"""
+    placement: tuple[str, ...] = ()
+    """(a cluster engine: ``places`` is true) constraints on the node it runs on"""
 
 
 class ContainerState(msgspec.Struct, frozen=True, kw_only=True):

@@ -176,6 +176,8 @@ class SwarmEngine:
     name = "Swarm engine"
     limitations = LIMITATIONS
     reports_oom = True
+    places = True
+    """it honours ContainerSpec.placement"""
 
     def __init__(self, manager: DockerEngine, nursery: trio.Nursery, url: str, *,
                  nodes: Mapping[str, str] | None = None, constraints: Sequence[str] = (),
@@ -426,7 +428,7 @@ class SwarmEngine:
         image = (await self.manager.image_inspect(spec.image)).id     # ImageNotFound
         await self._spread(image)
         name = spec.name or f"corral-{os.urandom(6).hex()}"
-        placement = tuple(self.constraints) + tuple(getattr(spec, "placement", ()) or ()) \
+        placement = tuple(self.constraints) + spec.placement \
             + tuple(f"node.id!={node_id}" for node_id in sorted(self.lost))
         sspec = ServiceSpec(
             name=name, image=image, env={**spec.env, GATE_ENV: "1"}, labels=dict(spec.labels),

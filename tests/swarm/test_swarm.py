@@ -108,3 +108,19 @@ async def test_the_workers_of_a_stopped_node_come_back_on_the_other_with_node_lo
                 with trio.CancelScope(shield=True):
                     await test_swarm.start_node("n2")
                     await trio.to_thread.run_sync(lambda: test_swarm.wait_nodes({"n2": "ready"}))
+
+
+async def test_a_worker_s_placement_puts_its_containers_on_the_node_named(test_swarm, swarm_engine, name):
+    with trio.fail_after(180):
+        async with open_supervisor(SupervisorConfig(name=name), engine=swarm_engine) as sup:
+            for node in ("n2", "n1"):
+                w = await sup.spawn(WorkerSpec(agent="shell", placement=[f"node.hostname=={node}"]))
+                info = await w.info()
+                assert (await swarm_engine.placement(info.container_id))[0].hostname == node
+                assert (await w.run(Task(prompt="echo placed"))).status == "ok"
+                # and after a restart too
+                await w.restart()
+                await wait_for_generation(w, 2)
+                info = await w.info()
+                assert (info.generation, (await swarm_engine.placement(info.container_id))[0].hostname) \
+                    == (2, node)

@@ -102,6 +102,30 @@ async def test_config_error_is_reported_at_once_not_retried(autojump_clock):
         assert engine.stats["creates"] == 1 and not engine.containers
 
 
+async def test_a_placement_on_a_single_engine_is_a_config_error_at_spawn(autojump_clock):
+    async with fake_supervisor() as (sup, engine):
+        with pytest.raises(WorkerStartupError) as ei:
+            await sup.spawn(WorkerSpec(placement=["node.hostname==n2"]))
+        cert = ei.value.certificate
+        assert (cert.cause, cert.reason) == (
+            "config_error", "placement ['node.hostname==n2'] needs a Docker Swarm engine "
+                            "(swarm+unix://...): fake:// runs every container on its own host")
+        assert engine.stats["creates"] == 0
+
+
+def test_placement_constraints_are_checked_and_change_the_spec_hash_only_when_given():
+    from runtime import ConfigError
+    for bad in ["hostname==n2", "node.hostname=n2", "node.hostname==", "node.role == a b", "x\x00"]:
+        with pytest.raises(ConfigError):
+            WorkerSpec(placement=[bad])
+    for good in ["node.hostname==n2", "node.labels.zone != b", "engine.labels.gpu==1"]:
+        assert WorkerSpec(placement=[good]).placement == [good]
+    # a spec without a placement keeps the hash it had before the field existed (containers
+    # made by an older corral are adopted, not drained)
+    assert WorkerSpec(id="w").fingerprint() == "8438e69026c7592f"
+    assert WorkerSpec(id="w", placement=["node.role==worker"]).fingerprint() != WorkerSpec(id="w").fingerprint()
+
+
 @pytest.mark.parametrize("slow", [{"ready_delay": 100}, {"start_delay": 1000}],
                          ids=["wrapper_never_ready", "engine_start_hangs"])
 async def test_startup_timeout(autojump_clock, slow):
