@@ -182,9 +182,17 @@ async def claim_engine(engine: Engine, name: str) -> dict[str, ContainerSummary]
     found = await engine.container_list(labels={"corral.supervisor": name})
     claimed: dict[str, ContainerSummary] = {}
     doomed: list[ContainerSummary] = []
+    newest: dict[str, int] = {}
     for c in found:
         wid = c.labels.get("corral.worker")
-        if not wid or (c.status not in LIVE_STATES and c.status not in DEAD_STATES):
+        if wid:
+            newest[wid] = max(newest.get(wid, 0), _generation(c))
+    for c in found:
+        wid = c.labels.get("corral.worker")
+        if not wid or (c.status not in LIVE_STATES and c.status not in DEAD_STATES) \
+                or (c.status in DEAD_STATES and _generation(c) < newest[wid]):
+            # (an ended container with a newer one beside it was certified by the process
+            # that made the newer one, which could not remove it)
             doomed.append(c)
             continue
         other = claimed.get(wid)

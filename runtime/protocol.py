@@ -34,6 +34,9 @@ class Ready(Frame, tag="ready"):
     replay: list[str] = field(default_factory=list)
     """(resumed) the tasks whose unacknowledged ``task_done`` follows (replayed in order, with
     every other unacknowledged frame, right after this one)"""
+    acked: int = 0
+    """(resumed) every kept frame up to this seq was acknowledged already (by an earlier
+    supervisor): the replay starts after it"""
 
 
 class Heartbeat(Frame, tag="heartbeat"):
@@ -41,7 +44,7 @@ class Heartbeat(Frame, tag="heartbeat"):
     sent: int = 0
     """the seq of the last kept frame the wrapper sent before this heartbeat (frames reach the
     actor in order: a higher number than the actor processed means frames were lost on the way,
-    and a ``hello`` has them replayed); 0 from a wrapper older than version 5.1"""
+    and a ``hello`` has them replayed); 0 from a wrapper older than version 6"""
 
 
 class TaskStarted(Frame, tag="task_started"):

@@ -4,6 +4,7 @@ how it ended, classified by ``classify`` (pure) into a DeathCertificate."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,11 @@ GATEWAY_PORT = 8787
 """the wrapper's model-gateway endpoint: http://127.0.0.1:8787 inside the container"""
 OUTBOX = 64
 """frames queued for the wrapper's stdin (backpressure beyond that)"""
+
+
+class EngineGone(Exception):
+    """The engine went away during a container's start and did not come back within
+    engine_outage_s (args[0]: the error that cut the start off)."""
 
 
 class StartLost(Exception):
@@ -290,6 +296,13 @@ class ContainerLife:
                                     await self._start(life)
                                 else:
                                     await self._hello(life)
+                            except EngineGone as gone:
+                                # away for engine_outage_s (or a stop was asked for meanwhile)
+                                if self._stop_event.is_set():
+                                    life.end("stop", "stop requested while the engine was away")
+                                    return "stop", None
+                                life.end("engine_unavailable", str(gone.args[0]))
+                                return "died", self._outage_cert(cid, gen, gone.args[0], t_create)
                             except StartLost as exc:
                                 log.warning("start_lost_replacing", error=str(exc))
                                 life.end("replace", str(exc))
@@ -348,9 +361,9 @@ class ContainerLife:
             try:
                 await self.engine.container_start(cid)
                 return
-            except EngineUnavailable:
+            except EngineUnavailable as exc:
                 if not await self._wait_for_engine():
-                    raise
+                    raise EngineGone(exc) from None
                 cut = True
             except EngineError as exc:
                 if cut:
@@ -382,31 +395,34 @@ class ContainerLife:
         prev = self._before_outage = self.state if self.state != "engine_down" else self._before_outage
         self._set_state("engine_down")
         log.warning("engine_down", outage_limit_s=self.engine_outage_s)
+        life = self._life
+        startup = life.startup if life is not None and not life.settled.is_set() else None
+        if startup is not None:
+            startup.deadline = math.inf        # the startup deadline does not count the outage
         t0 = trio.current_time()
         deadline = t0 + self.engine_outage_s
         delay = 0.05
-        while trio.current_time() < deadline and not self._stop_event.is_set():
-            with trio.move_on_after(min(ENGINE_CHECK_S, max(deadline - trio.current_time(), 0.01))):
-                try:
-                    await self.engine.ping()
-                    back = True
-                except EngineUnavailable:
-                    back = False
-                except EngineError:
-                    back = True               # it answered, with an error
-                if back:
-                    log.info("engine_back", down_s=round(trio.current_time() - t0, 3))
-                    life = self._life
-                    if life is not None and life.startup is not None and not life.settled.is_set():
-                        # the startup deadline does not count the outage
-                        life.startup.deadline = max(life.startup.deadline,
-                                                    trio.current_time() + self.spec.startup_timeout_s)
-                    if restore:
-                        self._set_state(prev)
-                    return True
-            with trio.move_on_after(min(delay, max(deadline - trio.current_time(), 0))):
-                await self._stop_event.wait()
-            delay = min(delay * 2, 1.0)
+        try:
+            while trio.current_time() < deadline and not self._stop_event.is_set():
+                with trio.move_on_after(min(ENGINE_CHECK_S, max(deadline - trio.current_time(), 0.01))):
+                    try:
+                        await self.engine.ping()
+                        back = True
+                    except EngineUnavailable:
+                        back = False
+                    except EngineError:
+                        back = True               # it answered, with an error
+                    if back:
+                        log.info("engine_back", down_s=round(trio.current_time() - t0, 3))
+                        if restore:
+                            self._set_state(prev)
+                        return True
+                with trio.move_on_after(min(delay, max(deadline - trio.current_time(), 0))):
+                    await self._stop_event.wait()
+                delay = min(delay * 2, 1.0)
+        finally:
+            if startup is not None:
+                startup.deadline = trio.current_time() + self.spec.startup_timeout_s
         if self._stop_event.is_set():
             return False
         log.error("engine_unavailable", down_s=round(trio.current_time() - t0, 3))
@@ -443,7 +459,9 @@ class ContainerLife:
             return False
         cid = life.container_id
         outage = False
-        for _ in range(3):
+        errors = 0
+        t_first = trio.current_time()
+        while True:
             try:
                 with trio.fail_after(ENGINE_CHECK_S):
                     st = await self.engine.container_inspect(cid)
@@ -455,13 +473,17 @@ class ContainerLife:
                 # unreachable, too slow, or an error from an engine shutting down (a dockerd
                 # that stops answers some calls with errors before it closes its socket): wait
                 # until it answers again
-                error = exc
                 if not isinstance(exc, (EngineUnavailable, trio.TooSlowError)) \
                         and await self._engine_answers():
-                    await trio.sleep(0.1)      # an error of its own: asked again (3 times)
+                    errors += 1                # an error of its own: asked again (3 times)
+                    if errors >= 3:
+                        life.end("died", f"output closed; the engine kept failing: {exc}")
+                        return False
+                    await trio.sleep(0.1)
                     continue
                 outage = True
-                if not await self._wait_for_engine(restore=False):
+                if trio.current_time() - t_first > self.engine_outage_s \
+                        or not await self._wait_for_engine(restore=False):
                     if self._stop_event.is_set():
                         life.end("stop", "stop requested while the engine was away")
                         return False
@@ -469,9 +491,6 @@ class ContainerLife:
                              f"the engine was unreachable for over {self.engine_outage_s:g} s "
                              f"(engine_outage_s)")
                     return False
-        else:
-            life.end("died", f"output closed; the engine kept failing: {error}")
-            return False
         if outage:
             if not st.running and not (st.status == "created" and not life.started):
                 life.end("died", "the container did not survive the engine's outage")
@@ -588,20 +607,22 @@ class ContainerLife:
         exit_code: int | None = None
         oom = removed = False
         problem: str | None = None
-        tail, at, uptime = "", time.time(), 0.0
+        tail, frames, at, uptime = "", "", time.time(), 0.0
         try:
             st = await self.engine.container_inspect(c.id)
             exit_code, oom = st.exit_code, st.oom_killed
             if st.finished_at:
                 at = st.finished_at
                 uptime = max(st.finished_at - (st.started_at or st.finished_at), 0.0)
-            tail = await self.engine.container_logs(c.id, tail_bytes=FOUND_LOG_BYTES)
+            tail = await self.engine.container_logs(c.id, tail_bytes=LOG_TAIL)
+            frames = await self.engine.container_logs(c.id, tail_bytes=FOUND_LOG_BYTES,
+                                                      stdout_only=True)
         except ContainerNotFound:
             removed = True
         except EngineError as exc:
             problem = str(exc)
         results: list[TaskDone] = []
-        for line in tail.encode(errors="replace").splitlines():
+        for line in frames.encode(errors="replace").split(b"\n"):   # stdout: the wrapper's own
             if b'"kind":"task_done"' in line:
                 try:
                     frame = decode_wrapper_frame(line)
@@ -612,13 +633,13 @@ class ContainerLife:
         cause, reason = classify(ExitFacts(
             end="died", ready=True, exit_code=exit_code, oom=oom, removed=removed,
             engine_problem=problem, watched=False, unattended=True,
-            orphaned="orphaned:" in tail))
+            orphaned=any(line.startswith("[wrapper] orphaned:") for line in tail.split("\n"))))
         await self._remove_container(c.id)
         log.info("found_dead", container_id=c.id[:12], cause=cause, results=len(results))
         return DeathCertificate(worker_id=self.id, container_id=c.id, generation=self.generation,
                                 cause=cause, reason=reason, exit_code=exit_code,
                                 oom_killed=oom or cause == "oom_killed", ready=True,
-                                uptime_s=round(uptime, 6), logs_tail=tail[-LOG_TAIL:],
+                                uptime_s=round(uptime, 6), logs_tail=tail,
                                 at=at), results
 
     def _engine_cert(self, cid: str | None, gen: int, exc: BaseException, t0: float) -> DeathCertificate:
@@ -641,6 +662,8 @@ class ContainerLife:
         answered = True
         watched_live = False      # its events were followed live as it ended (else a new
                                   # subscription of the watcher replays them)
+        why = "the engine went away as the container ended"
+        went_away = gave_up = False     # the engine went away as it ended, and came back / did not
         for again in (True, False) if exc is None and kind != "protocol" and life.started else ():
             try:
                 with trio.fail_after(10):
@@ -662,12 +685,13 @@ class ContainerLife:
                 removed = True
             except EngineError as e:
                 problem, unreachable = str(e), isinstance(e, EngineUnavailable)
-                if again and (unreachable or not await self._engine_answers()) \
-                        and await self._wait_for_engine():
+                if again and (unreachable or not await self._engine_answers()):
                     # the engine went away as it ended (a dockerd restarting cuts every call
                     # short): once it is back, it says how the container ended
-                    problem, unreachable = None, False
-                    continue
+                    if await self._wait_for_engine():
+                        why, problem, unreachable, went_away = str(e), None, False, True
+                        continue
+                    gave_up = True
             except trio.TooSlowError:
                 problem = "the container's exit was not reported within 10 s"
             break
@@ -676,7 +700,7 @@ class ContainerLife:
             removed = removed or watch.destroyed.is_set()
             if exit_code is None:
                 exit_code = watch.exit_code
-        if kind == "died" and not removed and not unreachable:
+        if kind == "died" and not removed and not unreachable and not went_away and not gave_up:
             if watch is not None and not life.kill_sent \
                     and any(signal_name(s) != "SIGKILL" for s in watch.kills):
                 # a stop signal from outside: `docker stop`, `docker restart` (the engine starts
@@ -685,9 +709,11 @@ class ContainerLife:
                     await self.watcher.wait_settled(watch)
             # does the engine still answer? If not, it is what went away, not the worker
             answered, why = False, f"no answer to a ping within {ENGINE_CHECK_S} s"
+            ping_failed = True
             with trio.move_on_after(ENGINE_CHECK_S):
                 try:
                     await self.engine.ping()
+                    ping_failed = False
                     why = f"its events stream ended and no new one was taken within {ENGINE_CHECK_S} s"
                     if self.watcher is not None:
                         await self.watcher.wait_alive()
@@ -700,28 +726,32 @@ class ContainerLife:
                 except EngineUnavailable as e:
                     why = str(e)
                 except EngineError:
-                    answered = True                   # it answered, with an error
-            back = answered or await self._wait_for_engine()
-            if not back and not self._stop_event.is_set():
-                kind = "engine_unavailable"
-                life.end_reason = (f"the engine was unreachable for over {self.engine_outage_s:g} s "
-                                   f"(engine_outage_s)")
-            if not answered and back:
-                # it went away as the container ended, and is back (a dockerd restarting): the
-                # events its new stream replays tell a kill from outside (`docker kill`) apart;
-                # any other end is the outage's doing, restarted without counting
-                if self.watcher is not None:
-                    with trio.move_on_after(ENGINE_CHECK_S):
-                        await self.watcher.wait_alive()
-                if watch is not None and not watch.died.is_set():
-                    with trio.move_on_after(0.5):
-                        await watch.died.wait()
-                if watch is not None and watch.kills and not watch.stopped and not life.kill_sent:
-                    answered = True
+                    ping_failed, answered = False, True     # it answered, with an error
+            if ping_failed:
+                if await self._wait_for_engine():
+                    went_away = True
                 else:
-                    life.outage = True
+                    gave_up = True
+        if gave_up and kind == "died" and not self._stop_event.is_set():
+            kind = "engine_unavailable"
+            life.end_reason = (f"the engine was unreachable for over {self.engine_outage_s:g} s "
+                               f"(engine_outage_s)")
+        if went_away and kind == "died" and not removed:
+            # it went away as the container ended, and is back (a dockerd restarting): the
+            # events its new stream replays tell a kill from outside (`docker kill`) apart;
+            # any other end is the outage's doing, restarted without counting
+            if self.watcher is not None:
+                with trio.move_on_after(ENGINE_CHECK_S):
+                    await self.watcher.wait_alive()
+            if watch is not None and not watch.died.is_set():
+                with trio.move_on_after(0.5):
+                    await watch.died.wait()
+            answered = bool(watch is not None and watch.kills and not watch.stopped
+                            and not life.kill_sent)
             if not answered:
-                problem = why
+                life.outage = True
+        if not answered:
+            problem = why
         facts = ExitFacts(
             end=kind, detail=life.end_reason, ready=life.ready, exit_code=exit_code, oom=oom,
             oom_event=bool(watch and watch.oom), removed=removed, engine_problem=problem,

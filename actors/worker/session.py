@@ -316,8 +316,12 @@ class WrapperSession:
                     raise ProtocolError(f"ready from worker {wid!r}, expected {self.id!r}")
                 if frame.resumed:
                     answered, life.first_unanswered, life.hello_at = life.first_unanswered, None, None
+                    life.seq = max(life.seq, frame.acked)
                     self._resumed(life, frame)
                     await self._redeliver_lost(life, frame, answered)
+                else:
+                    # a wrapper that just started: a hello sent before it served was dropped
+                    life.first_unanswered = life.hello_at = None
                 life.ready = True
                 life.ready_at = life.ready_at or trio.current_time()
                 life.settled.set()

@@ -219,8 +219,9 @@ class Engine(Protocol):
         ...
     async def container_list(self, *, labels: LabelFilter | None = None,
                              all: bool = True) -> list[ContainerSummary]: ...
-    async def container_logs(self, cid: str, *, tail_bytes: int = 4096) -> str:
-        """The end of what the container wrote to stdout and stderr."""
+    async def container_logs(self, cid: str, *, tail_bytes: int = 4096, stdout_only: bool = False) -> str:
+        """The end of what the container wrote to stdout and stderr (``stdout_only``: stdout's,
+        where the wrapper's frames are)."""
         ...
     async def container_exec(self, cid: str, cmd: list[str], *, user: str = "") -> tuple[int, str]:
         """Run ``cmd`` in the running container: (exit code, stdout + stderr)."""

@@ -774,10 +774,13 @@ class DockerEngine:
             params["filters"] = json.dumps({"label": label_filters(labels)})
         return [container_summary(raw) for raw in await self._json("containers/json", params=params)]
 
-    async def container_logs(self, cid: str, *, tail_bytes: int = 4096) -> str:
+    async def container_logs(self, cid: str, *, tail_bytes: int = 4096, stdout_only: bool = False) -> str:
+        # the engine counts its tail in lines: enough of them for tail_bytes of short lines
+        lines = max(200, tail_bytes // 256)
+
         async def run() -> list[str]:
             c = self._docker.containers.container(cid)
-            return await c.log(stdout=True, stderr=True, tail=200)
+            return await c.log(stdout=True, stderr=not stdout_only, tail=lines)
         lines = await self._call(run, what=f"logs {cid[:12]}", kind="container")
         return "".join(lines)[-tail_bytes:]
 

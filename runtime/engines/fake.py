@@ -97,10 +97,10 @@ class _Output:
         """(lose_output) the next stdout writes that contain these go to the log only"""
 
     def send_nowait(self, item: tuple[int, bytes]) -> None:
-        log = self._c.log
-        log += item[1]
-        if len(log) > LOG_KEPT:
-            del log[:-LOG_KEPT]
+        for log in (self._c.log, self._c.stdout_log) if item[0] == 1 else (self._c.log,):
+            log += item[1]
+            if len(log) > LOG_KEPT:
+                del log[:-LOG_KEPT]
         if self.lose and item[0] == 1:
             for mark in self.lose:
                 if mark in item[1]:
@@ -140,6 +140,7 @@ class FakeContainer:
     stdin: trio.MemorySendChannel | None = None
     _stdin_recv: trio.MemoryReceiveChannel | None = None
     log: bytearray = field(default_factory=bytearray)
+    stdout_log: bytearray = field(default_factory=bytearray)
     lose_input: list[bytes] = field(default_factory=list)
     """(lose_input) the next stdin writes that contain these are lost on the way"""
     controls: FakeControls = field(default_factory=FakeControls)
@@ -683,9 +684,11 @@ class FakeEngine:
                 for c in self.containers.values()
                 if labels_match(c.labels, want) and (all or c.status == "running")]
 
-    async def container_logs(self, cid: str, *, tail_bytes: int = 4096) -> str:
+    async def container_logs(self, cid: str, *, tail_bytes: int = 4096, stdout_only: bool = False) -> str:
         await self._op()
-        return bytes(self._get(cid).log[-tail_bytes:]).decode(errors="replace") if tail_bytes else ""
+        c = self._get(cid)
+        log = c.stdout_log if stdout_only else c.log
+        return bytes(log[-tail_bytes:]).decode(errors="replace") if tail_bytes else ""
 
     async def container_exec(self, cid: str, cmd: list[str], *, user: str = "") -> tuple[int, str]:
         await self._op()

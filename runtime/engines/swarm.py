@@ -645,12 +645,13 @@ class SwarmEngine:
                 labels={**await self._labels_of_image(s.image), **s.labels}))
         return out
 
-    async def container_logs(self, cid: str, *, tail_bytes: int = 4096) -> str:
+    async def container_logs(self, cid: str, *, tail_bytes: int = 4096, stdout_only: bool = False) -> str:
         loc = await self._locate(cid)
         if not loc.cid:
             return ""
         try:
-            return await self._on_node(loc, lambda e: e.container_logs(loc.cid, tail_bytes=tail_bytes))
+            return await self._on_node(loc, lambda e: e.container_logs(loc.cid, tail_bytes=tail_bytes,
+                                                                     stdout_only=stdout_only))
         except _Lost:
             return ""
 

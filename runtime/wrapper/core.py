@@ -70,7 +70,8 @@ answered), heartbeats, the result parsers, the OOM decision (the agent SIGKILLed
 OOM-kill counter grew: ``fatal`` and exit 137) and the cleanup decision (processes of a task
 that cannot be killed: ``fatal`` and exit 70).
 
-The control plane survives its supervisor (wrapper version 5):
+The control plane survives its supervisor (wrapper version 5; 6 adds heartbeat ``sent`` and
+ready ``acked``):
 
 - Sequence numbers. Every task_started, task_output and task_done frame carries ``seq`` (1, 2, 3,
   ... over the wrapper's life) and is kept, exactly as sent, until the actor's ``lease`` frame
@@ -82,7 +83,10 @@ The control plane survives its supervisor (wrapper version 5):
   after an engine outage). Its answer is ``ready`` with ``resumed: true``, ``running`` (the task
   running now, or null) and ``replay`` (the task ids of the kept task_done frames, in order),
   then every kept frame again, unchanged (same seq), in seq order; what the agent writes
-  afterwards follows with higher numbers. A hello naming another worker is logged and ignored.
+  afterwards follows with higher numbers; ``acked`` says up to which seq everything was
+  acknowledged already (the first kept seq - 1, or the last sent when nothing is kept), so a
+  supervisor that adopts an idle wrapper knows it lost nothing. A hello naming another worker
+  is logged and ignored.
 - Every ``heartbeat`` carries ``sent``, the seq of the last kept frame sent before it: a
   supervisor that has processed less than that lost frames on the way (written while the engine
   was restarting) and says ``hello`` again to have them replayed.
@@ -124,7 +128,8 @@ try:                    # imported as runtime.wrapper.core
 except ImportError:     # in the image: /opt/corral/core.py beside agents.py
     import agents as agent_table
 
-WRAPPER_VERSION = "5"                # 5: seq/lease/hello (kept frames, replay, orphan timeout)
+WRAPPER_VERSION = "6"                # 5: seq/lease/hello (kept frames, replay, orphan timeout);
+#                                      6: heartbeat.sent, ready.acked
 #                                      4: model gateway (http_* frames), task_done failure and usage
 EX_CONFIG = 78
 EX_ORPHANED = 0                     # an orphan's exit: its log says so ("orphaned: ... exiting")
@@ -925,15 +930,16 @@ class WrapperCore(object):
         self._renew_lease()
         running = self.job.task_id if self.job is not None else None
         replay = [tid for kind, tid, _ in self.kept.values() if kind == "task_done"]
+        first = next(iter(self.kept), 0)
         fields = dict(kind="ready", worker_id=self.worker_id, agent=self.agent_name,
                       agent_version=self.version, wrapper_version=WRAPPER_VERSION, pid=self.pid,
-                      resumed=True, running=running, replay=replay)
+                      resumed=True, running=running, replay=replay,
+                      acked=first - 1 if self.kept else self.sent_seq)
         data = _dumps(fields) + b"\n"
         while len(data) >= MAX_LINE and fields["replay"]:   # thousands of unacknowledged tasks:
             fields["replay"] = fields["replay"][:len(fields["replay"]) // 2]   # their frames follow
             data = _dumps(fields) + b"\n"
         self._out.append(Send("ready", data))
-        first = next(iter(self.kept), 0)
         self._log("hello: a supervisor attached; resuming (running %s; replaying %d kept frames%s, "
                   "%d task_done%s)" % (
                       running or "nothing", len(self.kept),

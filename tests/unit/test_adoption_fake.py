@@ -303,10 +303,10 @@ async def test_a_start_cut_off_by_an_engine_restart_is_no_death(autojump_clock):
         async with open_supervisor(SupervisorConfig(name="t", engine_outage_s=60),
                                    engine=engine) as sup:
             async with trio.open_nursery() as n:
-                n.start_soon(sup.spawn, spec())
+                n.start_soon(sup.spawn, spec(startup_timeout_s=5))
                 await trio.sleep(0.5)                       # (in the middle of the start)
                 engine.go_down(live_restore=True)
-                await trio.sleep(3)
+                await trio.sleep(10)                        # longer than startup_timeout_s
                 engine.come_up()
             w = sup.worker("w")
             info = w.info_nowait()
@@ -365,3 +365,42 @@ async def test_a_task_sent_as_the_engine_went_away_is_sent_again_after_the_re_at
             assert (info.container_id, info.restarts) == (cid, 0)
             log_text = bytes(engine.containers[cid].log)
             assert log_text.count(b'"kind":"task_started"') == 1 and log_text.count(b'"kind":"task_done"') == 1
+
+
+async def test_a_start_cut_off_by_an_engine_that_never_comes_back_is_engine_unavailable(autojump_clock):
+    from runtime import WorkerStartupError
+    async with FakeEngine(start_delay=1.0) as engine:
+        async with open_supervisor(SupervisorConfig(name="t", engine_outage_s=20),
+                                   engine=engine) as sup:
+            async def down_soon():
+                await trio.sleep(0.5)
+                engine.go_down(live_restore=True)
+            async with trio.open_nursery() as n:
+                n.start_soon(down_soon)
+                t0 = trio.current_time()
+                with pytest.raises(WorkerStartupError) as ei:
+                    await sup.spawn(spec(startup_timeout_s=5))
+            assert ei.value.certificate.cause == "engine_unavailable"
+            assert 20 <= trio.current_time() - t0 <= 25
+            engine.come_up()
+
+
+async def test_an_adopted_idle_worker_knows_it_lost_nothing(autojump_clock):
+    """Its earlier supervisor had every frame acknowledged: the answer to hello says so
+    (``acked``), and the new one asks for nothing again."""
+    async with FakeEngine() as engine:
+        cfg = SupervisorConfig(name="t")
+
+        async def start(sup, nursery):
+            w = await sup.spawn(spec())
+            for i in range(3):
+                assert (await w.run(Task(prompt=f"x{i}"))).status == "ok"
+            await trio.sleep(3)                                # leases: acknowledged
+
+        await crash_with(engine, cfg, start)
+        with capture_logs() as logs:
+            async with open_supervisor(cfg, engine=engine) as sup:
+                w = await sup.spawn(spec())
+                await trio.sleep(10)
+                assert w.info_nowait().state == "ready"
+        assert [e["event"] for e in logs if e["event"] == "frames_lost"] == []

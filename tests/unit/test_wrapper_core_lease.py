@@ -45,7 +45,7 @@ def resumed(actions):
     """The ready that answers hello, decoded as the actor decodes it, and the frames after it."""
     sent = lines(actions)
     ready = decode_wrapper_frame(sent[0].rstrip(b"\n"))
-    assert isinstance(ready, Ready) and ready.resumed and ready.wrapper_version == "5"
+    assert isinstance(ready, Ready) and ready.resumed and ready.wrapper_version == "6"
     return ready, sent[1:]
 
 
