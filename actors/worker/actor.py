@@ -311,15 +311,8 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
             charged = self._charged_task(cert)
             outage = self._life is not None and self._life.outage
             decision, delay = self._decide(cert, charged=charged is not None or outage)
-            cert = msgspec.structs.replace(cert, restart_in_s=delay if decision == "restart" else None)
-            self.deaths.append(cert)
-            del self.deaths[:-MAX_DEATHS]
-            self.deaths_by_cause[cert.cause] = self.deaths_by_cause.get(cert.cause, 0) + 1
+            cert = self._record_death(cert, decision, delay if decision == "restart" else None)
             self._on_death(cert, charged)
-            log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
-                        ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
-                        restart_in_s=cert.restart_in_s)
-            events.worker_died(self, cert, decision)
             if self.parent is not None:
                 # the supervisor answers at once: restart when ready, or wait for its gate
                 with trio.move_on_after(5):
@@ -372,15 +365,22 @@ class Worker(ContainerLife, WrapperSession, TaskBook):
         for frame in results:
             self._carried.add(frame.task_id)
             await self._task_done(frame)
-        cert = msgspec.structs.replace(cert, restart_in_s=0.0)
+        self._record_death(cert, "restart", 0.0, found_dead=True)
+        self.restarts += 1
+
+    def _record_death(self, cert: DeathCertificate, decision: str, restart_in_s: float | None,
+                      **log_extra) -> DeathCertificate:
+        """Keep the death (last deaths, counts by cause), log it and publish it; the certificate
+        with its restart delay."""
+        cert = msgspec.structs.replace(cert, restart_in_s=restart_in_s)
         self.deaths.append(cert)
         del self.deaths[:-MAX_DEATHS]
         self.deaths_by_cause[cert.cause] = self.deaths_by_cause.get(cert.cause, 0) + 1
         log.warning("worker_died", cause=cert.cause, exit_code=cert.exit_code, reason=cert.reason,
-                    ready=True, uptime_s=round(cert.uptime_s, 3), decision="restart",
-                    restart_in_s=0.0, found_dead=True)
-        events.worker_died(self, cert, "restart")
-        self.restarts += 1
+                    ready=cert.ready, uptime_s=round(cert.uptime_s, 3), decision=decision,
+                    restart_in_s=restart_in_s, **log_extra)
+        events.worker_died(self, cert, decision)
+        return cert
 
     def carries(self, task_id: str) -> bool:
         """An adopted container was running ``task_id``, or replays its result: it is not lost."""

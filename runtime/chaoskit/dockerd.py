@@ -649,15 +649,24 @@ def reap_stale(base_dir: str | None = None) -> list[str]:
     """Clean up after private engines whose owner process died without closing them (a test run
     that was SIGKILLed): the ``corral-dockerd-*`` directories under ``base_dir`` whose ``owner``
     is gone. Returns the roots cleaned."""
-    base = base_dir or DEFAULT_BASE_DIR
     cleaned = []
+    for entry, root in orphaned_roots(base_dir or DEFAULT_BASE_DIR, ROOT_PREFIX):
+        _clean_root(root, "/" + entry)
+        cleaned.append(root)
+    return cleaned
+
+
+def owned_roots(base: str, prefix: str) -> list[tuple[str, str, int, bool]]:
+    """(entry, path, owner pid, owner alive) of the directories ``prefix*`` under ``base`` with
+    an ``owner`` file (its pid and start time: a reused pid is not the owner)."""
     try:
-        entries = os.listdir(base)
+        entries = sorted(os.listdir(base))
     except OSError:
         return []
+    found = []
     for entry in entries:
         root = os.path.join(base, entry)
-        if not entry.startswith(ROOT_PREFIX) or not os.path.isdir(root):
+        if not entry.startswith(prefix) or not os.path.isdir(root):
             continue
         try:
             with open(os.path.join(root, "owner")) as f:
@@ -665,11 +674,13 @@ def reap_stale(base_dir: str | None = None) -> list[str]:
         except (OSError, ValueError):
             continue                     # not ours, or being made just now
         owner = _proc(pid)
-        if owner is not None and owner.start == start:
-            continue
-        _clean_root(root, "/" + entry)
-        cleaned.append(root)
-    return cleaned
+        found.append((entry, root, pid, owner is not None and owner.start == start))
+    return found
+
+
+def orphaned_roots(base: str, prefix: str) -> list[tuple[str, str]]:
+    """(entry, path) of those whose owner is gone."""
+    return [(entry, root) for entry, root, _, alive in owned_roots(base, prefix) if not alive]
 
 
 @asynccontextmanager

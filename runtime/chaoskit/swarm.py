@@ -51,6 +51,8 @@ from .dockerd import (
     PrivateDockerd,
     _alive,
     _proc,
+    orphaned_roots,
+    owned_roots,
     reap_stale,
     unavailable_reason,
 )
@@ -342,24 +344,8 @@ def _delete_netns(name: str) -> list[str]:
 def reap_stale_swarms(base_dir: str | None = None) -> list[str]:
     """Clean up after test swarms whose owner process died without closing them: their nodes
     (`runtime.chaoskit.dockerd.reap_stale`), namespaces and directories. Returns the roots."""
-    base = base_dir or DEFAULT_BASE_DIR
     cleaned = []
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return []
-    for entry in entries:
-        root = os.path.join(base, entry)
-        if not entry.startswith(SWARM_PREFIX) or not os.path.isdir(root):
-            continue
-        try:
-            with open(os.path.join(root, "owner")) as f:
-                pid, start = (int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            continue
-        owner = _proc(pid)
-        if owner is not None and owner.start == start:
-            continue
+    for _, root in orphaned_roots(base_dir or DEFAULT_BASE_DIR, SWARM_PREFIX):
         try:
             with open(os.path.join(root, "netns")) as f:
                 names = [line.strip() for line in f if line.strip().startswith(SWARM_PREFIX)]
@@ -396,18 +382,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def _running_swarms(base_dir: str) -> list[tuple[str, int]]:
     """(root, owner pid) of the test swarms whose owner lives."""
-    out = []
-    for entry in sorted(os.listdir(base_dir)):
-        root = os.path.join(base_dir, entry)
-        try:
-            with open(os.path.join(root, "owner")) as f:
-                pid, start = (int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            continue
-        owner = _proc(pid)
-        if entry.startswith(SWARM_PREFIX) and owner is not None and owner.start == start:
-            out.append((root, pid))
-    return out
+    return [(root, pid) for _, root, pid, alive in owned_roots(base_dir, SWARM_PREFIX) if alive]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from runtime import SupervisorConfig, Task, WorkerSpec, open_supervisor
 from runtime.errors import ContainerNotFound
 from runtime.journal import JOURNAL_FILE
 
-from .test_run_service import CORRAL, ROOT, Service, call
+from .test_run_service import CORRAL, ROOT, Service, call, stop_process
 
 POOL = '''
 [[pools]]
@@ -76,15 +76,8 @@ async def corral_processes():
         try:
             yield start
         finally:
-            with trio.CancelScope(shield=True):
-                for proc in procs:
-                    if proc.returncode is None:
-                        proc.send_signal(signal.SIGTERM)
-                        with trio.move_on_after(60):
-                            await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+            for proc in procs:
+                await stop_process(proc)
             nursery.cancel_scope.cancel()
 
 

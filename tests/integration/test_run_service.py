@@ -94,6 +94,18 @@ class Service:
         return rc
 
 
+async def stop_process(proc: trio.Process) -> None:
+    """SIGTERM (a graceful stop: up to 60 s), then SIGKILL; shielded from cancellation."""
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(60):
+                await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 @asynccontextmanager
 async def corral_run(tmp_path: Path, name: str, body: str, *, sock: str | None = None):
     """`corral run` with its own socket and task journal under ``tmp_path`` (never the default
@@ -112,14 +124,7 @@ async def corral_run(tmp_path: Path, name: str, body: str, *, sock: str | None =
             try:
                 yield svc
             finally:
-                with trio.CancelScope(shield=True):
-                    if proc.returncode is None:
-                        proc.send_signal(signal.SIGTERM)
-                        with trio.move_on_after(60):
-                            await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+                await stop_process(proc)
                 n.cancel_scope.cancel()
     finally:
         if proc.returncode is None:

@@ -404,3 +404,21 @@ async def test_an_adopted_idle_worker_knows_it_lost_nothing(autojump_clock):
                 await trio.sleep(10)
                 assert w.info_nowait().state == "ready"
         assert [e["event"] for e in logs if e["event"] == "frames_lost"] == []
+
+
+async def test_an_ended_container_beside_a_newer_generation_is_removed_not_certified(autojump_clock):
+    """The process that made generation 2 certified generation 1 already (and could not remove
+    it): the next start removes both (2 was only created) and certifies nothing again."""
+    from runtime.engines import ContainerSpec
+    async with FakeEngine() as engine:
+        cfg = SupervisorConfig(name="t")
+        old = await crashed(engine, cfg)
+        engine.crash(old, exit_code=3)
+        image = engine.containers[old].image_id
+        newer = await engine.container_create(ContainerSpec(
+            image=image, name="corral-t-w-2", labels={"corral.supervisor": "t", "corral.worker": "w",
+                                                     "corral.generation": "2"}))
+        async with open_supervisor(cfg, engine=engine) as sup:
+            info = (await sup.spawn(spec())).info_nowait()
+            assert (info.last_death, info.restarts, info.state) == (None, 0, "ready")
+            assert old not in engine.containers and newer not in engine.containers

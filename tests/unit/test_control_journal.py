@@ -16,18 +16,8 @@ from runtime.testing import FakeEngine
 
 from .helpers import fake_supervisor
 from .test_control import api_server, in_process, receive_answer, send, uds_client
-from .test_task_service import occupied, occupy
+from .test_task_service import _journal_on_trios_thread, occupied, occupy  # noqa: F401 (autouse)
 
-
-@pytest.fixture(autouse=True)
-def _journal_on_trios_thread():
-    """The journal's calls on trio's own thread (runtime.journal.INLINE): under the autojump
-    clock, a task waiting for a worker thread lets virtual time run through every timer (a
-    loaded machine made a worker look hung while the journal wrote)."""
-    from runtime.journal import INLINE
-    token = INLINE.set(True)
-    yield
-    INLINE.reset(token)
 
 
 
