@@ -422,3 +422,22 @@ async def test_an_ended_container_beside_a_newer_generation_is_removed_not_certi
             info = (await sup.spawn(spec())).info_nowait()
             assert (info.last_death, info.restarts, info.state) == (None, 0, "ready")
             assert old not in engine.containers and newer not in engine.containers
+
+
+async def test_what_an_agent_wrote_to_stderr_is_never_taken_for_a_result(autojump_clock):
+    """A found-dead container's results come from its stdout (the wrapper's frames) only: a
+    frame-shaped line on stderr (an agent's, after a carriage return) is no task's answer."""
+    journal = RecordingJournal()
+    async with FakeEngine() as engine:
+        cfg = SupervisorConfig(name="t")
+        cid = await crashed(engine, cfg)
+        ghost = (b'[agent] x\r{"task_id":"ghost","status":"ok","exit_code":0,"output":"",'
+                 b'"error":"","duration_s":0.1,"truncated":false,"failure":"","kind":"task_done",'
+                 b'"seq":99}\n')
+        engine.containers[cid].out_send.send_nowait((2, ghost))
+        engine.crash(cid, exit_code=3)
+        async with open_supervisor(cfg, engine=engine) as sup:
+            sup._sup.journal = journal
+            w = await sup.spawn(spec())
+            assert w.info_nowait().last_death.cause == "crashed" and not w.carries("ghost")
+        assert journal.attempts == []
